@@ -1,0 +1,102 @@
+"""Every usable attention backend against a naive softmax reference, with and without masks."""
+
+import pytest
+import torch
+
+from vdit_core import attention as A
+
+
+def reference(q, k, v, valid):
+    """Per sample, per head: softmax(q k^T / sqrt(d)) v over the valid keys, in float64."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(q.shape[0]):
+        keys = valid[b].nonzero().flatten()
+        for h in range(q.shape[2]):
+            qq, kk, vv = q[b, :, h].double(), k[b, keys, h].double(), v[b, keys, h].double()
+            w = torch.softmax(qq @ kk.T / q.shape[-1] ** 0.5, dim=-1)
+            out[b, :, h] = w @ vv
+    return out
+
+
+def _inputs(seed=0, b=3, sq=7, skv=11, h=2, d=16):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, h, d, generator=g) for s in (sq, skv, skv)]
+
+
+@pytest.mark.parametrize("backend", A.available_backends("cpu", torch.float32))
+@pytest.mark.parametrize("masking", ["none", "lens", "prefix_mask", "arbitrary_mask"])
+def test_backend_matches_reference(backend, masking):
+    q, k, v = _inputs()
+    lens = torch.tensor([11, 4, 1])
+    valid = torch.ones(3, 11, dtype=torch.bool)
+    kw = {}
+    if masking == "lens":
+        kw["kv_lens"] = lens
+        valid = torch.arange(11)[None] < lens[:, None]
+    elif masking == "prefix_mask":
+        valid = torch.arange(11)[None] < lens[:, None]
+        kw["mask"] = valid
+    elif masking == "arbitrary_mask":
+        valid = torch.rand(3, 11, generator=torch.Generator().manual_seed(1)) > 0.4
+        valid[:, 3] = True
+        kw["mask"] = valid
+    out = A.attention(q, k, v, backend=backend, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert (out.double() - reference(q, k, v, valid)).abs().max() < 1e-5
+
+
+def test_padded_keys_are_ignored():
+    q, k, v = _inputs()
+    lens = torch.tensor([5, 5, 5])
+    base = A.attention(q, k, v, kv_lens=lens)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 5:] = 1e3
+    v2[:, 5:] = -1e3
+    assert torch.allclose(A.attention(q, k2, v2, kv_lens=lens), base, atol=1e-6)
+
+
+def test_auto_choice_never_picks_a_backend_that_cannot_run_on_cpu():
+    assert A.resolve_backend(None, "cpu", torch.float32) == "sdpa"
+    assert A.resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert "xformers" not in A.available_backends("cpu", torch.float16)
+
+
+def test_unavailable_backend_gets_clear_error():
+    q, k, v = _inputs()
+    for name in ("xformers", "flash_attn", "sageattention"):
+        with pytest.raises(A.AttentionBackendError, match=r"not available: .*Usable here: sdpa, math"):
+            A.attention(q, k, v, backend=name)
+    with pytest.raises(A.AttentionBackendError, match="unknown attention backend"):
+        A.attention(q, k, v, backend="fast")
+
+
+@pytest.mark.skipif(not A._installed("xformers"), reason="xformers not installed")
+def test_installed_xformers_falls_back_cleanly():
+    # xformers installs on CPU-only machines but its kernels raise there: the CPU check says so,
+    # and a CUDA probe that fails (no GPU, or a build for another torch) makes auto use SDPA.
+    why = A._probe("xformers", "cpu", torch.float32)
+    assert why is not None and "CUDA only" in why
+    if not torch.cuda.is_available():
+        assert A._probe.__wrapped__("xformers", "cuda", torch.float16) is not None
+        assert A.resolve_backend(None, "cuda", torch.float16) == "sdpa"
+    q, k, v = _inputs()
+    assert torch.allclose(A.attention(q, k, v), A.attention(q, k, v, backend="math"), atol=1e-5)
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv(A.ENV_VAR, "math")
+    assert A.resolve_backend(None, "cpu", torch.float32) == "math"
+    assert A.resolve_backend("sdpa", "cpu", torch.float32) == "sdpa"  # an argument wins
+    monkeypatch.setenv(A.ENV_VAR, "nope")
+    with pytest.raises(A.AttentionBackendError):
+        A.resolve_backend(None, "cpu", torch.float32)
+
+
+def test_bad_arguments():
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="at least one valid key"):
+        A.attention(q, k, v, kv_lens=torch.tensor([3, 0, 2]))
+    with pytest.raises(ValueError, match=r"\[B, S, H, D\]"):
+        A.attention(q[0], k, v)
+    with pytest.raises(ValueError, match="not both"):
+        A.attention(q, k, v, kv_lens=torch.tensor([1, 1, 1]), mask=torch.ones(3, 11, dtype=torch.bool))
