@@ -1,0 +1,162 @@
+"""Building blocks shared by the model families: timestep embeddings, positional tables, MLPs.
+
+Parameter names follow the official diffusers checkpoints (``linear_1``, ``net.0.proj``...), so
+weights load by name.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (fractional) timesteps [B] -> [B, dim], float32.
+
+    Frequencies ``exp(-log(max_period) * k / (dim/2 - shift))``; ``flip_sin_to_cos`` puts cos first.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+    args = t.float()[:, None] * exponent.exp()[None]
+    emb = torch.cat([args.sin(), args.cos()], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepMLP(nn.Module):
+    """Linear -> SiLU -> Linear on a timestep embedding (diffusers' ``TimestepEmbedding``)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class GELUProj(nn.Module):
+    """Linear followed by tanh-approximated GELU (``net.0.proj`` in diffusers' FeedForward)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """GELU-tanh MLP. ``net`` is laid out as diffusers' (``net.0.proj``, ``net.2``) so keys match."""
+
+    def __init__(self, dim: int, mult: int = 4, inner_dim: int | None = None):
+        super().__init__()
+        inner = inner_dim or dim * mult
+        self.net = nn.ModuleList([GELUProj(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# positional tables (computed on demand and cached; never module state, so models can be built on
+# the meta device and loaded by assignment)
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """[sin(pos * w), cos(pos * w)] with w_k = 10000^(-k / (dim/2)); float64, [len(pos), dim]."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double().reshape(-1)[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+@lru_cache(maxsize=16)
+def sincos_3d(dim: int, t: int, h: int, w: int, spatial_scale: float, temporal_scale: float) -> torch.Tensor:
+    """Fixed 3D sin-cos positions (CogVideoX-2B): [t*h*w, dim], time-major then row-major.
+
+    A quarter of the channels encode time, the rest space (half for x, half for y).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    d_space, d_time = 3 * dim // 4, dim // 4
+    ys = torch.arange(h, dtype=torch.float32) / spatial_scale
+    xs = torch.arange(w, dtype=torch.float32) / spatial_scale
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # [h, w]
+    space = torch.cat([sincos_1d(d_space // 2, gx), sincos_1d(d_space // 2, gy)], dim=1)  # [h*w, 3D/4]
+    time = sincos_1d(d_time, torch.arange(t, dtype=torch.float32) / temporal_scale)  # [t, D/4]
+    return torch.cat([time[:, None].expand(t, h * w, d_time), space[None].expand(t, h * w, d_space)], dim=-1).reshape(t * h * w, dim)
+
+
+def rope_1d(dim: int, pos: torch.Tensor, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [len(pos), dim] for pairwise-interleaved rotary embeddings."""
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angles = torch.outer(pos.float(), freqs)
+    return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
+
+
+@lru_cache(maxsize=16)
+def rope_3d(
+    head_dim: int,
+    t: int,
+    h: int,
+    w: int,
+    grid: str,
+    base_h: int,
+    base_w: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D RoPE tables [t*h*w, head_dim] (CogVideoX): channels split t : h : w = 2 : 3 : 3.
+
+    ``grid="linspace"`` (CogVideoX 1.0) spreads the token grid over the region it would occupy
+    when resized and centre-cropped into the trained ``base_h x base_w`` grid; ``"slice"``
+    (CogVideoX 1.5) uses integer positions.
+    """
+    if grid == "linspace":
+        (top, left), (bottom, right) = _resize_crop_region(h, w, base_h, base_w)
+        ys = torch.linspace(top, bottom * (h - 1) / h, h, dtype=torch.float32)
+        xs = torch.linspace(left, right * (w - 1) / w, w, dtype=torch.float32)
+        ts = torch.linspace(0, t * (t - 1) / t, t, dtype=torch.float32)
+    elif grid == "slice":
+        ys = torch.arange(h, dtype=torch.float32)
+        xs = torch.arange(w, dtype=torch.float32)
+        ts = torch.arange(t, dtype=torch.float32)
+    else:
+        raise ValueError(f"unknown RoPE grid {grid!r}")
+    d_t, d_h = head_dim // 4, head_dim // 8 * 3
+    d_w = d_h
+    tables = [rope_1d(d_t, ts), rope_1d(d_h, ys), rope_1d(d_w, xs)]
+
+    def combine(i: int) -> torch.Tensor:
+        a, b, c = (tab[i] for tab in tables)
+        return torch.cat(
+            [a[:, None, None].expand(t, h, w, d_t), b[None, :, None].expand(t, h, w, d_h), c[None, None].expand(t, h, w, d_w)],
+            dim=-1,
+        ).reshape(t * h * w, -1)
+
+    return combine(0), combine(1)
+
+
+def _resize_crop_region(h: int, w: int, base_h: int, base_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where an h x w grid lands when resized to cover base_h x base_w and centre-cropped."""
+    if h / w > base_h / base_w:
+        rh, rw = base_h, int(round(base_h / h * w))
+    else:
+        rw, rh = base_w, int(round(base_w / w * h))
+    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+    return (top, left), (top + rh, left + rw)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of x [B, S, H, D] by tables [S, D] (computed in float32)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    cos, sin = cos[None, :, None].to(x.device), sin[None, :, None].to(x.device)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
