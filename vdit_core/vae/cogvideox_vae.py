@@ -1,0 +1,532 @@
+"""CogVideoX's 3D causal VAE: 8x spatial and 4x temporal compression, 16 latent channels.
+
+Encoding and decoding run chunk by chunk along time (8 pixel frames / 2 latent frames per chunk,
+as the release does), each causal convolution handing its cache to the next chunk explicitly,
+so memory stays flat as videos get longer. Optional spatial tiling with blended overlaps bounds
+memory for large frames too. Parameter names are those of the official diffusers checkpoints;
+SAT checkpoints are converted in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .causal_conv import CausalConv3d
+
+Cache = dict
+
+
+@dataclass(frozen=True)
+class CogVideoXVAEConfig:
+    """Architecture of a CogVideoX VAE (names as in diffusers' ``vae/config.json``)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
+    latent_channels: int = 16
+    layers_per_block: int = 3
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    temporal_compression_ratio: int = 4
+    scaling_factor: float = 1.15258426  # 2B; 0.7 for the 5B family
+    invert_scale_latents: bool = False  # 1.5: image-to-video conditions on latents / scaling_factor
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    sample_height: int = 480  # default tile size is half of this
+    sample_width: int = 720
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, config: dict) -> "CogVideoXVAEConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in config.items() if k in fields}
+        if "block_out_channels" in kw:
+            kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        return cls(**kw)
+
+    def to_diffusers(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["block_out_channels"] = list(d["block_out_channels"])
+        n = len(self.block_out_channels)
+        d["down_block_types"] = ["CogVideoXDownBlock3D"] * n
+        d["up_block_types"] = ["CogVideoXUpBlock3D"] * n
+        return {"_class_name": "AutoencoderKLCogVideoX", **d}
+
+
+PRESETS: dict[str, CogVideoXVAEConfig] = {
+    "cogvideox-2b": CogVideoXVAEConfig(),
+    "cogvideox-5b": CogVideoXVAEConfig(scaling_factor=0.7),
+    "cogvideox1.5-5b": CogVideoXVAEConfig(scaling_factor=0.7, invert_scale_latents=True),
+}
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Spatial tiles in pixels and their overlap fractions (defaults: the release's)."""
+
+    tile_height: int = 240
+    tile_width: int = 360
+    overlap_height: float = 1 / 6
+    overlap_width: float = 1 / 5
+
+
+# ----------------------------------------------------------------------------------------------
+# blocks
+
+
+class SpatialNorm3D(nn.Module):
+    """GroupNorm whose scale and shift come from the latents (decoder; Zhu et al. 2022)."""
+
+    def __init__(self, channels: int, zq_channels: int, groups: int):
+        super().__init__()
+        self.norm_layer = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv_y = CausalConv3d(zq_channels, channels, 1)
+        self.conv_b = CausalConv3d(zq_channels, channels, 1)
+
+    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        # the first frame of an odd-length chunk stands alone (causal VAE); resize z separately
+        if f.shape[2] > 1 and f.shape[2] % 2 == 1:
+            z_first = F.interpolate(zq[:, :, :1], size=f[:, :, :1].shape[-3:])
+            z_rest = F.interpolate(zq[:, :, 1:], size=f[:, :, 1:].shape[-3:])
+            zq = torch.cat([z_first, z_rest], dim=2)
+        else:
+            zq = F.interpolate(zq, size=f.shape[-3:])
+        return self.norm_layer(f) * self.conv_y(zq)[0] + self.conv_b(zq)[0]
+
+
+class ResnetBlock3D(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int, eps: float, zq_channels: int | None = None):
+        super().__init__()
+        if zq_channels is None:
+            self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+            self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        else:
+            self.norm1 = SpatialNorm3D(cin, zq_channels, groups)
+            self.norm2 = SpatialNorm3D(cout, zq_channels, groups)
+        self.conv1 = CausalConv3d(cin, cout, 3)
+        self.conv2 = CausalConv3d(cout, cout, 3)
+        self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
+        self.spatial = zq_channels is not None
+
+    def _norm(self, norm, x, zq):
+        return norm(x, zq) if self.spatial else norm(x)
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        new = {}
+        h = F.silu(self._norm(self.norm1, x, zq))
+        h, new["conv1"] = self.conv1(h, cache.get("conv1"))
+        h = F.silu(self._norm(self.norm2, h, zq))
+        h, new["conv2"] = self.conv2(h, cache.get("conv2"))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h, new
+
+
+class Downsample(nn.Module):
+    """Halve H and W (strided conv); with ``compress_time`` also halve time, keeping the first
+    frame of an odd-length chunk on its own."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.compress_time = compress_time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        if self.compress_time and t > 1:
+            first, rest = (x[:, :, :1], x[:, :, 1:]) if t % 2 else (x[:, :, :0], x)
+            rest = rest.reshape(b, c, rest.shape[2] // 2, 2, h, w).mean(3)
+            x = torch.cat([first, rest], dim=2)
+        t = x.shape[2]
+        x = F.pad(x.transpose(1, 2).reshape(b * t, c, h, w), (0, 1, 0, 1))
+        x = self.conv(x)
+        return x.reshape(b, t, c, x.shape[-2], x.shape[-1]).transpose(1, 2)
+
+
+class Upsample(nn.Module):
+    """Double H and W (nearest + conv); with ``compress_time`` also double time, except the first
+    frame of an odd-length chunk."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1, padding=1)
+        self.compress_time = compress_time
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        if self.compress_time:
+            if t > 1 and t % 2 == 1:
+                first = F.interpolate(x[:, :, 0], scale_factor=2.0)[:, :, None]
+                rest = F.interpolate(x[:, :, 1:], scale_factor=2.0)
+                x = torch.cat([first, rest], dim=2)
+            elif t > 1:
+                x = F.interpolate(x, scale_factor=2.0)
+            else:
+                x = F.interpolate(x[:, :, 0], scale_factor=2.0)[:, :, None]
+        else:
+            x = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=2.0)
+            x = x.reshape(b, t, c, 2 * h, 2 * w).transpose(1, 2)
+        b, c, t, h, w = x.shape
+        x = self.conv(x.transpose(1, 2).reshape(b * t, c, h, w))
+        return x.reshape(b, t, -1, h, w).transpose(1, 2)
+
+
+class _Stage(nn.Module):
+    """Resnets then an optional resampler (``downsamplers.0`` / ``upsamplers.0``)."""
+
+    def __init__(self, resnets: list[ResnetBlock3D], sampler: nn.Module | None, kind: str):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        if sampler is not None:
+            setattr(self, kind, nn.ModuleList([sampler]))
+        self.kind = kind if sampler is not None else None
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        new = {}
+        for i, r in enumerate(self.resnets):
+            x, new[f"resnet_{i}"] = r(x, zq, cache.get(f"resnet_{i}", {}))
+        if self.kind is not None:
+            x = getattr(self, self.kind)[0](x)
+        return x, new
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: CogVideoXVAEConfig):
+        super().__init__()
+        ch, g, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
+        n_time = int(math.log2(cfg.temporal_compression_ratio))
+        self.conv_in = CausalConv3d(cfg.in_channels, ch[0], 3)
+        blocks, prev = [], ch[0]
+        for i, c in enumerate(ch):
+            resnets = [ResnetBlock3D(prev if j == 0 else c, c, g, eps) for j in range(cfg.layers_per_block)]
+            down = Downsample(c, compress_time=i < n_time) if i < len(ch) - 1 else None
+            blocks.append(_Stage(resnets, down, "downsamplers"))
+            prev = c
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = _Stage([ResnetBlock3D(ch[-1], ch[-1], g, eps) for _ in range(2)], None, "")
+        self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3)
+
+    def forward(self, x: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        # x: [B, 3, T, H, W] -> moments [B, 2C, T', H/8, W/8]
+        new = {}
+        x, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
+        for i, blk in enumerate(self.down_blocks):
+            x, new[f"down_{i}"] = blk(x, None, cache.get(f"down_{i}", {}))
+        x, new["mid"] = self.mid_block(x, None, cache.get("mid", {}))
+        x = F.silu(self.norm_out(x))
+        x, new["conv_out"] = self.conv_out(x, cache.get("conv_out"))
+        return x, new
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: CogVideoXVAEConfig):
+        super().__init__()
+        ch, g, eps, zc = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups, cfg.norm_eps, cfg.latent_channels
+        n_time = int(math.log2(cfg.temporal_compression_ratio))
+        self.conv_in = CausalConv3d(zc, ch[0], 3)
+        self.mid_block = _Stage([ResnetBlock3D(ch[0], ch[0], g, eps, zc) for _ in range(2)], None, "")
+        blocks, prev = [], ch[0]
+        for i, c in enumerate(ch):
+            resnets = [ResnetBlock3D(prev if j == 0 else c, c, g, eps, zc) for j in range(cfg.layers_per_block + 1)]
+            up = Upsample(c, compress_time=i < n_time) if i < len(ch) - 1 else None
+            blocks.append(_Stage(resnets, up, "upsamplers"))
+            prev = c
+        self.up_blocks = nn.ModuleList(blocks)
+        self.norm_out = SpatialNorm3D(ch[-1], zc, g)
+        self.conv_out = CausalConv3d(ch[-1], cfg.out_channels, 3)
+
+    def forward(self, z: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        # z: [B, C, T', h, w] -> [B, 3, T, 8h, 8w]
+        new = {}
+        x, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
+        x, new["mid"] = self.mid_block(x, z, cache.get("mid", {}))
+        for i, blk in enumerate(self.up_blocks):
+            x, new[f"up_{i}"] = blk(x, z, cache.get(f"up_{i}", {}))
+        x = F.silu(self.norm_out(x, z))
+        x, new["conv_out"] = self.conv_out(x, cache.get("conv_out"))
+        return x, new
+
+
+# ----------------------------------------------------------------------------------------------
+# the autoencoder
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """Time chunks as the release makes them: ``size`` frames each, the remainder (the causal
+    first frame, plus any excess) joined to the first chunk."""
+    k = max(n // size, 1)
+    rem = n - k * size if n >= size else 0
+    edges = [0] + [size * (i + 1) + rem for i in range(k)]
+    edges[-1] = n
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _blend_rows(a: torch.Tensor, b: torch.Tensor, extent: int) -> None:
+    """Fade the first ``extent`` rows of ``b`` in from the last rows of ``a`` (in place)."""
+    extent = min(a.shape[3], b.shape[3], extent)
+    if extent <= 0:
+        return
+    w = (torch.arange(extent, device=b.device, dtype=torch.float32) / extent).to(b.dtype).view(1, 1, 1, -1, 1)
+    b[:, :, :, :extent] = a[:, :, :, -extent:] * (1 - w) + b[:, :, :, :extent] * w
+
+
+def _blend_cols(a: torch.Tensor, b: torch.Tensor, extent: int) -> None:
+    extent = min(a.shape[4], b.shape[4], extent)
+    if extent <= 0:
+        return
+    w = (torch.arange(extent, device=b.device, dtype=torch.float32) / extent).to(b.dtype).view(1, 1, 1, 1, -1)
+    b[:, :, :, :, :extent] = a[:, :, :, :, -extent:] * (1 - w) + b[:, :, :, :, :extent] * w
+
+
+def _tile_grid(tiling: Tiling, s: int) -> tuple[int, int, int, int]:
+    """(tile height, tile width, step down, step right) in latent units.
+
+    Tiles start one step apart and overlap by ``tile - step``; each contributes ``step`` rows and
+    columns after blending. On the release's 240x360-pixel tiles this is exactly diffusers' tiling
+    (steps of 200 and 288 pixels, blends of 40 and 72), and it stays aligned for any tile size.
+    """
+    lat_h, lat_w = tiling.tile_height // s, tiling.tile_width // s
+    if lat_h < 1 or lat_w < 1:
+        raise ValueError(f"tiles of {tiling.tile_height}x{tiling.tile_width} pixels are smaller than one latent ({s} pixels)")
+    step_h = max(1, int(lat_h * (1 - tiling.overlap_height)))
+    step_w = max(1, int(lat_w * (1 - tiling.overlap_width)))
+    return lat_h, lat_w, step_h, step_w
+
+
+def _stitch(tiles: list[list[torch.Tensor]], blend_h: int, blend_w: int, keep_h: int, keep_w: int) -> torch.Tensor:
+    """Blend each tile into its upper and left neighbours (in order, in place) and crop."""
+    rows = []
+    for i, row in enumerate(tiles):
+        out = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                _blend_rows(tiles[i - 1][j], tile, blend_h)
+            if j > 0:
+                _blend_cols(row[j - 1], tile, blend_w)
+            out.append(tile[:, :, :, :keep_h, :keep_w])
+        rows.append(torch.cat(out, dim=4))
+    return torch.cat(rows, dim=3)
+
+
+class CogVideoXVAE(nn.Module):
+    """CogVideoX's causal video VAE.
+
+    ``encode(video) -> latents`` takes pixels in [-1, 1], [B, 3, F, H, W] (F = 4k+1 or 1), and
+    returns scaled latents [B, 16, (F-1)/4+1, H/8, W/8]; ``decode(latents)`` inverts it.
+    """
+
+    def __init__(self, config: CogVideoXVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        c = config.latent_channels
+        self.quant_conv = nn.Conv3d(2 * c, 2 * c, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv3d(c, c, 1) if config.use_post_quant_conv else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv_in.conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.conv_in.conv.weight.device
+
+    def default_tiling(self) -> Tiling:
+        return Tiling(self.config.sample_height // 2, self.config.sample_width // 2)
+
+    # -- encoding ----------------------------------------------------------------------------
+    def _encode_chunked(self, x: torch.Tensor, chunk_frames: int) -> torch.Tensor:
+        cache: Cache = {}
+        out = []
+        for a, b in _chunks(x.shape[2], chunk_frames):
+            m, cache = self.encoder(x[:, :, a:b].to(self.dtype), cache)
+            if self.quant_conv is not None:
+                m = self.quant_conv(m)
+            out.append(m)
+        return torch.cat(out, dim=2)
+
+    def encode_moments(self, video: torch.Tensor, chunk_frames: int = 8, tiling: Tiling | None = None) -> torch.Tensor:
+        """Posterior mean and log-variance [B, 2C, T', h, w] of pixels in [-1, 1]."""
+        self._check_video(video)
+        s = self.config.spatial_compression
+        h, w = video.shape[-2:]
+        if tiling is None or (h <= tiling.tile_height and w <= tiling.tile_width):
+            return self._encode_chunked(video, chunk_frames)
+        lat_h, lat_w, step_h, step_w = _tile_grid(tiling, s)
+        tiles = [
+            [self._encode_chunked(video[:, :, :, i : i + s * lat_h, j : j + s * lat_w], chunk_frames) for j in range(0, w, s * step_w)]
+            for i in range(0, h, s * step_h)
+        ]
+        return _stitch(tiles, lat_h - step_h, lat_w - step_w, step_h, step_w)
+
+    def encode(
+        self,
+        video: torch.Tensor,
+        sample: bool = False,
+        noise: torch.Tensor | None = None,
+        chunk_frames: int = 8,
+        tiling: Tiling | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Scaled latents of ``video`` (pixels in [-1, 1], [B, 3, F, H, W]).
+
+        The posterior mean by default; ``sample=True`` draws from the posterior, with ``noise``
+        (standard normal, shaped like the latents) when given. ``scale`` replaces the config's
+        scaling factor (CogVideoX 1.5 image-to-video conditions on latents / scaling_factor).
+        """
+        mean, logvar = self.encode_moments(video, chunk_frames, tiling).float().chunk(2, dim=1)
+        z = mean
+        if sample:
+            std = (0.5 * logvar.clamp(-30.0, 20.0)).exp()
+            z = mean + std * (noise.to(mean) if noise is not None else torch.randn_like(mean))
+        return z * (self.config.scaling_factor if scale is None else scale)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device) -> torch.Tensor:
+        cache: Cache = {}
+        out = []
+        for a, b in _chunks(z.shape[2], chunk_frames):
+            zz = z[:, :, a:b].to(self.dtype)
+            if self.post_quant_conv is not None:
+                zz = self.post_quant_conv(zz)
+            x, cache = self.decoder(zz, cache)
+            out.append(x.to(output_device) if output_device is not None else x)
+        return torch.cat(out, dim=2)
+
+    def decode(
+        self,
+        latents: torch.Tensor,
+        chunk_frames: int = 2,
+        tiling: Tiling | None = None,
+        output_device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Pixels in [-1, 1] (float32 or the VAE's dtype), [B, 3, F, H, W], from scaled latents.
+
+        ``output_device`` (e.g. "cpu") moves each decoded chunk off the GPU as it is made, so a
+        long video never holds all its frames in GPU memory.
+        """
+        if latents.ndim != 5 or latents.shape[1] != self.config.latent_channels:
+            raise ValueError(
+                f"expected latents [B, {self.config.latent_channels}, T, h, w], got {tuple(latents.shape)}"
+            )
+        z = latents.float() * (1 / self.config.scaling_factor)  # as the reference pipelines scale
+        s = self.config.spatial_compression
+        h, w = z.shape[-2:]
+        if tiling is None or (h <= tiling.tile_height // s and w <= tiling.tile_width // s):
+            return self._decode_chunked(z, chunk_frames, output_device)
+        lat_h, lat_w, step_h, step_w = _tile_grid(tiling, s)
+        tiles = [
+            [self._decode_chunked(z[:, :, :, i : i + lat_h, j : j + lat_w], chunk_frames, output_device) for j in range(0, w, step_w)]
+            for i in range(0, h, step_h)
+        ]
+        return _stitch(tiles, s * (lat_h - step_h), s * (lat_w - step_w), s * step_h, s * step_w)
+
+    def _check_video(self, video: torch.Tensor) -> None:
+        if video.ndim != 5 or video.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected video [B, {self.config.in_channels}, F, H, W] in [-1, 1], got {tuple(video.shape)}")
+        f, h, w = video.shape[2:]
+        s = self.config.spatial_compression
+        if f != 1 and (f - 1) % self.config.temporal_compression_ratio:
+            k = (f - 1) // 4
+            raise ValueError(f"the VAE takes 1 or 4k+1 frames, got {f} (nearest: {4 * k + 1} or {4 * k + 5})")
+        if h % s or w % s:
+            raise ValueError(f"frame size {h}x{w} is not a multiple of {s}")
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def is_diffusers_state_dict(keys) -> bool:
+    return any(k.startswith("decoder.up_blocks.") for k in keys) and any(k.startswith("encoder.down_blocks.") for k in keys)
+
+
+def is_sat_state_dict(keys) -> bool:
+    return any(k.startswith("decoder.up.") for k in keys) and any(k.startswith("encoder.down.") for k in keys)
+
+
+def convert_sat(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official SAT VAE weights (``3d-vae.pt``) -> diffusers names."""
+    n_up = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up."))
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("loss."):
+            continue
+        k = key
+        m = re.match(r"decoder\.up\.(\d+)\.", k)
+        if m:  # SAT numbers decoder stages from the bottom
+            k = f"decoder.up_blocks.{n_up - 1 - int(m.group(1))}." + k[m.end():]
+        k = k.replace("encoder.down.", "encoder.down_blocks.")
+        k = k.replace(".block.", ".resnets.").replace(".downsample.", ".downsamplers.0.").replace(".upsample.", ".upsamplers.0.")
+        k = k.replace(".nin_shortcut.", ".conv_shortcut.")
+        k = re.sub(r"^(encoder|decoder)\.mid\.block_([12])\.", lambda m_: f"{m_.group(1)}.mid_block.resnets.{int(m_.group(2)) - 1}.", k)
+        out[k] = value
+    return out
+
+
+def infer_config(sd: dict[str, torch.Tensor], base: CogVideoXVAEConfig | None = None) -> CogVideoXVAEConfig:
+    """Config read off diffusers-named VAE weights; the scaling factor comes from ``base``."""
+    try:
+        n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))
+        chans = tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight"].shape[0] for i in range(n))
+        layers = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down_blocks.0.resnets."))
+        latent = sd["decoder.conv_in.conv.weight"].shape[1]
+        cin = sd["encoder.conv_in.conv.weight"].shape[1]
+        cout = sd["decoder.conv_out.conv.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"not a CogVideoX VAE state dict ({e})") from None
+    base = base or PRESETS["cogvideox-5b"]
+    groups = base.norm_num_groups
+    if any(c % groups for c in chans):
+        groups = math.gcd(*chans)
+    return dataclasses.replace(
+        base,
+        in_channels=cin,
+        out_channels=cout,
+        block_out_channels=chans,
+        latent_channels=latent,
+        layers_per_block=layers,
+        norm_num_groups=groups,
+        use_quant_conv="quant_conv.weight" in sd,
+        use_post_quant_conv="post_quant_conv.weight" in sd,
+    )
+
+
+def load_vae(
+    path,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    config: CogVideoXVAEConfig | None = None,
+) -> CogVideoXVAE:
+    """A CogVideoX VAE from a diffusers folder, a single safetensors file (diffusers names) or
+    the official SAT ``3d-vae.pt``. Without a config.json the scaling factor defaults to the 5B
+    family's (0.7); pass ``config`` for the 2B VAE (1.15258426)."""
+    from pathlib import Path
+
+    from ..checkpoint import CheckpointError, assign_state_dict, build_on_meta, describe, load_state_dict, read_json
+
+    path = Path(path)
+    sd = load_state_dict(path, dtype=dtype, device=device)
+    if is_sat_state_dict(sd.keys()):
+        sd = convert_sat(sd)
+    elif not is_diffusers_state_dict(sd.keys()):
+        raise CheckpointError(f"{path}: expected a CogVideoX VAE, but this looks like {describe(sd.keys())}")
+    if config is None:
+        if path.is_dir() and (path / "config.json").exists():
+            config = CogVideoXVAEConfig.from_diffusers(read_json(path / "config.json"))
+        else:
+            config = infer_config(sd)
+    model = build_on_meta(lambda: CogVideoXVAE(config))
+    return assign_state_dict(model, sd, str(path), "a CogVideoX VAE").eval()
