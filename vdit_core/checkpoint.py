@@ -1,0 +1,233 @@
+"""Loading weight files safely and fast.
+
+* safetensors by default (one file, or shards with a ``*.safetensors.index.json``);
+  ``.pt``/``.pth``/``.bin``/``.ckpt`` only through ``torch.load(weights_only=True)``.
+* A wrong, truncated or mismatched file raises :class:`CheckpointError`, naming the file, what it
+  looks like, and what was expected. Models are built on the meta device and the loaded tensors
+  assigned (no random init, no second copy), so nothing half-loaded is ever returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used for what was asked."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of fp32, fp16, bf16") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# reading files
+
+
+def _unwrap(sd: dict) -> dict:
+    """Training checkpoints nest the weights under model / module / state_dict."""
+    for key in ("state_dict", "module", "model"):
+        while isinstance(sd, dict) and key in sd and isinstance(sd[key], dict) and not isinstance(sd[key], torch.Tensor):
+            sd = sd[key]
+    return sd
+
+
+def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to(device) if device is not None else t
+
+
+def read_safetensors(path: Path, dtype: torch.dtype | None = None, device=None, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        size = path.stat().st_size
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = list(f.keys()) if keys is None else list(keys)
+            out = {}
+            for k in names:
+                out[k] = _convert(f.get_tensor(k), dtype, device)
+            return out
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); it may be truncated (size {size} bytes) "
+            "or of another format"
+        ) from None
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: could not be read ({e}); the file may be truncated") from None
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def safetensors_keys(path: str | Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_pickle(path: Path, dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # weights_only refuses pickled code; truncated zips fail to open
+        raise CheckpointError(
+            f"{path}: could not be loaded as plain tensors with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); it may be truncated, or hold "
+            "pickled code, which vdit never executes"
+        ) from None
+    sd = _unwrap(sd)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return {k: _convert(v, dtype, device) for k, v in sd.items()}
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight file(s) behind a file, an index JSON, or a folder of diffusers weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        singles = sorted(p for p in path.glob("*.safetensors"))
+        if indexes:
+            return weight_files(indexes[0])
+        if len(singles) == 1:
+            return singles
+        if len(singles) > 1:
+            preferred = [p for p in singles if p.name.startswith("diffusion_pytorch_model") or p.name.startswith("model")]
+            if len(preferred) == 1:
+                return preferred
+            raise CheckpointError(f"{path}: several .safetensors files and no index JSON: {[p.name for p in singles]}")
+        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if len(pickles) == 1:
+            return pickles
+        raise CheckpointError(f"{path}: no weight file found (expected .safetensors, or one .pt/.bin)")
+    if path.name.endswith(".index.json"):
+        try:
+            index = json.loads(path.read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a valid shard index ({e})") from None
+        files = [path.parent / s for s in shards]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) listed in the index are missing: {missing}")
+        return files
+    return [path]
+
+
+def load_state_dict(path: str | Path, dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
+    """All tensors of a weight file, shard index or weights folder, converted to ``dtype``."""
+    sd: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            sd.update(read_safetensors(f, dtype, device))
+        elif f.suffix in PICKLE_SUFFIXES:
+            sd.update(read_pickle(f, dtype, device))
+        else:
+            raise CheckpointError(f"{f}: unsupported weight file type {f.suffix!r}; expected .safetensors (or .pt/.pth/.bin)")
+    if not sd:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return sd
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# what a state dict looks like (for error messages and dispatch)
+
+_SIGNATURES: list[tuple[str, Callable[[set], bool]]] = [
+    ("a CogVideoX transformer (diffusers layout)", lambda k: any(".attn1.to_q." in x and x.startswith("transformer_blocks.") for x in k) and "patch_embed.text_proj.weight" in k),
+    ("a CogVideoX transformer (SAT layout)", lambda k: any("transformer.layers." in x and "query_key_value" in x for x in k)),
+    ("a CogVideoX VAE (diffusers layout)", lambda k: any(x.startswith("decoder.up_blocks.") and "conv_y" in x for x in k)),
+    ("a CogVideoX VAE (SAT layout)", lambda k: any(x.startswith("decoder.up.") and "conv_y" in x for x in k)),
+    ("an Open-Sora STDiT3 transformer", lambda k: "fps_embedder.mlp.0.weight" in k or any(x.startswith("temporal_blocks.") for x in k)),
+    ("a HunyuanDiT transformer", lambda k: "mlp_t5.0.weight" in k or "text_embedder.linear_1.weight" in k and any("attn2" in x for x in k)),
+    ("a T5 text encoder", lambda k: any(x.startswith("encoder.block.") for x in k)),
+    ("a 2D image VAE (Stable Diffusion family)", lambda k: any(x.startswith("decoder.up_blocks.") for x in k) and not any("conv_y" in x for x in k)),
+    ("a LoRA", lambda k: any(".lora_" in x or "lora_down" in x or "lora_A" in x for x in k)),
+    ("a UNet (Stable Diffusion family)", lambda k: any(x.startswith("model.diffusion_model.input_blocks.") or x.startswith("input_blocks.") for x in k)),
+]
+
+
+def describe(keys: Iterable[str]) -> str:
+    """What a state dict looks like, in words."""
+    ks = set(keys)
+    for name, test in _SIGNATURES:
+        if test(ks):
+            return name
+    sample = ", ".join(sorted(ks)[:3])
+    return f"an unrecognised state dict ({len(ks)} tensors, e.g. {sample})"
+
+
+# ----------------------------------------------------------------------------------------------
+# building models
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Construct a module without allocating or initialising its parameters."""
+    with torch.device("meta"):
+        return factory()
+
+
+def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, expected: str) -> nn.Module:
+    """Check keys and shapes, then assign ``sd``'s tensors as the model's parameters.
+
+    Raises :class:`CheckpointError` naming ``source``, what it looks like and ``expected``
+    before touching the model when anything does not fit.
+    """
+    own = {k: v for k, v in model.state_dict().items()}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or wrong:
+        looks = describe(sd.keys())
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})")
+        raise CheckpointError(f"{source}: expected {expected}, but this looks like {looks}: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True, assign=True)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:  # defensive: every tensor must have come from the file
+            raise CheckpointError(f"{source}: {name} was not loaded")
+    return model

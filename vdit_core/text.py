@@ -1,0 +1,132 @@
+"""Text encoders through ``transformers``.
+
+CogVideoX (and Open-Sora) condition on the T5-v1.1 encoder's last hidden states: the prompt is
+tokenised to a fixed length (226 for CogVideoX), padded, and encoded without an attention mask,
+exactly as the releases do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, assign_state_dict, build_on_meta, load_state_dict, read_json
+
+
+class T5TextEncoder:
+    """A T5 encoder and its tokenizer: ``encode(prompts) -> [B, max_length, d_model]``."""
+
+    def __init__(self, model, tokenizer, max_length: int = 226):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.shared.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.shared.weight.dtype
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model
+
+    def to(self, device=None, dtype=None) -> "T5TextEncoder":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        return ids
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str]) -> torch.Tensor:
+        """Embeddings [B, max_length, d_model] in the encoder's dtype, on its device."""
+        ids = self.tokenize(prompts).to(self.device)
+        return self.model(input_ids=ids).last_hidden_state
+
+
+def _t5_config_from_weights(sd: dict[str, torch.Tensor]):
+    from transformers import T5Config
+
+    try:
+        vocab, d_model = sd["shared.weight"].shape
+        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.block."))
+        rel = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        heads = rel.shape[1]
+        inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+        gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+        wi = sd["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"not a T5 encoder state dict (missing {e})") from None
+    return T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=inner // heads,
+        d_ff=wi.shape[0],
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=rel.shape[0],
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+
+
+def load_t5_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A ``T5EncoderModel`` from a transformers folder (config.json + weights) or a single
+    safetensors file with transformers key names (as ComfyUI users keep in models/text_encoders)."""
+    from transformers import T5Config, T5EncoderModel
+
+    path = Path(path)
+    sd = load_state_dict(path, dtype=dtype, device=device)
+    sd = {k: v for k, v in sd.items() if not k.startswith("decoder.") and k != "lm_head.weight"}  # full T5 files
+    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))
+    if sd["encoder.embed_tokens.weight"] is None:
+        raise CheckpointError(f"{path}: no token embedding (shared.weight) found; is this a T5 encoder?")
+    if path.is_dir() and (path / "config.json").exists():
+        config = T5Config.from_dict(read_json(path / "config.json"))
+    else:
+        config = _t5_config_from_weights(sd)
+    model = build_on_meta(lambda: T5EncoderModel(config))
+    assign_state_dict(model, sd, str(path), "a T5 encoder")
+    model.encoder.embed_tokens = model.shared  # tied, as in transformers
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(path: str | Path):
+    """A T5 tokenizer from a folder holding spiece.model and/or tokenizer.json (the official
+    CogVideoX folder has spiece.model; ComfyUI's t5_tokenizer folder has tokenizer.json)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: tokenizer folder not found")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many kinds of errors for unusable folders
+        raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def load_t5(
+    text_encoder: str | Path,
+    tokenizer: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    max_length: int = 226,
+) -> T5TextEncoder:
+    """T5 encoder weights (folder or single file) + tokenizer folder -> :class:`T5TextEncoder`."""
+    return T5TextEncoder(load_t5_model(text_encoder, dtype, device), load_tokenizer(tokenizer), max_length)
