@@ -1,6 +1,10 @@
 """vdit_core: video diffusion transformers, their VAEs, samplers, LoRA and training.
 
-The library under the vdit ComfyUI node pack; usable on its own.
+The library under the vdit ComfyUI node pack; usable on its own:
+
+    import vdit_core
+    pipe = vdit_core.load_pipeline("path/to/CogVideoX-5b", device="cuda", dtype="bf16")
+    frames = pipe(prompt="...", num_frames=49, steps=50, cfg=6.0, seed=0)
 """
 
 try:
@@ -13,3 +17,26 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 __version__ = "0.1.0"
+
+# public API, imported on first use so that importing the package (e.g. by ComfyUI at start-up)
+# does not pull in transformers
+_LAZY = {
+    "load_pipeline": ("pipeline", "load_pipeline"),
+    "CogVideoXPipeline": ("pipeline", "CogVideoXPipeline"),
+    "load_transformer": ("models.cogvideox", "load_transformer"),
+    "load_vae": ("vae.cogvideox_vae", "load_vae"),
+    "load_t5": ("text", "load_t5"),
+    "write_video": ("video_io", "write_video"),
+    "read_video": ("video_io", "read_video"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'vdit_core' has no attribute {name!r}")

@@ -125,14 +125,21 @@ class SeededNoise:
         self.generators = [torch.Generator("cpu").manual_seed(int(seed) + b) for b in range(self.shape[0])]
 
     def __call__(self, sigma: float | None = None, sigma_next: float | None = None) -> torch.Tensor:
-        item = self.shape[1:]
+        """The next draw of the batch shape (initial noise, then one per sampler request)."""
+        return self.draw(self.shape, self.permute)
+
+    def draw(self, shape: Sequence[int], permute: Sequence[int] | None = None) -> torch.Tensor:
+        """The next draw of another shape [B, ...] from the same per-sample streams."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"this noise source has {len(self.generators)} samples, asked for {shape[0]}")
+        item = tuple(shape[1:])
         out = []
         for g in self.generators:
-            if self.permute is None:
+            if permute is None:
                 n = torch.randn(item, generator=g, dtype=torch.float32)
             else:
-                drawn = torch.randn([item[i] for i in self.permute], generator=g, dtype=torch.float32)
-                n = drawn.permute([self.permute.index(i) for i in range(len(item))])
+                drawn = torch.randn([item[i] for i in permute], generator=g, dtype=torch.float32)
+                n = drawn.permute([list(permute).index(i) for i in range(len(item))])
             out.append(n)
         return torch.stack(out).to(device=self.device, dtype=self.dtype)
 
