@@ -4,8 +4,7 @@ plain softmax(QK^T)V reference (``math``), on the same inputs, printed as ratios
     python bench/attention.py                       # CPU, sizes that finish in a minute
     python bench/attention.py --device cuda --dtype bf16 --seq 17776 --heads 48 --dim 64
 
-Each backend runs in its own subprocess so that peak memory is its own: on CUDA the allocator's
-``max_memory_allocated``, on CPU the growth of the process's peak RSS over the inputs.
+Each backend runs in its own subprocess so that peak memory is its own (see ``_harness.py``).
 With ``--pad`` the keys carry padding (the text-length masks the models use).
 """
 
@@ -14,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import measure, run_worker  # noqa: E402
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -25,7 +24,6 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def worker(args) -> dict:
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from vdit_core.attention import attention
 
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -36,32 +34,18 @@ def worker(args) -> dict:
     kv_lens = None
     if args.pad:
         kv_lens = torch.tensor([args.seq - args.pad * (i + 1) // args.batch for i in range(args.batch)], device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    # the baseline comes before the first call: CPU peak RSS is a high-water mark
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = attention(q, k, v, kv_lens=kv_lens, backend=args.worker)  # warm-up
-    sync()
-    times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        out = attention(q, k, v, kv_lens=kv_lens, backend=args.worker)
-        sync()
-        times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    ref_path = args.ref_out
+    out = {}
+
+    def run():
+        out["y"] = attention(q, k, v, kv_lens=kv_lens, backend=args.worker)
+
+    res = measure(run, args.device, repeat=args.repeat)
     if args.worker == "math":
-        torch.save(out.float().cpu(), ref_path)
+        torch.save(out["y"].float().cpu(), args.ref_out)
         err = 0.0
     else:
-        err = float((out.float().cpu() - torch.load(ref_path)).abs().max())
-    return {"backend": args.worker, "ms": 1000 * sorted(times)[len(times) // 2], "peak_mb": peak / 2**20, "max_err": err}
+        err = float((out["y"].float().cpu() - torch.load(args.ref_out)).abs().max())
+    return {"backend": args.worker, "ms": 1000 * res["s"], "peak_mb": res["peak_mib"], "max_err": err}
 
 
 def main() -> None:
@@ -83,7 +67,6 @@ def main() -> None:
 
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from vdit_core.attention import available_backends
 
     backends = ["math"] + [b for b in available_backends(args.device, getattr(torch, DTYPES[args.dtype])) if b != "math"]
@@ -93,14 +76,12 @@ def main() -> None:
     )
     rows = []
     for b in backends:
-        cmd = [sys.executable, __file__, "--worker", b] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker",) and v is not None
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"{b:>14}: failed: {res.stderr.strip().splitlines()[-1]}")
+        args_list = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "worker" and v is not None]
+        res = run_worker(__file__, ["--worker", b, *args_list])
+        if "error" in res:
+            print(f"{b:>14}: failed: {res['error']}")
             continue
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        rows.append(res)
     ref = rows[0]
     print(f"{'backend':>14} {'ms':>10} {'peak MB':>10} {'time ratio':>11} {'mem ratio':>10} {'max err':>10}")
     for r in rows:

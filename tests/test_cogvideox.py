@@ -3,7 +3,6 @@ layouts (diffusers folder, single file, SAT), loaded with our loaders and compar
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np

@@ -1,0 +1,61 @@
+"""Shared by the benchmarks: run a case in a fresh subprocess and measure its time and peak memory.
+
+Peak memory is the case's own: on CUDA the allocator's ``max_memory_allocated`` above what was
+allocated before the first call, on CPU the growth of the process's peak RSS from before the
+first call (a high-water mark, so each case needs its own process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def measure(fn: Callable[[], object], device: str, repeat: int = 3, warmup: int = 1) -> dict:
+    """Median seconds of ``fn`` and its peak memory in MiB (first call included)."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(warmup):
+        fn()
+        sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"s": sorted(times)[len(times) // 2], "peak_mib": peak / 2**20}
+
+
+def run_worker(script: str, args: list[str]) -> dict:
+    """Run ``script --worker ...`` in a fresh interpreter; it prints one JSON line last."""
+    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": tail}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}" if b > 0 else "n/a"
