@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -93,7 +93,6 @@ class CogVideoXPipeline:
     steps: int = 50
     cfg: float = 6.0
     name: str = "cogvideox"
-    loras: list = field(default_factory=list)
 
     # -- facts about the model ---------------------------------------------------------------
     @property
@@ -151,6 +150,15 @@ class CogVideoXPipeline:
                 f"{trained}N+1 frames (e.g. {trained * 3 + 1}); other 4k+1 counts run but may look worse",
                 stacklevel=3,
             )
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def load_lora(self, path, strength: float = 1.0):
+        """Attach a LoRA file to the transformer (non-destructive; several stack)."""
+        return self.transformer.load_lora(path, strength)
+
+    def unload_loras(self) -> None:
+        """Detach every LoRA: outputs are exactly the base model's again."""
+        self.transformer.unload_loras()
 
     # -- conditioning ------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:

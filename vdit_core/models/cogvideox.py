@@ -252,6 +252,17 @@ class CogVideoXTransformer(nn.Module):
         self.proj_out = nn.Linear(d, cfg.patch_size**2 * pt * cfg.out_channels)
         self.gradient_checkpointing = False
 
+    def load_lora(self, path, strength: float = 1.0):
+        """Attach a LoRA file (ours, ComfyUI, diffusers/PEFT or kohya keys); returns its handle."""
+        from ..lora import load_lora
+
+        return load_lora(self, path, strength)
+
+    def unload_loras(self) -> None:
+        from ..lora import unload_loras
+
+        unload_loras(self)
+
     def set_attention_backend(self, backend: str | None) -> None:
         """Use one attention backend for every block (None: automatic)."""
         for block in self.transformer_blocks:

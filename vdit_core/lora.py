@@ -1,0 +1,293 @@
+"""LoRA for the diffusion transformers: training adapters, file formats, non-destructive apply.
+
+Adapters add ``strength * scale * B(A(x))`` to the output of a model's ``nn.Linear`` through a
+forward hook, so the model's own weights and state dict are never changed: unloading gives back
+exactly the base outputs, and several LoRAs stack.
+
+Files read: ours and ComfyUI's (``diffusion_model.<module>.lora_A/B.weight`` + ``.alpha``),
+diffusers/PEFT (``transformer.<module>.lora_A/B.weight``, alpha from the header when present),
+kohya (``lora_unet_<module_with_underscores>.lora_down/up.weight`` + ``.alpha``). Without an alpha
+the scale is 1, as ComfyUI does. A file whose modules are not in the model raises an error naming
+them; it is never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, describe, load_state_dict, safetensors_metadata
+
+# attention q/k/v/out and the FFN of every block (CogVideoX names)
+DEFAULT_TARGETS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+PREFIXES = ("diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "unet.")
+FORMAT = "vdit-lora-v1"
+
+
+class LoRAAdapter(nn.Module):
+    """Low-rank update ``scale * B(A(dropout(x)))`` for one Linear (A: [r, in], B: [out, r])."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 1.0, dropout: float = 0.0, dtype=torch.float32, device=None):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0: a new adapter changes nothing
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
+        return (h @ self.lora_B.t()) * self.scale
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "::")  # ModuleDict keys may not contain dots
+
+
+class LoRASet(nn.Module):
+    """Adapters for named Linear modules of one model, applied with a common ``strength``."""
+
+    def __init__(self, adapters: dict[str, LoRAAdapter], strength: float = 1.0, metadata: dict | None = None, source: str = ""):
+        super().__init__()
+        self.adapters = nn.ModuleDict({_key(k): v for k, v in adapters.items()})
+        self.strength = strength
+        self.metadata = dict(metadata or {})
+        self.source = source
+        self._handles: list = []
+
+    def items(self) -> Iterable[tuple[str, LoRAAdapter]]:
+        for k, v in self.adapters.items():
+            yield k.replace("::", "."), v
+
+    def attach(self, model: nn.Module) -> "LoRASet":
+        """Hook every adapter onto its module of ``model``."""
+        if self._handles:
+            raise RuntimeError("this LoRA is already attached")
+        modules = dict(model.named_modules())
+        for name, adapter in self.items():
+            self._handles.append(modules[name].register_forward_hook(self._hook(adapter)))
+        loras = model.__dict__.setdefault("_vdit_loras", [])
+        loras.append(self)
+        self.__dict__["_model"] = model  # a plain reference: not a submodule of this LoRA
+        return self
+
+    def _hook(self, adapter: LoRAAdapter):
+        def hook(module, inputs, output):
+            if self.strength == 0:
+                return output
+            return output + (adapter(inputs[0]) * self.strength).to(output.dtype)
+
+        return hook
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        model = self.__dict__.get("_model")
+        if model is not None:
+            loras = model.__dict__.get("_vdit_loras", [])
+            if self in loras:
+                loras.remove(self)
+            self.__dict__.pop("_model", None)
+
+
+def attached_loras(model: nn.Module) -> list[LoRASet]:
+    return list(model.__dict__.get("_vdit_loras", []))
+
+
+def unload_loras(model: nn.Module) -> None:
+    """Detach every LoRA attached to ``model``; its outputs are exactly the base ones again."""
+    for lora in attached_loras(model):
+        lora.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def inject_lora(
+    model: nn.Module,
+    rank: int = 64,
+    alpha: float = 64.0,
+    targets: str = DEFAULT_TARGETS,
+    dropout: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+) -> LoRASet:
+    """Fresh trainable adapters (B = 0) on every Linear whose name matches ``targets``, attached."""
+    pattern = re.compile(targets)
+    adapters = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and pattern.fullmatch(name):
+            device = module.weight.device
+            adapters[name] = LoRAAdapter(module.in_features, module.out_features, rank, alpha / rank, dropout, dtype, device)
+    if not adapters:
+        raise ValueError(f"no Linear module of the model matches the LoRA targets {targets!r}")
+    meta = {"rank": rank, "alpha": alpha, "targets": targets}
+    return LoRASet(adapters, 1.0, meta).attach(model)
+
+
+def save_lora(lora: LoRASet, path: str | Path, base_model: str = "", extra: dict | None = None) -> Path:
+    """Write ``diffusion_model.<module>.lora_A/B.weight`` + ``.alpha`` (ComfyUI's convention) and
+    rank/alpha/targets/base model in the safetensors header."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, a in lora.items():
+        tensors[f"diffusion_model.{name}.lora_A.weight"] = a.lora_A.detach().float().cpu().contiguous()
+        tensors[f"diffusion_model.{name}.lora_B.weight"] = a.lora_B.detach().float().cpu().contiguous()
+        tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(a.scale * a.rank, dtype=torch.float32)
+    meta = {
+        "format": "pt",
+        "vdit_format": FORMAT,
+        "vdit_base_model": base_model,
+        "vdit_rank": str(lora.metadata.get("rank", "")),
+        "vdit_alpha": str(lora.metadata.get("alpha", "")),
+        "vdit_targets": str(lora.metadata.get("targets", "")),
+    }
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# reading any supported format
+
+
+_SUFFIXES = [  # (down/A suffix, up/B suffix)
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora_A.default.weight", ".lora_B.default.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    ("_lora.down.weight", "_lora.up.weight"),
+]
+
+
+def _peft_scale(metadata: dict) -> float | None:
+    """alpha / r from diffusers' ``lora_adapter_metadata`` header, when it is there."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    flat = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, prefix + k + ".")
+            else:
+                flat[prefix + k] = v
+
+    walk(cfg)
+    r = next((v for k, v in flat.items() if k.split(".")[-1] == "r"), None)
+    alpha = next((v for k, v in flat.items() if k.split(".")[-1] == "lora_alpha"), None)
+    if r and alpha:
+        return float(alpha) / float(r)
+    return None
+
+
+def read_lora(path: str | Path, model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict]:
+    """{module name in ``model``: (A, B, scale)} and the header metadata of a LoRA file.
+
+    Raises CheckpointError when the file is no LoRA, or targets modules ``model`` lacks, or has
+    shapes that do not fit (a LoRA for another model).
+    """
+    path = Path(path)
+    sd = load_state_dict(path)
+    metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    kohya = {n.replace(".", "_"): n for n in linears}
+    file_scale = _peft_scale(metadata)
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        for down, up in _SUFFIXES:
+            for suffix, slot in ((down, "A"), (up, "B")):
+                if key.endswith(suffix):
+                    pairs.setdefault(key[: -len(suffix)], {})[slot] = value
+        if key.endswith(".alpha"):
+            pairs.setdefault(key[: -len(".alpha")], {})["alpha"] = value
+    pairs = {k: v for k, v in pairs.items() if "A" in v or "B" in v}
+    if not pairs:
+        raise CheckpointError(f"{path}: expected a LoRA, but this looks like {describe(sd.keys())}")
+
+    out, unmatched = {}, []
+    for raw_name, parts in pairs.items():
+        name = _resolve(raw_name, linears, kohya)
+        if name is None:
+            unmatched.append(raw_name)
+            continue
+        if "A" not in parts or "B" not in parts:
+            raise CheckpointError(f"{path}: {raw_name} has only one of its two LoRA matrices")
+        a, b = parts["A"].float(), parts["B"].float()
+        if a.ndim != 2 or b.ndim != 2:
+            raise CheckpointError(f"{path}: {raw_name} is a convolution LoRA ({tuple(a.shape)}); only Linear layers are supported")
+        lin = linears[name]
+        if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features or a.shape[0] != b.shape[1]:
+            raise CheckpointError(
+                f"{path}: {raw_name} has shapes A{tuple(a.shape)} B{tuple(b.shape)} but {name} in this model is "
+                f"{lin.in_features} -> {lin.out_features}: a LoRA for another model"
+            )
+        rank = a.shape[0]
+        if "alpha" in parts:
+            scale = float(parts["alpha"]) / rank
+        elif file_scale is not None:
+            scale = file_scale
+        else:
+            scale = 1.0
+        out[name] = (a, b, scale)
+    if unmatched:
+        example = ", ".join(unmatched[:3])
+        found = "none" if not out else f"{len(out)} of {len(pairs)}"
+        raise CheckpointError(
+            f"{path}: a LoRA for another model: {len(unmatched)} of its modules are not in this "
+            f"{type(model).__name__} (e.g. {example}); {found} matched"
+        )
+    return out, metadata
+
+
+def _resolve(raw: str, linears: dict, kohya: dict) -> str | None:
+    """The model's module name for a LoRA key stem."""
+    name = raw
+    for p in PREFIXES:
+        if name.startswith(p):
+            name = name[len(p):]
+            break
+    if name in linears:
+        return name
+    if name.startswith("lora_unet_"):
+        return kohya.get(name[len("lora_unet_"):])
+    if name.startswith("lora_transformer_"):
+        return kohya.get(name[len("lora_transformer_"):])
+    return None
+
+
+def load_lora(model: nn.Module, path: str | Path, strength: float = 1.0, dtype: torch.dtype | None = None) -> LoRASet:
+    """Read a LoRA file and attach it to ``model`` with ``strength`` (0 gives the base output)."""
+    entries, metadata = read_lora(path, model)
+    params = next(model.parameters())
+    dtype = dtype or params.dtype
+    adapters = {}
+    for name, (a, b, scale) in entries.items():
+        ad = LoRAAdapter(a.shape[1], b.shape[0], a.shape[0], scale, dtype=dtype, device=params.device)
+        with torch.no_grad():
+            ad.lora_A.copy_(a)
+            ad.lora_B.copy_(b)
+        adapters[name] = ad.requires_grad_(False)
+    return LoRASet(adapters, strength, metadata, str(path)).attach(model)
