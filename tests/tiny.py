@@ -112,6 +112,8 @@ def reference_pipeline(root: Path, variant: str, scheduler: str = "ddim", seed: 
     elif variant != "2b":
         vae_kw.update(scaling_factor=0.7)
     vae = diffusers.AutoencoderKLCogVideoX(**vae_kw).eval()
+    with torch.no_grad():  # a sharp posterior, as trained VAEs have (random ones give std ~1)
+        vae.encoder.conv_out.conv.bias[vae_kw["latent_channels"]:] = -20.0
     sched_cfg = dict(COG2B_SCHEDULER, snr_shift_scale=3.0 if variant == "2b" else 1.0)
     sched_cls = diffusers.CogVideoXDPMScheduler if scheduler == "dpm" else diffusers.CogVideoXDDIMScheduler
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(str(root))))

@@ -136,15 +136,18 @@ def inject_lora(
     return LoRASet(adapters, 1.0, meta).attach(model)
 
 
-def save_lora(lora: LoRASet, path: str | Path, base_model: str = "", extra: dict | None = None) -> Path:
+def save_lora(lora: LoRASet, path: str | Path, base_model: str = "", extra: dict | None = None, state: dict | None = None) -> Path:
     """Write ``diffusion_model.<module>.lora_A/B.weight`` + ``.alpha`` (ComfyUI's convention) and
-    rank/alpha/targets/base model in the safetensors header."""
+    rank/alpha/targets/base model in the safetensors header. ``state`` (keys as in
+    ``lora.state_dict()``) replaces the adapters' current values, e.g. with EMA weights."""
     from safetensors.torch import save_file
 
+    state = state or {}
     tensors = {}
     for name, a in lora.items():
-        tensors[f"diffusion_model.{name}.lora_A.weight"] = a.lora_A.detach().float().cpu().contiguous()
-        tensors[f"diffusion_model.{name}.lora_B.weight"] = a.lora_B.detach().float().cpu().contiguous()
+        for which in ("lora_A", "lora_B"):
+            value = state.get(f"adapters.{_key(name)}.{which}", getattr(a, which))
+            tensors[f"diffusion_model.{name}.{which}.weight"] = value.detach().float().cpu().contiguous()
         tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(a.scale * a.rank, dtype=torch.float32)
     meta = {
         "format": "pt",

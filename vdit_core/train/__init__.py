@@ -1,0 +1,1 @@
+"""Finetuning: ``python -m vdit_core.train`` (see :mod:`.trainer`)."""

@@ -1,0 +1,597 @@
+"""``python -m vdit_core.train``: LoRA or full finetuning, one process or many under torchrun.
+
+This module is the only place with distributed logic (plus :mod:`.dist`'s rank helper):
+process group set-up, DDP / FSDP2 wrapping, collectives for logging, NaN agreement, gathering
+state for checkpoints, and validation. Randomness is a pure function of (seed, step, global
+sample index), so a run gives the same result on any number of processes for the same global
+batch, and resuming is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import CheckpointError, parse_dtype, read_json
+from ..lora import LoRASet, inject_lora, save_lora
+from ..models.cogvideox import CogVideoXTransformer, load_transformer, preset_name, save_transformer
+from ..pipeline import SCHEDULER_SAMPLERS, CogVideoXPipeline, default_schedule
+from ..prediction import VPrediction
+from ..sampling import SeededNoise
+from ..schedules import DiscreteSchedule, DiscreteScheduleConfig
+from ..timesteps import logit_normal_sigmas, stratified_timesteps, uniform_timesteps
+from . import dist as vdist
+from .cache import CacheSpec, LatentCache, bucket_of
+from .config import TrainConfig, parse_config, to_toml
+from .data import Bucket, Report, parse_buckets, scan
+
+CKPT_RE = re.compile(r"^step-(\d{7})$")
+
+
+class TrainModule(nn.Module):
+    """The transformer and its LoRA adapters as one module, so DDP/FSDP see the adapters."""
+
+    def __init__(self, transformer: CogVideoXTransformer, lora: LoRASet | None):
+        super().__init__()
+        self.transformer = transformer
+        self.lora = lora
+
+    def forward(self, x, t, context, concat=None):
+        return self.transformer(x, t, context, concat=concat).float()
+
+
+def _log(msg: str) -> None:
+    if vdist.is_main():
+        tqdm.write(msg)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), stable across runs and machines."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class BatchPlan:
+    """Deterministic global micro-batches: per epoch, each bucket's clips shuffled and cut into
+    batches of ``size`` (remainders dropped), then the batches shuffled."""
+
+    def __init__(self, items: list[dict], size: int, seed: int):
+        self.items, self.size, self.seed = items, size, seed
+        self.by_bucket: dict[Bucket, list[int]] = {}
+        for i, it in enumerate(items):
+            self.by_bucket.setdefault(bucket_of(it), []).append(i)
+        self.per_epoch = sum(len(v) // size for v in self.by_bucket.values())
+        if self.per_epoch == 0:
+            sizes = ", ".join(f"{b}: {len(v)}" for b, v in self.by_bucket.items())
+            raise ValueError(f"no bucket holds a whole global batch of {size} clip(s) (clips per bucket: {sizes}); use a smaller batch")
+        self._epoch, self._batches = None, None
+
+    def batch(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            batches = []
+            for b in sorted(self.by_bucket, key=str):
+                idx = self.by_bucket[b]
+                perm = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+                batches += [perm[i : i + self.size] for i in range(0, len(perm) - self.size + 1, self.size)]
+            order = torch.randperm(len(batches), generator=g).tolist()
+            self._epoch, self._batches = epoch, [batches[i] for i in order]
+        return self._batches[j]
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up
+
+
+def _setup_distributed(cfg: TrainConfig) -> torch.device:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=cfg.dist_timeout_minutes)
+        )
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _mixed_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if device.type == "cuda" else "no"
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
+
+
+def _schedule(model_dir: Path, transformer: CogVideoXTransformer) -> tuple[DiscreteSchedule, str]:
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    if path.exists():
+        raw = read_json(path)
+        return DiscreteSchedule.from_config(DiscreteScheduleConfig.from_diffusers(raw)), SCHEDULER_SAMPLERS.get(raw.get("_class_name", ""), "ddim")
+    return DiscreteSchedule.from_config(default_schedule(transformer.config)), "ddim"
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name)), key=lambda p: p.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = _setup_distributed(cfg)
+    try:
+        run(cfg, device)
+    except (ValueError, CheckpointError) as e:
+        print(f"error (rank {vdist.rank()}): {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def run(cfg: TrainConfig, device: torch.device) -> dict:
+    """Train as ``cfg`` says; returns a summary (final step, last loss)."""
+    rank, world = vdist.rank(), vdist.world_size()
+    out = Path(cfg.output)
+    model_dir = Path(cfg.model)
+    mp_dtype = _mixed_precision(cfg, device)
+    if vdist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(to_toml(cfg.to_dict()))
+
+    # -- model ------------------------------------------------------------------------------
+    base_dtype = torch.float32 if cfg.full or mp_dtype is None else mp_dtype  # fp32 master weights when trained
+    transformer = load_transformer(model_dir / "transformer", dtype=base_dtype, device=device)
+    schedule, default_sampler = _schedule(model_dir, transformer)
+    mcfg = transformer.config
+    frames = cfg.frames or mcfg.sample_frames
+    height, width = cfg.height or mcfg.sample_height * 8, cfg.width or mcfg.sample_width * 8
+    sizes, frame_buckets = parse_buckets(cfg.buckets, cfg.frame_buckets, Bucket(frames, height, width))
+    for f in frame_buckets:
+        if (f - 1) % 4:
+            raise ValueError(f"frame count {f} is not 4k+1")
+    for h, w in sizes:
+        if h % 16 or w % 16:
+            raise ValueError(f"bucket {h}x{w}: height and width must be multiples of 16")
+    model_fps = 16.0 if mcfg.is_v15 else 8.0
+    is_i2v = mcfg.in_channels == 2 * mcfg.out_channels
+
+    # -- data and cache (rank 0 encodes; everybody reads) -------------------------------------
+    report = Report()
+    samples = scan(cfg.data, report)
+    vae_cfg_raw = read_json(model_dir / "vae" / "config.json")
+    cache_dtype = parse_dtype(None if cfg.cache_dtype == "auto" else cfg.cache_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    spec = CacheSpec(
+        vae_path=model_dir / "vae", text_path=model_dir / "text_encoder", vae_config=vae_cfg_raw, sizes=sizes,
+        frame_buckets=frame_buckets, frame_stride=cfg.frame_stride, model_fps=model_fps, dtype=cache_dtype,
+        hflip=cfg.hflip > 0, image_latents=is_i2v,
+    )
+    cache = LatentCache(Path(cfg.cache_dir) if cfg.cache_dir else out / "cache", spec)
+    prompts = [s.caption for s in samples] + [""] + list(cfg.validation_prompts)
+    if vdist.is_main():
+        from ..text import load_t5
+        from ..vae.cogvideox_vae import load_vae
+
+        cache.build(
+            samples, prompts, report,
+            load_vae=lambda: load_vae(model_dir / "vae", device=device),
+            load_text=lambda: load_t5(model_dir / "text_encoder", model_dir / "tokenizer", device=device, max_length=mcfg.max_text_seq_length),
+            progress=lambda it, **kw: tqdm(it, **kw),
+        )
+    if dist.is_initialized():
+        dist.barrier()
+        cache = LatentCache(cache.dir.parent, spec)  # re-read the index rank 0 wrote
+    items = cache.items(samples)
+    report.usable = len(items)
+    for line in report.lines():
+        _log(line)
+    micro = cfg.batch_size * world
+    plan = BatchPlan(items, micro, cfg.seed)
+    _log(f"training {'the full transformer' if cfg.full else f'a rank-{cfg.lora_rank} LoRA'} of {preset_name(mcfg) or 'a CogVideoX model'} "
+         f"on {len(items)} clips; {world} process(es) x batch {cfg.batch_size} x {cfg.grad_accum} accumulation; {plan.per_epoch} batches/epoch")
+
+    # -- trainable state ---------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # adapter initialisation: the same on every rank and every run
+    transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    lora = None
+    if cfg.full:
+        transformer.requires_grad_(True)
+    else:
+        transformer.requires_grad_(False)
+        lora = inject_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, dtype=torch.float32)
+    module = TrainModule(transformer, lora).train()
+    checkpoints = _checkpoints(out) if cfg.resume else []
+    resume_dir = checkpoints[-1] if checkpoints else None
+    if cfg.resume and resume_dir is None:
+        _log(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from the beginning")
+    if resume_dir is not None:
+        _load_weights(module, resume_dir, cfg, device)
+
+    strategy = cfg.strategy
+    if strategy == "auto":
+        strategy = "fsdp" if (cfg.full and world > 1 and device.type == "cuda") else "ddp"
+    wrapped: nn.Module = module
+    if world > 1 and strategy == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    elif world > 1 and strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=mp_dtype or torch.float32, reduce_dtype=torch.float32)
+        for block in transformer.transformer_blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
+    torch.manual_seed(_mix(cfg.seed, 3, rank))  # each rank's own stream for dropout
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+    def lr_factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scaler = torch.amp.GradScaler(device.type, enabled=mp_dtype == torch.float16)
+    ema = [p.detach().clone().float() for p in params] if cfg.ema_decay > 0 else None
+    step = 0
+    if resume_dir is not None:
+        step = _load_training_state(resume_dir, module, optimizer, scheduler, scaler, ema, strategy, world)
+        _log(f"resumed from {resume_dir} at step {step}")
+
+    denoiser = VPrediction(wrapped, schedule)
+    vae_sf = vae_cfg_raw.get("scaling_factor", 1.15258426)
+    invert = bool(vae_cfg_raw.get("invert_scale_latents", False))
+    empty = cache.text("").to(device)
+    sampling = cfg.timestep_sampling
+    if sampling == "auto":
+        sampling = "stratified" if world > 1 else "uniform"
+    writer = _tensorboard(out) if vdist.is_main() else None
+    log_file = open(out / "losses.jsonl", "a") if vdist.is_main() else None
+    bar = tqdm(total=cfg.steps, initial=step, disable=not vdist.is_main(), desc="training", dynamic_ncols=True)
+    last_loss, bad_in_a_row = float("nan"), 0
+    t_start = time.perf_counter()
+
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        losses, bad, all_t = [], torch.zeros(1, device=device), []
+        for a in range(cfg.grad_accum):
+            k = step * cfg.grad_accum + a
+            batch, t_global = _make_batch(cfg, plan, cache, items, k, rank, world, schedule, sampling, vae_sf, invert, mcfg, empty, device)
+            all_t.append(t_global)
+            sync = a == cfg.grad_accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
+            ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
+            with ctx, _autocast(device, mp_dtype):
+                weighting = "min_snr" if cfg.min_snr_gamma > 0 else None
+                loss = denoiser.loss(batch["x0"], batch["noise"], batch["sigma"], weighting, cfg.min_snr_gamma or 5.0, **batch["cond"]).mean()
+                if not torch.isfinite(loss):
+                    bad += 1
+                scaler.scale(loss / cfg.grad_accum).backward()
+            losses.append(loss.detach())
+        mean_loss = torch.stack(losses).mean()
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            dist.all_reduce(mean_loss, op=dist.ReduceOp.SUM)
+            mean_loss /= world
+        if bad.item() > 0:
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            _log(f"step {step + 1}: the loss is {mean_loss.item()} (not finite); this step made no update")
+            if bad_in_a_row >= 10:
+                raise ValueError(f"step {step + 1}: 10 steps in a row had non-finite losses; stopping (try a lower --lr or --mixed-precision no)")
+        else:
+            bad_in_a_row = 0
+            scaler.unscale_(optimizer)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema, params):
+                        e.mul_(cfg.ema_decay).add_(p.detach().float(), alpha=1 - cfg.ema_decay)
+        step += 1
+        last_loss = mean_loss.item()
+        dt = time.perf_counter() - t0
+        if vdist.is_main():
+            rec = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "t": [t.tolist() for t in all_t]}
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+            if writer is not None:
+                writer.add_scalar("loss", last_loss, step)
+                writer.add_scalar("lr", rec["lr"], step)
+            bar.set_postfix(loss=f"{last_loss:.4f}", s_per_step=f"{dt:.2f}", samples_per_s=f"{micro * cfg.grad_accum / dt:.1f}")
+            bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save_checkpoint(out, step, module, optimizer, scheduler, scaler, ema, cfg, strategy, mcfg)
+        if cfg.validation_prompts and ((cfg.validation_every and step % cfg.validation_every == 0) or step == cfg.steps):
+            _validate(cfg, step, transformer, schedule, default_sampler, cache, model_dir, device, mp_dtype, strategy)
+    bar.close()
+    if log_file is not None:
+        log_file.close()
+    _save_final(out, module, ema, params, cfg, strategy, model_dir, mcfg)
+    _log(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; last loss {last_loss:.4f}; outputs in {out}")
+    return {"step": step, "loss": last_loss}
+
+
+def _make_batch(cfg, plan, cache, items, k, rank, world, schedule, sampling, vae_sf, invert, mcfg, empty, device):
+    """This rank's part of global micro-batch ``k``; all randomness from (seed, k, sample index)."""
+    idx = plan.batch(k)
+    g_step = torch.Generator().manual_seed(_mix(cfg.seed, 1, k))
+    n, T = len(idx), schedule.num_timesteps
+    if sampling == "stratified":
+        t_all = stratified_timesteps(n, T, 0, 1, g_step)  # bands over the global batch; ranks slice
+    elif sampling == "logit_normal":
+        t_all = (logit_normal_sigmas(n, generator=g_step) * T).long().clamp(max=T - 1)
+    else:
+        t_all = uniform_timesteps(n, T, g_step)
+    lo, hi = rank * cfg.batch_size, (rank + 1) * cfg.batch_size
+    x0s, noises, ctxs, concats = [], [], [], []
+    for gi in range(lo, hi):
+        item = items[idx[gi]]
+        g = torch.Generator().manual_seed(_mix(cfg.seed, 2, k, gi))
+        flip = cfg.hflip > 0 and torch.rand((), generator=g).item() < cfg.hflip
+        drop = torch.rand((), generator=g).item() < cfg.caption_dropout
+        tensors = cache.load_latents(item)
+        moments = tensors["moments_flip" if flip else "moments"].float()
+        x0 = _sample_posterior(moments, g) * vae_sf
+        pt = mcfg.patch_size_t or 1
+        if x0.shape[1] % pt:  # CogVideoX 1.5: pad with a copy of the first latent frame
+            x0 = torch.cat([x0[:, :1].expand(-1, pt - x0.shape[1] % pt, -1, -1), x0], dim=1)
+        x0s.append(x0)
+        noises.append(torch.randn(x0.shape, generator=g))
+        ctxs.append(empty if drop else cache.text(item["caption"]).to(device))
+        if "image_moments" in tensors:
+            img = _sample_posterior(tensors["image_moments_flip" if flip else "image_moments"].float(), g)
+            img = img * ((1 / vae_sf) if invert else vae_sf)
+            concats.append(torch.cat([img, img.new_zeros(img.shape[0], x0.shape[1] - 1, *img.shape[2:])], dim=1))
+    t = t_all[lo:hi]
+    batch = {
+        "x0": torch.stack(x0s).to(device),
+        "noise": torch.stack(noises).to(device),
+        "sigma": schedule.sigma(t.double()).to(device),
+        "cond": {"context": torch.stack(ctxs).to(device, torch.float32)},
+    }
+    if concats:
+        batch["cond"]["concat"] = torch.stack(concats).to(device)
+    return batch, t_all
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _sample_posterior(moments: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    mean, logvar = moments.chunk(2, dim=0)
+    return mean + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * torch.randn(mean.shape, generator=g)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _trainable_state(module: TrainModule, strategy: str, world: int) -> dict[str, torch.Tensor]:
+    """Full trainable weights on rank 0 (a collective under FSDP2)."""
+    if world > 1 and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = module.state_dict()
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in sd.items() if k in names}
+
+
+def _optimizer_state(module, optimizer, strategy, world) -> dict:
+    if world > 1 and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _save_checkpoint(out, step, module, optimizer, scheduler, scaler, ema, cfg, strategy, mcfg) -> None:
+    """Everything needed to continue exactly, written to ``step-N.tmp`` and renamed, by rank 0."""
+    world = vdist.world_size()
+    device = next(module.parameters()).device
+    weights = _trainable_state(module, strategy, world)
+    opt_state = _optimizer_state(module, optimizer, strategy, world)
+    rng = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(rng, _rng_state(device))
+    else:
+        rng = [_rng_state(device)]
+    if not vdist.is_main():
+        return
+    root = out / "checkpoints"
+    final = root / f"step-{step:07d}"
+    tmp = root / f"step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(opt_state, tmp / "optimizer.pt")
+    torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng}, tmp / "state.pt")
+    if ema is not None:
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        save_file({n: e.detach().cpu().contiguous() for n, e in zip(names, ema)}, str(tmp / "ema.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "micro_batches": step * cfg.grad_accum, "world_size": world, "full": cfg.full}))
+    (tmp / "config.toml").write_text(to_toml(cfg.to_dict()))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # atomic: a kill before this line leaves the previous checkpoint as the newest
+    for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_weights(module: TrainModule, ckpt: Path, cfg: TrainConfig, device) -> None:
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    if bool(state["full"]) != cfg.full:
+        raise ValueError(f"{ckpt}: a {'full' if state['full'] else 'LoRA'} checkpoint cannot resume a {'full' if cfg.full else 'LoRA'} run")
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    own = dict(module.named_parameters())
+    missing = [k for k, p in own.items() if p.requires_grad and k not in weights]
+    if missing or any(k not in own for k in weights):
+        raise ValueError(f"{ckpt}: its trainable weights do not fit this run (e.g. {missing[:2]}); was the LoRA rank or target set changed?")
+    with torch.no_grad():
+        for k, v in weights.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
+def _load_training_state(ckpt, module, optimizer, scheduler, scaler, ema, strategy, world) -> int:
+    state = json.loads((ckpt / "state.json").read_text())
+    opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    if world > 1 and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, opt, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(opt)
+    rest = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    scheduler.load_state_dict(rest["scheduler"])
+    scaler.load_state_dict(rest["scaler"])
+    rng = rest["rng"]
+    mine = rng[vdist.rank()] if vdist.rank() < len(rng) else rng[0]
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
+    if ema is not None and (ckpt / "ema.safetensors").exists():
+        from safetensors.torch import load_file
+
+        saved = load_file(str(ckpt / "ema.safetensors"))
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        for e, n in zip(ema, names):
+            e.copy_(saved[n])
+    return int(state["step"])
+
+
+def _save_final(out, module, ema, params, cfg, strategy, model_dir, mcfg) -> None:
+    world = vdist.world_size()
+    weights = _trainable_state(module, strategy, world)
+    ema_weights = None
+    if ema is not None:
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        ema_weights = dict(zip(names, ema))
+    if not vdist.is_main():
+        return
+    base = preset_name(mcfg) or str(model_dir)
+    if cfg.full:
+        # the layout it was loaded from, in the dtype of the original weights
+        from ..checkpoint import weight_files
+
+        src = weight_files(model_dir / "transformer")[0]
+        from safetensors import safe_open
+
+        with safe_open(str(src), "pt") as f:
+            dtype = f.get_tensor(next(iter(f.keys()))).dtype
+        for name, w in (("transformer", weights), ("transformer_ema", ema_weights)):
+            if w is None:
+                continue
+            sd = {k.removeprefix("transformer."): v for k, v in w.items()}
+            full_sd = {**module.transformer.state_dict(), **sd}
+            save_transformer(module.transformer, out / name, dtype=dtype, state_dict=full_sd)
+        return
+    for name, w in (("lora.safetensors", weights), ("lora_ema.safetensors", ema_weights)):
+        if w is not None:
+            save_lora(module.lora, out / name, base_model=base, state={k.removeprefix("lora."): v for k, v in w.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+@torch.no_grad()
+def _validate(cfg, step, transformer, schedule, sampler, cache, model_dir, device, mp_dtype, strategy) -> None:
+    """Sample the validation prompts with the project's pipeline; rank 0 writes the mp4s. Under
+    DDP the prompts are shared out among ranks; under FSDP2 every rank runs all of them in step."""
+    from ..vae.cogvideox_vae import load_vae
+    from ..video_io import write_video
+
+    rank, world = vdist.rank(), vdist.world_size()
+    prompts = list(cfg.validation_prompts)
+    mine = list(range(len(prompts))) if (strategy == "fsdp" and world > 1) else list(range(rank, len(prompts), world))
+    was_training = transformer.training
+    transformer.eval()
+    pipe = CogVideoXPipeline(transformer=transformer, vae=None, text_encoder=None, schedule=schedule, sampler=sampler)
+    mcfg = transformer.config
+    frames, h, w = cfg.frames or mcfg.sample_frames, cfg.height or mcfg.sample_height * 8, cfg.width or mcfg.sample_width * 8
+    t, t_pad = pipe.latent_frames(frames)
+    results = {}
+    empty = cache.text("").to(device)[None]
+    for i in mine:
+        shape = (1, mcfg.out_channels, t_pad, h // 8, w // 8)
+        source = SeededNoise(cfg.seed + i, shape, device=device, permute=(1, 0, 2, 3))
+        with _autocast(device, mp_dtype):
+            lat = pipe.sample(cache.text(prompts[i]).to(device)[None], empty, source(), steps=cfg.validation_steps,
+                              cfg=cfg.validation_cfg, noise_source=source, progress=False)
+        results[i] = lat[:, :, t_pad - t :].cpu()
+    if world > 1 and strategy != "fsdp":
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = {k: v for part in gathered for k, v in part.items()}
+    if was_training:
+        transformer.train()
+    if not vdist.is_main():
+        return
+    vae = load_vae(model_dir / "vae", device=device)
+    folder = Path(cfg.output) / "validation" / f"step-{step:07d}"
+    for i, lat in sorted(results.items()):
+        video = vae.decode(lat.to(device))[0]
+        frames_ = (video.float().cpu() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
+        slug = re.sub(r"[^a-z0-9]+", "-", prompts[i].lower()).strip("-")[:40]
+        write_video(folder / f"{i:02d}-{slug}.mp4", frames_, fps=16 if mcfg.is_v15 else 8)
+    del vae
+    _log(f"step {step}: validation videos in {folder}")
+
+
+__all__ = ["main", "run", "TrainModule", "BatchPlan"]
