@@ -209,10 +209,23 @@ def test_vae_chunked_decode_with_explicit_cache_equals_one_call(vae_saved):
         whole = vae.decode(latents)
         cache, parts = {}, []
         for a, b in [(0, 3), (3, 5), (5, 7)]:  # the release's chunking, driven by hand
-            x, cache = vae.decoder(z[:, :, a:b], cache)
+            x, cache = vae.decoder(z[:, :, a:b], cache, first=a == 0)
             parts.append(x)
     assert torch.equal(torch.cat(parts, dim=2), whole)
     assert not any(isinstance(v, torch.Tensor) for v in vars(vae.decoder.conv_in).values())  # no hidden state
+
+
+def test_vae_round_trip_keeps_every_4k_plus_1_frame_count(vae_saved):
+    """Even latent counts (13 frames -> 4 latents) decode to 13 frames too (the reference's
+    parity rule gives 16); odd ones are unchanged (checked against diffusers above)."""
+    _, folder = vae_saved
+    vae = load_vae(folder)
+    with torch.no_grad():
+        for frames in (1, 5, 9, 13, 17, 21):
+            video = torch.rand(1, 3, frames, 32, 48) * 2 - 1
+            z = vae.encode(video)
+            assert z.shape[2] == (frames - 1) // 4 + 1
+            assert vae.decode(z).shape[2] == frames
 
 
 def test_vae_sat_checkpoint_and_scaling(vae_saved, tmp_path):
@@ -243,7 +256,7 @@ PIPELINE_CASES = [
     ("5b-i2v", "ddim", 9),
     ("5b-i2v", "dpm", 9),
     ("1.5", "dpm", 9),
-    ("1.5", "ddim", 13),
+    ("1.5", "ddim", 17),
     ("1.5-i2v", "ddim", 9),
 ]
 
@@ -387,6 +400,7 @@ def test_bad_sizes_name_valid_neighbours(tmp_path):
     with pytest.raises(ValueError, match=r"height=40: must be a positive multiple of 16; nearest valid: 32 or 48"):
         pipe(prompt="x", num_frames=9, height=40, width=48)
     with pytest.warns(UserWarning, match="trained on 8N\\+1"):
-        pipe(prompt="x", num_frames=13, height=32, width=48, steps=1, progress=False)
+        frames = pipe(prompt="x", num_frames=13, height=32, width=48, steps=1, progress=False)
+    assert frames.shape[0] == 13  # 4 latents decode to the 13 frames asked for (diffusers gives 16)
     with pytest.raises(ValueError, match="image-to-video"):
         pipe(prompt="x", num_frames=9, height=32, width=48, image=_image())

@@ -93,9 +93,9 @@ class SpatialNorm3D(nn.Module):
         self.conv_y = CausalConv3d(zq_channels, channels, 1)
         self.conv_b = CausalConv3d(zq_channels, channels, 1)
 
-    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        # the first frame of an odd-length chunk stands alone (causal VAE); resize z separately
-        if f.shape[2] > 1 and f.shape[2] % 2 == 1:
+    def forward(self, f: torch.Tensor, zq: torch.Tensor, first: bool = True) -> torch.Tensor:
+        # in a video's first chunk the first frame stands alone (causal VAE): resize z separately
+        if first and f.shape[2] > 1:
             z_first = F.interpolate(zq[:, :, :1], size=f[:, :, :1].shape[-3:])
             z_rest = F.interpolate(zq[:, :, 1:], size=f[:, :, 1:].shape[-3:])
             zq = torch.cat([z_first, z_rest], dim=2)
@@ -118,14 +118,14 @@ class ResnetBlock3D(nn.Module):
         self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
         self.spatial = zq_channels is not None
 
-    def _norm(self, norm, x, zq):
-        return norm(x, zq) if self.spatial else norm(x)
+    def _norm(self, norm, x, zq, first):
+        return norm(x, zq, first) if self.spatial else norm(x)
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: Cache) -> tuple[torch.Tensor, Cache]:
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: Cache, first: bool = True) -> tuple[torch.Tensor, Cache]:
         new = {}
-        h = F.silu(self._norm(self.norm1, x, zq))
+        h = F.silu(self._norm(self.norm1, x, zq, first))
         h, new["conv1"] = self.conv1(h, cache.get("conv1"))
-        h = F.silu(self._norm(self.norm2, h, zq))
+        h = F.silu(self._norm(self.norm2, h, zq, first))
         h, new["conv2"] = self.conv2(h, cache.get("conv2"))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -155,24 +155,27 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Double H and W (nearest + conv); with ``compress_time`` also double time, except the first
-    frame of an odd-length chunk."""
+    frame of a video's first chunk.
+
+    The reference decides "first chunk" from an odd chunk length, which agrees for the odd latent
+    counts of 8N+1-frame videos; an even count (13 frames -> 4 latents) then decoded to 4T
+    frames. The explicit flag gives 4(T-1)+1 frames for every 4k+1-frame video."""
 
     def __init__(self, channels: int, compress_time: bool):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=1, padding=1)
         self.compress_time = compress_time
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, first: bool = True) -> torch.Tensor:
         b, c, t, h, w = x.shape
         if self.compress_time:
-            if t > 1 and t % 2 == 1:
-                first = F.interpolate(x[:, :, 0], scale_factor=2.0)[:, :, None]
-                rest = F.interpolate(x[:, :, 1:], scale_factor=2.0)
-                x = torch.cat([first, rest], dim=2)
-            elif t > 1:
-                x = F.interpolate(x, scale_factor=2.0)
+            head = F.interpolate(x[:, :, 0], scale_factor=2.0)[:, :, None]  # spatial only
+            if first and t == 1:
+                x = head
+            elif first:
+                x = torch.cat([head, F.interpolate(x[:, :, 1:], scale_factor=2.0)], dim=2)
             else:
-                x = F.interpolate(x[:, :, 0], scale_factor=2.0)[:, :, None]
+                x = F.interpolate(x, scale_factor=2.0)
         else:
             x = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=2.0)
             x = x.reshape(b, t, c, 2 * h, 2 * w).transpose(1, 2)
@@ -191,11 +194,13 @@ class _Stage(nn.Module):
             setattr(self, kind, nn.ModuleList([sampler]))
         self.kind = kind if sampler is not None else None
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: Cache) -> tuple[torch.Tensor, Cache]:
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: Cache, first: bool = True) -> tuple[torch.Tensor, Cache]:
         new = {}
         for i, r in enumerate(self.resnets):
-            x, new[f"resnet_{i}"] = r(x, zq, cache.get(f"resnet_{i}", {}))
-        if self.kind is not None:
+            x, new[f"resnet_{i}"] = r(x, zq, cache.get(f"resnet_{i}", {}), first)
+        if self.kind == "upsamplers":
+            x = self.upsamplers[0](x, first)
+        elif self.kind is not None:
             x = getattr(self, self.kind)[0](x)
         return x, new
 
@@ -246,14 +251,14 @@ class Decoder(nn.Module):
         self.norm_out = SpatialNorm3D(ch[-1], zc, g)
         self.conv_out = CausalConv3d(ch[-1], cfg.out_channels, 3)
 
-    def forward(self, z: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
-        # z: [B, C, T', h, w] -> [B, 3, T, 8h, 8w]
+    def forward(self, z: torch.Tensor, cache: Cache, first: bool = True) -> tuple[torch.Tensor, Cache]:
+        # z: [B, C, T', h, w] -> [B, 3, T, 8h, 8w]; ``first``: this chunk starts the video
         new = {}
         x, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
-        x, new["mid"] = self.mid_block(x, z, cache.get("mid", {}))
+        x, new["mid"] = self.mid_block(x, z, cache.get("mid", {}), first)
         for i, blk in enumerate(self.up_blocks):
-            x, new[f"up_{i}"] = blk(x, z, cache.get(f"up_{i}", {}))
-        x = F.silu(self.norm_out(x, z))
+            x, new[f"up_{i}"] = blk(x, z, cache.get(f"up_{i}", {}), first)
+        x = F.silu(self.norm_out(x, z, first))
         x, new["conv_out"] = self.conv_out(x, cache.get("conv_out"))
         return x, new
 
@@ -401,7 +406,7 @@ class CogVideoXVAE(nn.Module):
             zz = z[:, :, a:b].to(self.dtype)
             if self.post_quant_conv is not None:
                 zz = self.post_quant_conv(zz)
-            x, cache = self.decoder(zz, cache)
+            x, cache = self.decoder(zz, cache, first=a == 0)
             out.append(x.to(output_device) if output_device is not None else x)
         return torch.cat(out, dim=2)
 
