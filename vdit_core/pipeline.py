@@ -385,11 +385,14 @@ def load_pipeline(
             raise CheckpointError(f"{sched_cfg_path}: CogVideoX is v-prediction, the config says {raw.get('prediction_type')!r}")
     else:
         schedule_config, sampler = default_schedule(transformer.config), "ddim"
+    defaults = index.get("_vdit_defaults", {})  # sampling defaults a model folder may carry
     return CogVideoXPipeline(
         transformer=transformer,
         vae=vae,
         text_encoder=text_encoder,
         schedule=DiscreteSchedule.from_config(schedule_config),
-        sampler=sampler,
+        sampler=defaults.get("sampler", sampler),
+        steps=int(defaults.get("steps", 50)),
+        cfg=float(defaults.get("cfg", 6.0)),
         name=path.name,
     )

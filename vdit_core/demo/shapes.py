@@ -68,24 +68,23 @@ def train_combos(seed: int = 0) -> list[Combo]:
     return [c for c in ALL_COMBOS if c not in held]
 
 
-def _mask(shape: str, cx: float, cy: float, r: float, size: int, ss: int = 4) -> torch.Tensor:
-    """Anti-aliased coverage [size, size] of a shape centred at (cx, cy) with half-size r."""
+def _mask(shape: str, cx: torch.Tensor, cy: torch.Tensor, r: float, size: int, ss: int = 4) -> torch.Tensor:
+    """Anti-aliased coverage [F, size, size] of a shape centred at (cx[t], cy[t]), half-size r."""
     n = size * ss
     coords = (torch.arange(n, dtype=torch.float32) + 0.5) / ss
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
-    dx, dy = x - cx, y - cy
+    dx = coords[None, None, :] - cx[:, None, None]  # [F, 1, n]
+    dy = coords[None, :, None] - cy[:, None, None]  # [F, n, 1]
     if shape == "circle":
         m = dx * dx + dy * dy <= r * r
     elif shape == "square":
         s = r * 0.9
         m = (dx.abs() <= s) & (dy.abs() <= s)
     elif shape == "triangle":  # pointing up, base at the bottom of the r-box
-        h = 2 * r
-        rel = (dy + r) / h  # 0 at the apex row, 1 at the base
+        rel = (dy + r) / (2 * r)  # 0 at the apex row, 1 at the base
         m = (rel >= 0) & (rel <= 1) & (dx.abs() <= rel * r)
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    return F.avg_pool2d(m.float()[None, None], ss)[0, 0]
+    return F.avg_pool2d(m.float()[:, None], ss)[:, 0]
 
 
 def render(combo: Combo, rng: random.Random, frames: int = FRAMES, size: int = SIZE) -> torch.Tensor:
@@ -101,11 +100,9 @@ def render(combo: Combo, rng: random.Random, frames: int = FRAMES, size: int = S
     gain = rng.uniform(0.9, 1.05)
     colour = torch.tensor([min(1.0, v * gain) for v in COLOURS[combo.colour]])
     bg = torch.tensor(BACKGROUND)
-    out = torch.empty(frames, size, size, 3)
-    for t in range(frames):
-        m = _mask(combo.shape, x0 + dx * speed * t, y0 + dy * speed * t, r, size)[..., None]
-        out[t] = bg * (1 - m) + colour * m
-    return out
+    t = torch.arange(frames, dtype=torch.float32)
+    m = _mask(combo.shape, x0 + dx * speed * t, y0 + dy * speed * t, r, size)[..., None]  # [F, H, W, 1]
+    return bg * (1 - m) + colour * m
 
 
 def write_dataset(out: str | Path, seed: int = 0, clips_per_combo: int = 16, combos: list[Combo] | None = None) -> list[Path]:

@@ -1,0 +1,104 @@
+"""Training the demo's CogVideoX-architecture VAE from scratch.
+
+Reconstruction (L1 + MSE) plus a small KL term, on random 9-frame windows and spatial crops of
+the training clips (the VAE is convolutional and causal, so windows and crops teach it the whole
+clip). The scaling factor is set afterwards to 1 / std of the encoded latents, as latent
+diffusion models do.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import trange
+
+from ..vae.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig
+
+DEMO_VAE = CogVideoXVAEConfig(
+    block_out_channels=(16, 32, 32, 32),
+    latent_channels=8,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_height=64,
+    sample_width=64,
+    scaling_factor=1.0,  # set from the data after training
+)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two videos in [0, 1]."""
+    mse = F.mse_loss(a.float(), b.float()).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def train_vae(
+    clips: torch.Tensor,
+    config: CogVideoXVAEConfig = DEMO_VAE,
+    steps: int = 1200,
+    batch: int = 8,
+    lr: float = 1e-3,
+    window: int = 9,
+    crop: int = 32,
+    kl_weight: float = 1e-5,
+    seed: int = 0,
+    log=print,
+) -> CogVideoXVAE:
+    """Train a VAE on ``clips`` [N, F, H, W, 3] uint8; returns it in eval mode, scaled."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vae = CogVideoXVAE(config)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    n, f, h, w, _ = clips.shape
+    t0 = time.perf_counter()
+    bar = trange(steps, desc="training the VAE", dynamic_ncols=True)
+    for step in bar:
+        xs = []
+        for _ in range(batch):
+            i = rng.randrange(n)
+            s = rng.randrange(f - window + 1)
+            y, x = rng.randrange(h - crop + 1), rng.randrange(w - crop + 1)
+            xs.append(clips[i, s : s + window, y : y + crop, x : x + crop])
+        video = torch.stack(xs).float().div(255).permute(0, 4, 1, 2, 3) * 2 - 1  # [B, 3, F, H, W]
+        mean, logvar = vae.encode_moments(video).chunk(2, dim=1)
+        logvar = logvar.clamp(-30, 20)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        rec = vae.decode(z * config.scaling_factor)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = (rec - video).abs().mean() + (rec - video).pow(2).mean() + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
+    vae.eval()
+    # the scaling factor: unit variance latents for the diffusion model
+    with torch.no_grad():
+        sample = clips[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, 64)]]
+        video = sample.float().div(255).permute(0, 4, 1, 2, 3) * 2 - 1
+        means = torch.cat([vae.encode_moments(v[None]).chunk(2, dim=1)[0] for v in video])
+        std = means.std().item()
+    from dataclasses import replace
+
+    scaled = CogVideoXVAE(replace(config, scaling_factor=1.0 / std))
+    scaled.load_state_dict(vae.state_dict())
+    log(f"VAE: {steps} steps in {time.perf_counter() - t0:.0f} s; latent std {std:.3f} -> scaling factor {1 / std:.4f}")
+    return scaled.eval()
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: CogVideoXVAE, clips: torch.Tensor) -> float:
+    """Mean PSNR of encoding and decoding whole clips [N, F, H, W, 3] (uint8 or [0, 1])."""
+    values = []
+    for clip in clips:
+        x = clip.float() / (255.0 if clip.dtype == torch.uint8 else 1.0)
+        video = x.permute(3, 0, 1, 2)[None] * 2 - 1
+        rec = vae.decode(vae.encode(video))[0].permute(1, 2, 3, 0)
+        values.append(psnr((rec / 2 + 0.5).clamp(0, 1), x))
+    return sum(values) / len(values)
