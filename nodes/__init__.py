@@ -1,4 +1,37 @@
-"""ComfyUI nodes: thin adapters over vdit_core's public API."""
+"""ComfyUI nodes: thin adapters over vdit_core's public API (no model maths here)."""
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from . import comfy
+from .loaders import VDITModelLoader, VDITTextEncoderLoader, VDITVAELoader
+from .lora import VDITLoraApply
+from .sampling import VDITEmptyLatent, VDITSampler
+from .text import VDITTextEncode
+from .vae import VDITVAEDecode, VDITVAEEncode
+from .video import VDITSaveVideo
+
+comfy.register_folders()
+
+NODE_CLASS_MAPPINGS = {
+    "VDITModelLoader": VDITModelLoader,
+    "VDITTextEncoderLoader": VDITTextEncoderLoader,
+    "VDITVAELoader": VDITVAELoader,
+    "VDITTextEncode": VDITTextEncode,
+    "VDITEmptyLatent": VDITEmptyLatent,
+    "VDITSampler": VDITSampler,
+    "VDITVAEEncode": VDITVAEEncode,
+    "VDITVAEDecode": VDITVAEDecode,
+    "VDITLoraApply": VDITLoraApply,
+    "VDITSaveVideo": VDITSaveVideo,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "VDITModelLoader": "VDIT Model Loader",
+    "VDITTextEncoderLoader": "VDIT Text Encoder Loader",
+    "VDITVAELoader": "VDIT VAE Loader",
+    "VDITTextEncode": "VDIT Text Encode",
+    "VDITEmptyLatent": "VDIT Empty Latent",
+    "VDITSampler": "VDIT Sampler",
+    "VDITVAEEncode": "VDIT VAE Encode",
+    "VDITVAEDecode": "VDIT VAE Decode",
+    "VDITLoraApply": "VDIT LoRA Apply",
+    "VDITSaveVideo": "VDIT Save Video",
+}

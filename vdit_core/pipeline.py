@@ -198,9 +198,10 @@ class CogVideoXPipeline:
         """The model as a denoiser ``d(x, sigma, context=..., concat=...) -> x0``."""
         return VPrediction(self._net, self.schedule)
 
-    def sigmas(self, steps: int, denoise: float = 1.0) -> torch.Tensor:
-        """The run's sigmas; ``denoise < 1`` keeps the last ``int(steps * denoise)`` steps."""
-        sigmas = self.schedule.get_sigmas(steps)
+    def sigmas(self, steps: int, denoise: float = 1.0, spacing: str | None = None) -> torch.Tensor:
+        """The run's sigmas; ``denoise < 1`` keeps the last ``int(steps * denoise)`` steps.
+        ``spacing``: a timestep or sigma spacing (default: the scheduler config's)."""
+        sigmas = self.schedule.get_sigmas(steps, spacing)
         if denoise < 1.0:
             kept = min(int(steps * denoise), steps)
             sigmas = sigmas[steps - kept :]
@@ -221,6 +222,7 @@ class CogVideoXPipeline:
         dynamic_cfg: bool = False,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
+        spacing: str | None = None,
     ) -> torch.Tensor:
         """Latents [B, C, T, h, w] from standard-normal ``noise`` of that shape.
 
@@ -234,7 +236,7 @@ class CogVideoXPipeline:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
         if not 0.0 < denoise <= 1.0:
             raise ValueError(f"denoise must be in (0, 1], got {denoise}")
-        sigmas = self.sigmas(steps, denoise)
+        sigmas = self.sigmas(steps, denoise, spacing)
         model = self.denoiser()
         if denoise < 1.0:
             if init_latents is None:
@@ -350,10 +352,11 @@ def load_pipeline(
 
     The sampler defaults come from the shipped scheduler config.
     """
+    name = None
     if path is None:
         from .demo import demo_model_path
 
-        path = demo_model_path()
+        path, name = demo_model_path(), "vdit-demo"
     path = Path(path)
     device = torch.device(device or _default_device())
     dtype = parse_dtype(dtype)
@@ -364,8 +367,7 @@ def load_pipeline(
             f"{path}: load_pipeline needs a model folder (model_index.json, transformer/, vae/, ...); "
             "for a single transformer or VAE file use vdit_core.load_transformer / load_vae"
         )
-    index = read_json(path / "model_index.json")
-    cls = index.get("_class_name", "")
+    cls = read_json(path / "model_index.json").get("_class_name", "")
     if cls not in PIPELINE_CLASSES:
         raise CheckpointError(f"{path}: model_index.json describes a {cls or 'unknown'} pipeline; expected one of {PIPELINE_CLASSES}")
     transformer = load_transformer(path / "transformer", dtype=dtype, device=device)
@@ -376,23 +378,27 @@ def load_pipeline(
         path / "text_encoder", path / "tokenizer", dtype=te_dtype, device=device,
         max_length=transformer.config.max_text_seq_length,
     )
-    sched_cfg_path = path / "scheduler" / "scheduler_config.json"
-    if sched_cfg_path.exists():
+    return CogVideoXPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, name=name or path.name,
+                             **sampling_defaults(path, transformer.config))
+
+
+def sampling_defaults(folder: Path | None, config: CogVideoXConfig) -> dict:
+    """Schedule, sampler, steps and cfg of a model: from the folder's scheduler config (and the
+    ``_vdit_defaults`` a model_index.json may carry), else the release's defaults."""
+    sched_cfg_path = folder / "scheduler" / "scheduler_config.json" if folder else None
+    if sched_cfg_path is not None and sched_cfg_path.exists():
         raw = read_json(sched_cfg_path)
         schedule_config = DiscreteScheduleConfig.from_diffusers(raw)
         sampler = SCHEDULER_SAMPLERS.get(raw.get("_class_name", ""), "ddim")
         if raw.get("prediction_type", "v_prediction") != "v_prediction":
             raise CheckpointError(f"{sched_cfg_path}: CogVideoX is v-prediction, the config says {raw.get('prediction_type')!r}")
     else:
-        schedule_config, sampler = default_schedule(transformer.config), "ddim"
-    defaults = index.get("_vdit_defaults", {})  # sampling defaults a model folder may carry
-    return CogVideoXPipeline(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        schedule=DiscreteSchedule.from_config(schedule_config),
-        sampler=defaults.get("sampler", sampler),
-        steps=int(defaults.get("steps", 50)),
-        cfg=float(defaults.get("cfg", 6.0)),
-        name=path.name,
-    )
+        schedule_config, sampler = default_schedule(config), "ddim"
+    index_path = folder / "model_index.json" if folder else None
+    extra = read_json(index_path).get("_vdit_defaults", {}) if index_path is not None and index_path.exists() else {}
+    return {
+        "schedule": DiscreteSchedule.from_config(schedule_config),
+        "sampler": extra.get("sampler", sampler),
+        "steps": int(extra.get("steps", 50)),
+        "cfg": float(extra.get("cfg", 6.0)),
+    }

@@ -31,8 +31,8 @@ DEMO_TRANSFORMER = CogVideoXConfig(
     num_layers=6,
     num_attention_heads=4,
     attention_head_dim=32,
-    in_channels=8,
-    out_channels=8,
+    in_channels=16,
+    out_channels=16,
     text_embed_dim=64,
     time_embed_dim=128,
     use_rotary_positional_embeddings=True,
@@ -135,7 +135,7 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
     from .vae_train import DEMO_VAE, reconstruction_psnr, train_vae
 
     if not (model / "vae" / "config.json").exists():
-        vae = train_vae(load_clips(paths), DEMO_VAE, steps=60 if quick else 1200, seed=seed, log=log)
+        vae = train_vae(load_clips(paths), DEMO_VAE, steps=60 if quick else 1500, seed=seed, log=log)
         (model / "vae").mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 

@@ -4,7 +4,8 @@
 * shape: how much of its bounding box the object fills (square ~1, circle ~pi/4, triangle ~1/2);
 * motion: the sign of the larger axis of the centroid track's least-squares slope.
 
-The object is every pixel that differs clearly from the background (the frame's median colour).
+The object is every pixel that differs from the background (the clip's median colour) by at least
+half of the largest difference in the clip: the half-maximum boundary, which blur hardly moves.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ class Analysis:
         return {"colour": self.colour == combo.colour, "shape": self.shape == combo.shape, "motion": self.motion == combo.motion}
 
 
-def analyse(frames: torch.Tensor, threshold: float = 0.25, min_area: int = 6) -> Analysis:
-    """Measure a clip [F, H, W, 3] in [0, 1]."""
+def analyse(frames: torch.Tensor, min_contrast: float = 0.2, min_area: int = 6) -> Analysis:
+    """Measure a clip [F, H, W, 3] in [0, 1]. Nothing is claimed for a clip whose largest
+    difference from the background is below ``min_contrast``."""
     frames = frames.float()
     bg = frames.reshape(-1, 3).median(dim=0).values
     diff = (frames - bg).abs().amax(-1)  # [F, H, W]
-    mask = diff > threshold
+    peak = float(diff.max())
+    if peak < min_contrast:
+        return Analysis(None, None, None)
+    mask = diff >= 0.5 * peak
     visible = [t for t in range(frames.shape[0]) if mask[t].sum() >= min_area]
     if len(visible) < 2:
         return Analysis(None, None, None, visible_frames=len(visible))

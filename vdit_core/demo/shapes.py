@@ -89,8 +89,8 @@ def _mask(shape: str, cx: torch.Tensor, cy: torch.Tensor, r: float, size: int, s
 
 def render(combo: Combo, rng: random.Random, frames: int = FRAMES, size: int = SIZE) -> torch.Tensor:
     """One clip [F, H, W, 3] in [0, 1] with a random size, speed, start and brightness."""
-    r = rng.uniform(7.0, 10.0)
-    speed = rng.uniform(1.2, 2.0)
+    r = rng.uniform(10.0, 13.0)  # large enough to span several latent cells (the VAE is 8x)
+    speed = rng.uniform(1.0, 1.5)
     dx, dy = MOTIONS[combo.motion]
     travel = speed * (frames - 1)
     margin = r + 2

@@ -463,7 +463,7 @@ def preset_name(cfg: CogVideoXConfig) -> str | None:
 
 def load_transformer(
     path,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device="cpu",
     config: CogVideoXConfig | None = None,
 ) -> CogVideoXTransformer:

@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 from ..checkpoint import CheckpointError, parse_dtype, read_json
 from ..lora import LoRASet, inject_lora, save_lora
 from ..models.cogvideox import CogVideoXTransformer, load_transformer, preset_name, save_transformer
-from ..pipeline import SCHEDULER_SAMPLERS, CogVideoXPipeline, default_schedule
+from ..pipeline import CogVideoXPipeline, sampling_defaults
 from ..prediction import VPrediction
 from ..sampling import SeededNoise
-from ..schedules import DiscreteSchedule, DiscreteScheduleConfig
 from ..timesteps import logit_normal_sigmas, stratified_timesteps, uniform_timesteps
 from . import dist as vdist
 from .cache import CacheSpec, LatentCache, bucket_of
@@ -121,14 +120,6 @@ def _mixed_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | No
     return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
 
 
-def _schedule(model_dir: Path, transformer: CogVideoXTransformer) -> tuple[DiscreteSchedule, str]:
-    path = model_dir / "scheduler" / "scheduler_config.json"
-    if path.exists():
-        raw = read_json(path)
-        return DiscreteSchedule.from_config(DiscreteScheduleConfig.from_diffusers(raw)), SCHEDULER_SAMPLERS.get(raw.get("_class_name", ""), "ddim")
-    return DiscreteSchedule.from_config(default_schedule(transformer.config)), "ddim"
-
-
 def _checkpoints(out: Path) -> list[Path]:
     root = out / "checkpoints"
     if not root.is_dir():
@@ -171,7 +162,8 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
     # -- model ------------------------------------------------------------------------------
     base_dtype = torch.float32 if cfg.full or mp_dtype is None else mp_dtype  # fp32 master weights when trained
     transformer = load_transformer(model_dir / "transformer", dtype=base_dtype, device=device)
-    schedule, default_sampler = _schedule(model_dir, transformer)
+    defaults = sampling_defaults(model_dir, transformer.config)
+    schedule, default_sampler = defaults["schedule"], defaults["sampler"]
     mcfg = transformer.config
     frames = cfg.frames or mcfg.sample_frames
     height, width = cfg.height or mcfg.sample_height * 8, cfg.width or mcfg.sample_width * 8

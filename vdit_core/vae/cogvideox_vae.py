@@ -348,6 +348,10 @@ class CogVideoXVAE(nn.Module):
     def device(self) -> torch.device:
         return self.encoder.conv_in.conv.weight.device
 
+    @device.setter
+    def device(self, value) -> None:
+        """Ignored: the weights say where the model is (ComfyUI's model manager assigns this)."""
+
     def default_tiling(self) -> Tiling:
         return Tiling(self.config.sample_height // 2, self.config.sample_width // 2)
 
@@ -511,13 +515,15 @@ def infer_config(sd: dict[str, torch.Tensor], base: CogVideoXVAEConfig | None = 
 
 def load_vae(
     path,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device="cpu",
     config: CogVideoXVAEConfig | None = None,
+    base: CogVideoXVAEConfig | None = None,
 ) -> CogVideoXVAE:
     """A CogVideoX VAE from a diffusers folder, a single safetensors file (diffusers names) or
-    the official SAT ``3d-vae.pt``. Without a config.json the scaling factor defaults to the 5B
-    family's (0.7); pass ``config`` for the 2B VAE (1.15258426)."""
+    the official SAT ``3d-vae.pt``. Without a config.json the architecture is read off the
+    weights and the scaling factor comes from ``base`` (default: the 5B family's 0.7; the 2B
+    VAE's is 1.15258426, ``PRESETS["cogvideox-2b"]``)."""
     from pathlib import Path
 
     from ..checkpoint import CheckpointError, assign_state_dict, build_on_meta, describe, load_state_dict, read_json
@@ -532,6 +538,6 @@ def load_vae(
         if path.is_dir() and (path / "config.json").exists():
             config = CogVideoXVAEConfig.from_diffusers(read_json(path / "config.json"))
         else:
-            config = infer_config(sd)
+            config = infer_config(sd, base)
     model = build_on_meta(lambda: CogVideoXVAE(config))
     return assign_state_dict(model, sd, str(path), "a CogVideoX VAE").eval()

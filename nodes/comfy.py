@@ -1,0 +1,192 @@
+"""The only module that imports ComfyUI. Everything else in ``nodes/`` asks here for devices,
+model folders, progress, previews and interrupts, and gets plain fallbacks outside ComfyUI (so the
+node classes run in tests and scripts).
+
+Outside ComfyUI, model folders come from ``VDIT_MODELS_DIR`` (with ``diffusion_models/``,
+``text_encoders/``, ``vae/``, ``loras/``, ``vdit/`` inside) and outputs go to ``VDIT_OUTPUT_DIR``
+(default ``./output``); :func:`set_paths` overrides both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+try:  # inside ComfyUI
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+    import folder_paths
+
+    IN_COMFY = True
+except ImportError:  # a plain Python process
+    mm = None
+    folder_paths = None
+    IN_COMFY = False
+
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")
+_paths = {"models": os.environ.get("VDIT_MODELS_DIR", ""), "output": os.environ.get("VDIT_OUTPUT_DIR", "output")}
+
+
+def set_paths(models: str | Path | None = None, output: str | Path | None = None) -> None:
+    """Where model folders and outputs are, outside ComfyUI."""
+    if models is not None:
+        _paths["models"] = str(models)
+    if output is not None:
+        _paths["output"] = str(output)
+
+
+def register_folders() -> None:
+    """Register ``models/vdit`` (diffusers-format model folders) with ComfyUI."""
+    if IN_COMFY and "vdit" not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path("vdit", os.path.join(folder_paths.models_dir, "vdit"), is_default=True)
+
+
+def _dirs(kind: str) -> list[str]:
+    if IN_COMFY:
+        try:
+            return list(folder_paths.get_folder_paths(kind))
+        except KeyError:
+            return []
+    return [os.path.join(_paths["models"], kind)] if _paths["models"] else []
+
+
+def list_files(kind: str) -> list[str]:
+    """Weight files in a model folder kind (``diffusion_models``, ``text_encoders``, ``vae``, ``loras``)."""
+    if IN_COMFY:
+        return sorted(f for f in folder_paths.get_filename_list(kind) if f.lower().endswith(MODEL_EXTENSIONS))
+    out = []
+    for d in _dirs(kind):
+        if os.path.isdir(d):
+            for root, _, files in os.walk(d):
+                out += [os.path.relpath(os.path.join(root, f), d) for f in files if f.lower().endswith(MODEL_EXTENSIONS)]
+    return sorted(out)
+
+
+def list_model_folders() -> list[str]:
+    """Diffusers-format model folders under ``models/vdit`` (those with a model_index.json)."""
+    out = []
+    for d in _dirs("vdit"):
+        if os.path.isdir(d):
+            out += [name for name in os.listdir(d) if os.path.exists(os.path.join(d, name, "model_index.json"))]
+    return sorted(set(out))
+
+
+def full_path(kind: str, name: str) -> Path:
+    """The file or folder a combo entry names; a clear error when it is gone."""
+    for d in _dirs(kind):
+        p = Path(d) / name
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"{name!r} is not in any {kind} model folder ({', '.join(_dirs(kind)) or 'none configured'})")
+
+
+def output_dir() -> Path:
+    return Path(folder_paths.get_output_directory() if IN_COMFY else _paths["output"])
+
+
+def t5_tokenizer_dir() -> Path | None:
+    """ComfyUI's own T5 tokenizer files, when running inside ComfyUI."""
+    if not IN_COMFY:
+        return None
+    import comfy.text_encoders
+
+    p = Path(comfy.text_encoders.__file__).parent / "t5_tokenizer"
+    return p if p.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# devices and model management
+
+
+def _fallback_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def devices(role: str) -> tuple[torch.device, torch.device]:
+    """(load device, offload device) for ``role`` in {"diffusion", "text", "vae"}."""
+    if not IN_COMFY:
+        d = _fallback_device()
+        return d, d
+    if role == "text":
+        return mm.text_encoder_device(), mm.text_encoder_offload_device()
+    if role == "vae":
+        return mm.vae_device(), mm.vae_offload_device()
+    return mm.get_torch_device(), mm.unet_offload_device()
+
+
+def intermediate_device() -> torch.device:
+    return mm.intermediate_device() if IN_COMFY else torch.device("cpu")
+
+
+class Managed:
+    """A model under ComfyUI's memory management: loaded to its device on :meth:`load`, offloaded
+    when ComfyUI needs the memory or the user frees it. Outside ComfyUI: moved once, kept."""
+
+    def __init__(self, module: torch.nn.Module, role: str):
+        self.module = module
+        self.load_device, self.offload_device = devices(role)
+        self.patcher = comfy.model_patcher.ModelPatcher(module, self.load_device, self.offload_device) if IN_COMFY else None
+
+    def load(self) -> torch.device:
+        if self.patcher is not None:
+            # full load: our modules are plain torch ones, which ComfyUI cannot stream in low-VRAM mode
+            mm.load_models_gpu([self.patcher], force_full_load=True)
+        else:
+            self.module.to(self.load_device)
+        return self.load_device
+
+
+def free_cache() -> None:
+    if IN_COMFY:
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# progress, previews, interrupts
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed cancel."""
+    if IN_COMFY:
+        mm.throw_exception_if_processing_interrupted()
+
+
+def previews_enabled() -> bool:
+    if not IN_COMFY:
+        return False
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+
+        return args.preview_method != LatentPreviewMethod.NoPreviews
+    except (ImportError, AttributeError):
+        return False
+
+
+class Progress:
+    """ComfyUI's ProgressBar (which also checks for interrupts) or a tqdm bar."""
+
+    def __init__(self, total: int, desc: str = ""):
+        self.total = total
+        if IN_COMFY:
+            self.bar = comfy.utils.ProgressBar(total)
+            self.tqdm = None
+        else:
+            from tqdm.auto import tqdm
+
+            self.bar = None
+            self.tqdm = tqdm(total=total, desc=desc, leave=False)
+
+    def update(self, n: int = 1, preview=None) -> None:
+        if self.bar is not None:
+            self.bar.update_absolute(self.bar.current + n, self.total, ("JPEG", preview, 512) if preview is not None else None)
+        else:
+            self.tqdm.update(n)
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()

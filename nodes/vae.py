@@ -1,0 +1,99 @@
+"""VAE encode (IMAGE -> LATENT) and decode (LATENT -> IMAGE)."""
+
+from __future__ import annotations
+
+import torch
+
+from vdit_core.vae.cogvideox_vae import Tiling
+
+from . import comfy
+
+TILING = ["auto", "off", "on"]
+
+
+def _tiling(vae, mode: str, tile_height: int, tile_width: int) -> Tiling | None:
+    if mode == "off":
+        return None
+    default = vae.default_tiling()
+    return Tiling(tile_height or default.tile_height, tile_width or default.tile_width)
+
+
+def _tile_inputs():
+    return {
+        "tiling": (TILING, {"default": "auto", "tooltip": "auto: untiled, retried tiled if the GPU runs out of memory"}),
+        "tile_height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip": "0: half the model's trained height"}),
+        "tile_width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip": "0: half the model's trained width"}),
+    }
+
+
+def _run(fn, vae, mode, tile_height, tile_width):
+    """Run untiled (or tiled when asked); on out-of-memory, free memory and retry tiled."""
+    try:
+        return fn(_tiling(vae, mode, tile_height, tile_width) if mode == "on" else None)
+    except torch.OutOfMemoryError:
+        if mode != "auto":
+            raise
+        comfy.free_cache()
+        return fn(_tiling(vae, "on", tile_height, tile_width))
+
+
+class VDITVAEEncode:
+    """Frames (IMAGE [F, H, W, 3], F = 4k+1 or 1) -> latents; for image-to-video, encode one frame."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("VDIT_VAE",),
+            "pixels": ("IMAGE",),
+            "chunk_frames": ("INT", {"default": 8, "min": 4, "max": 256, "step": 4, "tooltip": "frames encoded at a time (memory)"}),
+            **_tile_inputs(),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+    CATEGORY = "vdit"
+
+    def encode(self, vae, pixels, chunk_frames, tiling, tile_height, tile_width):
+        f = pixels.shape[0]
+        if f != 1 and (f - 1) % 4:
+            lo = max(1, (f - 1) // 4 * 4 + 1)
+            raise ValueError(f"{f} frames: the VAE takes 1 or 4k+1 frames; trim or pad to {lo} or {lo + 4}")
+        device = vae.managed.load()
+        video = pixels.to(device, torch.float32).permute(3, 0, 1, 2)[None] * 2 - 1  # [1, 3, F, H, W]
+        with torch.no_grad():
+            z = _run(lambda t: vae.vae.encode(video, chunk_frames=chunk_frames, tiling=t), vae.vae, tiling, tile_height, tile_width)
+        info = {"scaling_factor": vae.vae.config.scaling_factor, "invert_scale_latents": vae.vae.config.invert_scale_latents}
+        return ({"samples": z.to(comfy.intermediate_device()), "vdit_vae": info, "vdit_frames": f},)
+
+
+class VDITVAEDecode:
+    """Latents -> frames (IMAGE [F, H, W, 3]), decoded chunk by chunk along time and moved off the
+    GPU as they are made, so long videos fit wherever one chunk does."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("VDIT_VAE",),
+            "samples": ("LATENT",),
+            "chunk_frames": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "latent frames decoded at a time (memory)"}),
+            **_tile_inputs(),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = "vdit"
+
+    def decode(self, vae, samples, chunk_frames, tiling, tile_height, tile_width):
+        z = samples["samples"]
+        if "vdit_frames" in samples:  # drop CogVideoX 1.5's padding frame, as the reference does
+            z = z[:, :, -((samples["vdit_frames"] - 1) // 4 + 1):]
+        device = vae.managed.load()
+        out_device = comfy.intermediate_device()
+        videos = []
+        with torch.no_grad():
+            for i in range(z.shape[0]):
+                zz = z[i : i + 1].to(device)
+                video = _run(lambda t: vae.vae.decode(zz, chunk_frames=chunk_frames, tiling=t, output_device=out_device),
+                             vae.vae, tiling, tile_height, tile_width)
+                videos.append((video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0))
+        return (torch.cat(videos).to(out_device),)

@@ -1,0 +1,38 @@
+"""Saving frames as a video in ComfyUI's output folder."""
+
+from __future__ import annotations
+
+from vdit_core.video_io import write_video
+
+from . import comfy
+
+FORMATS = ["mp4", "webm", "webp", "gif"]
+
+
+class VDITSaveVideo:
+    """IMAGE frames -> an mp4/webm/webp/gif in the output folder, shown in the UI."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE",),
+            "fps": ("FLOAT", {"default": 8.0, "min": 0.1, "max": 120.0, "step": 0.1}),
+            "filename_prefix": ("STRING", {"default": "vdit/video"}),
+            "format": (FORMATS, {"default": "mp4"}),
+        }}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "vdit"
+
+    def save(self, images, fps, filename_prefix, format):
+        out = comfy.output_dir()
+        sub, _, prefix = filename_prefix.rpartition("/")
+        folder = out / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        taken = {p.name for p in folder.glob(f"{prefix}_*")}
+        n = next(i for i in range(1, 10**6) if f"{prefix}_{i:05d}.{format}" not in taken)
+        name = f"{prefix}_{n:05d}.{format}"
+        write_video(folder / name, images, fps=fps)
+        return {"ui": {"images": [{"filename": name, "subfolder": sub, "type": "output"}], "animated": (True,)}}

@@ -1,0 +1,91 @@
+"""The bundled demo: the data generator, the evaluator, and the shipped weights."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from report import REPORT
+from vdit_core.demo import MODEL_DIR
+from vdit_core.demo.evaluate import Scores, analyse
+from vdit_core.demo.shapes import ALL_COMBOS, COLOURS, MOTIONS, SHAPES, held_out_combos, render, train_combos, write_dataset
+from vdit_core.video_io import read_video, write_video
+
+
+def test_held_out_combinations_are_new_compositions_of_trained_parts():
+    held, trained = held_out_combos(0), train_combos(0)
+    assert len(held) >= 8 and not set(held) & set(trained) and len(held) + len(trained) == len(ALL_COMBOS) == 72
+    for c in held:  # every part of a held-out prompt is seen in training, in other combinations
+        assert any(t.shape == c.shape for t in trained)
+        assert any(t.colour == c.colour for t in trained)
+        assert any(t.motion == c.motion for t in trained)
+    assert held_out_combos(0) == held_out_combos(0) and held_out_combos(1) != held
+
+
+def test_evaluator_scores_ground_truth_clips_perfectly(tmp_path):
+    rng = random.Random(7)
+    scores = Scores()
+    for i, combo in enumerate(ALL_COMBOS):
+        for k in range(2):
+            frames = render(combo, rng)
+            if i % 9 == 0 and k == 0:  # and after a round trip through an mp4 file
+                frames, _ = read_video(write_video(tmp_path / f"{i}.mp4", frames, fps=8))
+            scores.add(combo, analyse(frames), k)
+    assert scores.accuracy() == {"colour": 1.0, "shape": 1.0, "motion": 1.0}, scores.failures
+    blank = torch.full((17, 64, 64, 3), 0.06)
+    assert analyse(blank).colour is None  # nothing moving: nothing claimed
+
+
+def test_dataset_writer(tmp_path):
+    paths = write_dataset(tmp_path, seed=0, clips_per_combo=1, combos=ALL_COMBOS[:3])
+    assert len(paths) == 3
+    frames, fps = read_video(paths[0])
+    assert frames.shape == (17, 64, 64, 3) and fps == 8
+    assert paths[0].with_suffix(".txt").read_text() == ALL_COMBOS[0].caption
+    assert len(SHAPES) == 3 and len(COLOURS) == 6 and len(MOTIONS) == 4
+
+
+shipped = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="demo model not built")
+
+
+@shipped
+def test_shipped_weights_are_small_and_load_through_the_real_loaders():
+    size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
+    REPORT["demo model size (MiB)"] = round(size / 2**20, 2)
+    assert size < 20 * 2**20
+    from vdit_core.pipeline import load_pipeline
+
+    pipe = load_pipeline()  # no path: the bundled demo
+    assert pipe.config.use_rotary_positional_embeddings and pipe.name == "vdit-demo"
+    assert pipe.default_size == (17, 64, 64)
+
+
+@shipped
+def test_generation_from_shipped_weights_meets_the_accuracy_goal():
+    """A fixed subset: every held-out prompt with seed 0, read back from mp4 files."""
+    from vdit_core.demo.evaluate import evaluate
+    from vdit_core.pipeline import load_pipeline
+
+    pipe = load_pipeline(device="cpu")
+    t0 = time.perf_counter()
+    scores = evaluate(pipe, held_out_combos(0), [0])
+    REPORT["demo held-out accuracy (seed 0, 10 prompts)"] = scores.line()
+    REPORT["demo seconds per video (CPU)"] = round((time.perf_counter() - t0) / scores.n, 2)
+    acc = scores.accuracy()
+    assert min(acc.values()) >= 0.9, scores.failures
+
+
+@shipped
+def test_generate_cli_uses_the_demo_by_default(tmp_path, capsys):
+    from vdit_core.generate import main
+
+    t0 = time.perf_counter()
+    assert main(["--prompt", "a blue square moving up", "--out", str(tmp_path / "demo.mp4")]) == 0
+    REPORT["demo generate CLI seconds (CPU, in-process)"] = round(time.perf_counter() - t0, 1)
+    frames, fps = read_video(tmp_path / "demo.mp4")
+    assert frames.shape == (17, 64, 64, 3) and fps == 8
+    a = analyse(frames)
+    assert (a.colour, a.shape, a.motion) == ("blue", "square", "up")

@@ -1,0 +1,199 @@
+"""The ComfyUI nodes, run as plain Python (their fallbacks outside ComfyUI)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytest.importorskip("diffusers")
+
+import tiny  # noqa: E402
+from test_package import load_pack  # noqa: E402
+from vdit_core.checkpoint import CheckpointError  # noqa: E402
+from vdit_core.pipeline import load_pipeline  # noqa: E402
+from vdit_core.video_io import read_video  # noqa: E402
+
+PACK = load_pack()
+NODES = PACK.NODE_CLASS_MAPPINGS
+comfy = __import__(f"{PACK.__name__}.nodes.comfy", fromlist=["x"])
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy_models")
+    for variant in ("5b", "5b-i2v"):
+        _, folder = tiny.reference_pipeline(root / "build", variant, "ddim")
+        shutil.copytree(folder, root / "vdit" / f"tiny-{variant}")
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
+        (root / sub).mkdir()
+    comfy.set_paths(models=root, output=root / "output")
+    return root
+
+
+def test_node_specs_are_well_formed(models_dir):
+    for name, cls in NODES.items():
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"}, name
+        for section in spec.values():
+            for key, value in section.items():
+                assert isinstance(value, tuple) and 1 <= len(value) <= 2, (name, key)
+                kind = value[0]
+                assert isinstance(kind, (str, list)), (name, key)
+                opts = value[1] if len(value) == 2 else {}
+                if isinstance(kind, list):  # file lists may be empty (an empty models/loras)
+                    assert "default" not in opts or opts["default"] in kind, (name, key)
+                elif kind in ("INT", "FLOAT"):
+                    assert opts.get("min", -1e30) <= opts["default"] <= opts.get("max", 1e30), (name, key)
+        assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+        assert callable(getattr(cls, cls.FUNCTION)) and cls.CATEGORY == "vdit"
+    assert NODES["VDITModelLoader"].INPUT_TYPES()["required"]["model"][1]["default"] == "vdit-demo (bundled)"
+    assert "tiny-5b/" in NODES["VDITModelLoader"].INPUT_TYPES()["required"]["model"][0]
+
+
+def _graph(models_dir, variant="5b", prompt="a red circle moving right", seed=3, **sampler_kw):
+    name = f"tiny-{variant}/"
+    model = NODES["VDITModelLoader"]().load(name, "default", "auto")[0]
+    te = NODES["VDITTextEncoderLoader"]().load(name, "default", 0)[0]
+    vae = NODES["VDITVAELoader"]().load(name, "default", "auto")[0]
+    pos = NODES["VDITTextEncode"]().encode(te, prompt)[0]
+    neg = NODES["VDITTextEncode"]().encode(te, "")[0]
+    latent = NODES["VDITEmptyLatent"]().generate(model, 48, 32, 9, 1)[0]
+    kw = dict(seed=seed, steps=4, cfg=6.0, sampler="default", schedule="default", denoise=1.0)
+    kw.update(sampler_kw)
+    return model, vae, pos, neg, latent, kw
+
+
+def test_text_to_video_graph_writes_video_and_matches_the_pipeline(models_dir):
+    model, vae, pos, neg, latent, kw = _graph(models_dir)
+    out = NODES["VDITSampler"]().sample(model, pos, neg, latent, **kw)[0]
+    frames = NODES["VDITVAEDecode"]().decode(vae, out, 2, "auto", 0, 0)[0]
+    assert frames.shape == (9, 32, 48, 3) and frames.min() >= 0 and frames.max() <= 1
+    ui = NODES["VDITSaveVideo"]().save(frames, 8.0, "vdit/test", "mp4")["ui"]
+    saved = models_dir / "output" / ui["images"][0]["subfolder"] / ui["images"][0]["filename"]
+    back, fps = read_video(saved)
+    assert back.shape == (9, 32, 48, 3) and fps == 8 and ui["animated"] == (True,)
+    pipe = load_pipeline(models_dir / "vdit" / "tiny-5b")  # the same seed gives the pipeline's video
+    expected = pipe(prompt="a red circle moving right", num_frames=9, height=32, width=48, steps=4, cfg=6.0, seed=3, progress=False)
+    assert (frames - expected).abs().max() < 1e-5
+
+
+def test_batch_samples_are_independent_of_batch_size(models_dir):
+    model, vae, pos, neg, _, kw = _graph(models_dir)
+    two = NODES["VDITEmptyLatent"]().generate(model, 48, 32, 9, 2)[0]
+    out2 = NODES["VDITSampler"]().sample(model, pos, neg, two, **kw)[0]["samples"]
+    one = NODES["VDITEmptyLatent"]().generate(model, 48, 32, 9, 1)[0]
+    out1 = NODES["VDITSampler"]().sample(model, pos, neg, one, **{**kw, "seed": kw["seed"] + 1})[0]["samples"]
+    assert (out2[1:] - out1).abs().max() < 1e-5  # sample b of a batch uses seed + b
+
+
+def test_image_to_video_and_video_to_video(models_dir):
+    model, vae, pos, neg, latent, kw = _graph(models_dir, "5b-i2v")
+    image = torch.rand(1, 32, 48, 3)
+    img_latent = NODES["VDITVAEEncode"]().encode(vae, image, 8, "off", 0, 0)[0]
+    with pytest.raises(ValueError, match="image-to-video model"):
+        NODES["VDITSampler"]().sample(model, pos, neg, latent, **kw)
+    out = NODES["VDITSampler"]().sample(model, pos, neg, latent, **kw, image_latent=img_latent)[0]
+    assert NODES["VDITVAEDecode"]().decode(vae, out, 2, "auto", 0, 0)[0].shape == (9, 32, 48, 3)
+    # video-to-video: encode frames, partial denoise
+    model, vae, pos, neg, _, kw = _graph(models_dir, "5b")
+    video = torch.rand(9, 32, 48, 3)
+    z = NODES["VDITVAEEncode"]().encode(vae, video, 8, "auto", 0, 0)[0]
+    out = NODES["VDITSampler"]().sample(model, pos, neg, z, **{**kw, "denoise": 0.5})[0]
+    assert out["samples"].shape == z["samples"].shape
+    with pytest.raises(ValueError, match="4k\\+1"):
+        NODES["VDITVAEEncode"]().encode(vae, torch.rand(6, 32, 48, 3), 8, "auto", 0, 0)
+
+
+def test_empty_latent_rejects_bad_sizes_in_validation():
+    cls = NODES["VDITEmptyLatent"]
+    assert cls.VALIDATE_INPUTS(720, 480, 49) is True
+    assert cls.VALIDATE_INPUTS(720, 480, 50) == "frames=50: CogVideoX takes 4k+1 frames; nearest valid: 49 or 53"
+    assert cls.VALIDATE_INPUTS(720, 470, 49) == "height=470: must be a positive multiple of 16; nearest valid: 464 or 480"
+
+
+def test_cancel_stops_within_one_step(models_dir, monkeypatch):
+    model, _, pos, neg, latent, kw = _graph(models_dir)
+    calls = {"net": 0, "checks": 0}
+    real_forward = model.transformer.forward
+
+    def counting_forward(*a, **k):
+        calls["net"] += 1
+        return real_forward(*a, **k)
+
+    class Interrupted(Exception):
+        pass
+
+    def check():
+        calls["checks"] += 1
+        if calls["checks"] == 2:
+            raise Interrupted("cancel pressed")
+
+    monkeypatch.setattr(model.transformer, "forward", counting_forward)
+    monkeypatch.setattr(comfy, "check_interrupt", check)
+    with pytest.raises(Interrupted):
+        NODES["VDITSampler"]().sample(model, pos, neg, latent, **{**kw, "steps": 20})
+    assert calls["net"] == 2  # one batched (cond+uncond) evaluation per step: stopped after the 2nd of 20
+
+
+def test_lora_node_chains_non_destructively_and_rejects_other_models(models_dir):
+    model, vae, pos, neg, latent, kw = _graph(models_dir)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, m in model.transformer.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.endswith("attn1.to_v"):
+            tensors[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g)
+            tensors[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g)
+    save_file(tensors, str(models_dir / "loras" / "test_lora.safetensors"))
+    save_file({"diffusion_model.single_blocks.0.linear1.lora_A.weight": torch.zeros(4, 8),
+               "diffusion_model.single_blocks.0.linear1.lora_B.weight": torch.zeros(8, 4)}, str(models_dir / "loras" / "flux.safetensors"))
+    apply = NODES["VDITLoraApply"]()
+    assert "test_lora.safetensors" in NODES["VDITLoraApply"].INPUT_TYPES()["required"]["lora_name"][0]
+    sample = NODES["VDITSampler"]().sample
+    base = sample(model, pos, neg, latent, **kw)[0]["samples"]
+    with_lora = apply.apply(model, "test_lora.safetensors", 0.5)[0]
+    chained = apply.apply(with_lora, "test_lora.safetensors", 0.5)[0]
+    changed = sample(with_lora, pos, neg, latent, **kw)[0]["samples"]
+    assert not torch.equal(changed, base)
+    assert len(chained.loras) == 2 and len(model.loras) == 0
+    zero = apply.apply(model, "test_lora.safetensors", 0.0)[0]
+    assert torch.equal(sample(zero, pos, neg, latent, **kw)[0]["samples"], base)
+    assert torch.equal(sample(model, pos, neg, latent, **kw)[0]["samples"], base)  # removing the node restores it
+    with pytest.raises(CheckpointError, match="a LoRA for another model"):
+        apply.apply(model, "flux.safetensors", 1.0)
+
+
+def test_decode_retries_tiled_when_out_of_memory(models_dir, monkeypatch):
+    model, vae, pos, neg, latent, kw = _graph(models_dir)
+    out = NODES["VDITSampler"]().sample(model, pos, neg, latent, **kw)[0]
+    real = vae.vae.decode
+    seen = []
+
+    def decode(z, chunk_frames=2, tiling=None, output_device=None):
+        seen.append(tiling)
+        if tiling is None:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(z, chunk_frames=chunk_frames, tiling=tiling, output_device=output_device)
+
+    monkeypatch.setattr(vae.vae, "decode", decode)
+    frames = NODES["VDITVAEDecode"]().decode(vae, out, 2, "auto", 16, 16)[0]
+    assert frames.shape == (9, 32, 48, 3) and seen[0] is None and seen[1] is not None
+    with pytest.raises(torch.OutOfMemoryError):
+        NODES["VDITVAEDecode"]().decode(vae, out, 2, "off", 0, 0)
+
+
+def test_missing_files_and_single_file_tokenizer_errors(models_dir):
+    with pytest.raises(FileNotFoundError, match="not in any diffusion_models model folder"):
+        NODES["VDITModelLoader"]().load("nope.safetensors", "default", "auto")
+    te_file = models_dir / "text_encoders" / "t5.safetensors"
+    src = models_dir / "vdit" / "tiny-5b" / "text_encoder" / "model.safetensors"
+    te_file.write_bytes(src.read_bytes())
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        NODES["VDITTextEncoderLoader"]().load("t5.safetensors", "default", 0)
+    shutil.copytree(models_dir / "vdit" / "tiny-5b" / "tokenizer", models_dir / "text_encoders" / "tokenizer")
+    enc = NODES["VDITTextEncoderLoader"]().load("t5.safetensors", "default", 0)[0]
+    assert enc.encoder.max_length == 226 and enc.encoder.encode("x").shape[-1] == tiny.TEXT_DIM
+    np.testing.assert_equal(enc.name, "t5.safetensors")

@@ -1,0 +1,118 @@
+"""The bundled workflows: only existing node types, widget values that fit, links between matching
+types, and API copies equal to the UI ones."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from test_package import load_pack
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = load_pack().NODE_CLASS_MAPPINGS
+_spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "workflows" / "build_workflows.py")
+_builder = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_builder)
+CORE = _builder.CORE  # the ComfyUI core nodes the workflows use
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+
+def _ours(node_type):
+    """(socket inputs [(name, type)], widgets [(name, kind, opts)], outputs) from INPUT_TYPES."""
+    spec = NODES[node_type].INPUT_TYPES()
+    sockets, widgets = [], []
+    for section in ("required", "optional"):
+        for name, value in spec.get(section, {}).items():
+            kind, opts = value[0], (value[1] if len(value) > 1 else {})
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                widgets.append((name, kind, opts))
+            else:
+                sockets.append((name, kind))
+    return sockets, widgets, list(NODES[node_type].RETURN_TYPES)
+
+
+def _expected_widget_values(widgets):
+    out = []
+    for name, kind, opts in widgets:
+        out.append((name, kind, opts))
+        if opts.get("control_after_generate"):
+            out.append(("control_after_generate", ["fixed", "increment", "decrement", "randomize"], {}))
+    return out
+
+
+def _check_value(where, kind, opts, value):
+    if isinstance(kind, list):
+        if kind and all(not str(k).endswith((".safetensors", "/", ")")) for k in kind):  # static choices only
+            assert value in kind, f"{where}: {value!r} is not one of {kind}"
+    elif kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), where
+        assert opts.get("min", -2**64) <= value <= opts.get("max", 2**64), where
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)), where
+        assert opts.get("min", -1e30) <= value <= opts.get("max", 1e30), where
+    elif kind == "STRING":
+        assert isinstance(value, str), where
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), where
+
+
+def test_there_are_workflows():
+    names = {p.stem for p in WORKFLOWS}
+    assert {"demo_text_to_video", "cogvideox_2b_text_to_video", "cogvideox_5b_text_to_video",
+            "cogvideox_5b_image_to_video", "cogvideox_5b_video_to_video", "cogvideox_5b_text_to_video_lora"} <= names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_workflow_is_consistent(path):
+    wf = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    links = {lk[0]: lk for lk in wf["links"]}
+    assert any(n["type"] in FRONTEND_ONLY for n in nodes.values()), "each workflow has a note on its files"
+    for n in nodes.values():
+        t = n["type"]
+        assert t in NODES or t in CORE or t in FRONTEND_ONLY, f"{path.name}: unknown node type {t}"
+        if t in FRONTEND_ONLY or t in CORE:
+            continue
+        sockets, widgets, outputs = _ours(t)
+        assert [i["name"] for i in n["inputs"]] == [s[0] for s in sockets], f"{path.name}: {t} inputs"
+        expected = _expected_widget_values(widgets)
+        assert len(n["widgets_values"]) == len(expected), f"{path.name}: {t} widget count"
+        for (name, kind, opts), value in zip(expected, n["widgets_values"]):
+            _check_value(f"{path.name}: {t}.{name}", kind, opts, value)
+        assert [o["type"] for o in n["outputs"]] == outputs
+    for link_id, src, src_slot, dst, dst_slot, kind in links.values():
+        s, d = nodes[src], nodes[dst]
+        s_out = s["outputs"][src_slot]["type"] if s["type"] not in CORE else CORE[s["type"]]["outputs"][src_slot]
+        d_in = d["inputs"][dst_slot]
+        assert s_out == kind == d_in["type"], f"{path.name}: link {link_id} joins {s_out} to {d_in['type']}"
+        assert d_in["link"] == link_id and link_id in s["outputs"][src_slot]["links"]
+    for n in nodes.values():  # every socket input of our nodes is connected (optional ones may not be)
+        if n["type"] in NODES:
+            required = NODES[n["type"]].INPUT_TYPES()["required"]
+            for i in n.get("inputs", []):
+                assert i["link"] is not None or i["name"] not in required, f"{path.name}: {n['type']}.{i['name']} unconnected"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_api_copy_matches_ui(path):
+    ui = json.loads(path.read_text())
+    api = json.loads((path.parent / "api" / path.name).read_text())
+    ui_nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
+    assert set(api) == set(ui_nodes)
+    links = {lk[0]: lk for lk in ui["links"]}
+    for nid, n in ui_nodes.items():
+        a = api[nid]
+        assert a["class_type"] == n["type"]
+        for inp in n.get("inputs", []):
+            if inp["link"] is not None:
+                lk = links[inp["link"]]
+                assert a["inputs"][inp["name"]] == [str(lk[1]), lk[2]]
+        if n["type"] in NODES:
+            values = [v for (name, _, _), v in zip(_expected_widget_values(_ours(n["type"])[1]), n["widgets_values"])
+                      if name != "control_after_generate"]
+            names = [w[0] for w in _ours(n["type"])[1]]
+            assert {k: a["inputs"][k] for k in names} == dict(zip(names, values))

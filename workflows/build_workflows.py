@@ -1,0 +1,254 @@
+"""Write the bundled workflows, UI format (``workflows/*.json``) and API format
+(``workflows/api/*.json``), from one definition each, so the two never disagree.
+
+    python workflows/build_workflows.py
+
+Widget order comes from the nodes' own INPUT_TYPES; the few ComfyUI core nodes used are
+described in CORE below.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# ComfyUI core nodes the workflows use: (inputs in order: name, type or "WIDGET"), outputs,
+# extra UI-only widget values appended after the inputs' (the upload buttons)
+CORE = {
+    "LoadImage": {"inputs": [("image", "WIDGET")], "outputs": ["IMAGE", "MASK"], "ui_extra": ["image"]},
+    "LoadVideo": {"inputs": [("file", "WIDGET")], "outputs": ["VIDEO"], "ui_extra": ["image"]},
+    "GetVideoComponents": {"inputs": [("video", "VIDEO")], "outputs": ["IMAGE", "AUDIO", "FLOAT"], "ui_extra": []},
+    "ImageFromBatch": {"inputs": [("image", "IMAGE"), ("batch_index", "WIDGET"), ("length", "WIDGET")], "outputs": ["IMAGE"], "ui_extra": []},
+}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def load_pack():
+    spec = importlib.util.spec_from_file_location("vdit_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["vdit_pack"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def node_signature(node_type: str, nodes: dict) -> dict:
+    """{"inputs": [(name, type or WIDGET, options)], "outputs": [types], "ui_extra": [...]}"""
+    if node_type in CORE:
+        c = CORE[node_type]
+        return {"inputs": [(n, t, {}) for n, t in c["inputs"]], "outputs": c["outputs"], "ui_extra": c["ui_extra"]}
+    cls = nodes[node_type]
+    spec = cls.INPUT_TYPES()
+    inputs = []
+    for section in ("required", "optional"):
+        for name, value in spec.get(section, {}).items():
+            kind = value[0]
+            opts = value[1] if len(value) > 1 else {}
+            widget = isinstance(kind, list) or kind in WIDGET_TYPES
+            inputs.append((name, "WIDGET" if widget else kind, opts))
+    return {"inputs": inputs, "outputs": list(cls.RETURN_TYPES), "ui_extra": []}
+
+
+class Graph:
+    def __init__(self, nodes: dict):
+        self.defs = nodes
+        self.items: list[dict] = []
+
+    def add(self, node_type: str, title: str | None = None, **values) -> dict:
+        node = {"id": len(self.items) + 1, "type": node_type, "title": title, "values": values}
+        self.items.append(node)
+        return node
+
+    def note(self, text: str) -> dict:
+        return self.add("Note", text=text)
+
+    # -- UI format -----------------------------------------------------------------------------
+    def ui(self) -> dict:
+        links, ui_nodes = [], []
+        columns: dict[int, int] = {}
+        depth = {}
+        for node in self.items:
+            srcs = [v[0] for v in node["values"].values() if isinstance(v, tuple)]
+            depth[node["id"]] = 1 + max((depth[s["id"]] for s in srcs), default=-1)
+        out_links: dict[tuple, list] = {}
+        for node in self.items:
+            if node["type"] == "Note":
+                continue
+            sig = node_signature(node["type"], self.defs)
+            for slot, (name, kind, _) in enumerate(x for x in sig["inputs"] if x[1] != "WIDGET"):
+                src = node["values"].get(name)
+                if isinstance(src, tuple):
+                    s_node, s_slot = src
+                    s_type = node_signature(s_node["type"], self.defs)["outputs"][s_slot]
+                    link_id = len(links) + 1
+                    links.append([link_id, s_node["id"], s_slot, node["id"], slot, s_type])
+                    out_links.setdefault((s_node["id"], s_slot), []).append(link_id)
+        for order, node in enumerate(self.items):
+            col = depth[node["id"]] if node["type"] != "Note" else 0
+            row = columns.get(col, 0)
+            columns[col] = row + 1
+            ui = {"id": node["id"], "type": node["type"], "pos": [40 + 380 * col, 40 + 260 * row], "size": [340, 200],
+                  "flags": {}, "order": order, "mode": 0, "properties": {"Node name for S&R": node["type"]}}
+            if node["title"]:
+                ui["title"] = node["title"]
+            if node["type"] == "Note":
+                ui.update(inputs=[], outputs=[], widgets_values=[node["values"]["text"]], properties={}, color="#432", bgcolor="#653")
+                ui_nodes.append(ui)
+                continue
+            sig = node_signature(node["type"], self.defs)
+            ui["inputs"] = []
+            for name, kind, _ in sig["inputs"]:
+                if kind == "WIDGET":
+                    continue
+                src = node["values"].get(name)
+                link = None
+                if isinstance(src, tuple):
+                    link = next(lk[0] for lk in links if lk[3] == node["id"] and lk[1] == src[0]["id"] and lk[2] == src[1])
+                ui["inputs"].append({"name": name, "type": kind, "link": link})
+            ui["outputs"] = [{"name": t, "type": t, "links": out_links.get((node["id"], i), []), "slot_index": i} for i, t in enumerate(sig["outputs"])]
+            widgets = []
+            for name, kind, opts in sig["inputs"]:
+                if kind != "WIDGET":
+                    continue
+                if name not in node["values"]:
+                    raise ValueError(f"{node['type']}: widget {name!r} needs a value")
+                widgets.append(node["values"][name])
+                if opts.get("control_after_generate"):
+                    widgets.append("fixed")
+            ui["widgets_values"] = widgets + sig["ui_extra"]
+            ui_nodes.append(ui)
+        return {"last_node_id": len(self.items), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+    # -- API format ----------------------------------------------------------------------------
+    def api(self) -> dict:
+        out = {}
+        for node in self.items:
+            if node["type"] == "Note":
+                continue
+            sig = node_signature(node["type"], self.defs)
+            inputs = {}
+            for name, _, _ in sig["inputs"]:
+                if name not in node["values"]:
+                    continue
+                v = node["values"][name]
+                inputs[name] = [str(v[0]["id"]), v[1]] if isinstance(v, tuple) else v
+            out[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node["title"] or node["type"]}}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the workflows
+
+
+def text_to_video(nodes, model: str, note: str, width: int, height: int, frames: int, steps: int, cfg: float, fps: float,
+                  prompt: str, dtype="default", sampler="default", dynamic_cfg=False, lora: str | None = None,
+                  negative="", prefix="vdit/t2v") -> Graph:
+    g = Graph(nodes)
+    g.note(note)
+    m = g.add("VDITModelLoader", model=model, weight_dtype=dtype, attention="auto")
+    te = g.add("VDITTextEncoderLoader", text_encoder=model, dtype=dtype, max_length=0)
+    vae = g.add("VDITVAELoader", vae=model, dtype=dtype, variant="auto")
+    if lora:
+        m = g.add("VDITLoraApply", model=(m, 0), lora_name=lora, strength=1.0)
+    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text=prompt)
+    neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text=negative)
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1)
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=steps, cfg=cfg,
+              sampler=sampler, schedule="default", denoise=1.0, dynamic_cfg=dynamic_cfg)
+    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
+    g.add("VDITSaveVideo", images=(d, 0), fps=fps, filename_prefix=prefix, format="mp4")
+    return g
+
+
+FOLDER_NOTE = (
+    "Files: put the diffusers-format model folder ({repo}) into ComfyUI/models/vdit/{name} "
+    "(model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/). "
+    "Or pick single files instead: the transformer from models/diffusion_models, the T5 encoder from "
+    "models/text_encoders, the VAE from models/vae."
+)
+
+
+def image_to_video(nodes) -> Graph:
+    g = Graph(nodes)
+    g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b-I2V", name="CogVideoX-5b-I2V/") +
+           " Load a 720x480 image as the first frame (image-to-video needs that exact size).")
+    m = g.add("VDITModelLoader", model="CogVideoX-5b-I2V/", weight_dtype="bf16", attention="auto")
+    te = g.add("VDITTextEncoderLoader", text_encoder="CogVideoX-5b-I2V/", dtype="bf16", max_length=0)
+    vae = g.add("VDITVAELoader", vae="CogVideoX-5b-I2V/", dtype="bf16", variant="auto")
+    img = g.add("LoadImage", image="first_frame.png")
+    enc = g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
+    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the scene slowly comes to life, gentle camera motion")
+    neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=720, height=480, frames=49, batch_size=1)
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
+              sampler="cogvideox_dpm", schedule="default", denoise=1.0, image_latent=(enc, 0), dynamic_cfg=True)
+    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
+    g.add("VDITSaveVideo", images=(d, 0), fps=8.0, filename_prefix="vdit/i2v", format="mp4")
+    return g
+
+
+def video_to_video(nodes) -> Graph:
+    g = Graph(nodes)
+    g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
+           " Load a video (720x480 works best); its first 49 frames are re-generated following the prompt; "
+           "lower denoise keeps more of the input.")
+    m = g.add("VDITModelLoader", model="CogVideoX-5b/", weight_dtype="bf16", attention="auto")
+    te = g.add("VDITTextEncoderLoader", text_encoder="CogVideoX-5b/", dtype="bf16", max_length=0)
+    vae = g.add("VDITVAELoader", vae="CogVideoX-5b/", dtype="bf16", variant="auto")
+    vid = g.add("LoadVideo", file="input.mp4")
+    comp = g.add("GetVideoComponents", video=(vid, 0))
+    frames = g.add("ImageFromBatch", "First 49 frames", image=(comp, 0), batch_index=0, length=49)
+    enc = g.add("VDITVAEEncode", vae=(vae, 0), pixels=(frames, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
+    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the same scene as a watercolour painting")
+    neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(enc, 0), seed=42, steps=50, cfg=6.0,
+              sampler="default", schedule="default", denoise=0.7, dynamic_cfg=False)
+    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
+    g.add("VDITSaveVideo", images=(d, 0), fps=8.0, filename_prefix="vdit/v2v", format="mp4")
+    return g
+
+
+def all_workflows(nodes) -> dict[str, Graph]:
+    return {
+        "demo_text_to_video": text_to_video(
+            nodes, "vdit-demo (bundled)",
+            "Runs with no downloads: the tiny demo model bundled with vdit (64x64, 17 frames of moving shapes). "
+            "Try prompts like 'a blue square moving up': 3 shapes (circle, square, triangle), 6 colours (red, green, "
+            "blue, yellow, white, purple), 4 directions (left, right, up, down).",
+            64, 64, 17, 30, 5.0, 8.0, "a blue square moving up", prefix="vdit/demo"),
+        "cogvideox_2b_text_to_video": text_to_video(
+            nodes, "CogVideoX-2b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-2b", name="CogVideoX-2b/") +
+            " The 2B model runs in fp16 with DDIM, 50 steps, CFG 6, 49 frames at 720x480, 8 fps.",
+            720, 480, 49, 50, 6.0, 8.0, "a panda playing a guitar in a bamboo forest, soft morning light", dtype="fp16"),
+        "cogvideox_5b_text_to_video": text_to_video(
+            nodes, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
+            " The 5B model runs in bf16; its recommended sampler is cogvideox_dpm with dynamic CFG, 50 steps, CFG 6.",
+            720, 480, 49, 50, 6.0, 8.0, "a golden retriever running through shallow waves at sunset", dtype="bf16",
+            sampler="cogvideox_dpm", dynamic_cfg=True),
+        "cogvideox_5b_text_to_video_lora": text_to_video(
+            nodes, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
+            " Put your LoRA (from python -m vdit_core.train, diffusers/PEFT or kohya files) into models/loras and pick it "
+            "in VDIT LoRA Apply; chain several nodes to stack LoRAs.",
+            720, 480, 49, 50, 6.0, 8.0, "a golden retriever running through shallow waves at sunset", dtype="bf16",
+            sampler="cogvideox_dpm", dynamic_cfg=True, lora="my_cogvideox_lora.safetensors", prefix="vdit/lora"),
+        "cogvideox_5b_image_to_video": image_to_video(nodes),
+        "cogvideox_5b_video_to_video": video_to_video(nodes),
+    }
+
+
+def main() -> None:
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    (HERE / "api").mkdir(exist_ok=True)
+    for name, graph in all_workflows(nodes).items():
+        (HERE / f"{name}.json").write_text(json.dumps(graph.ui(), indent=1) + "\n")
+        (HERE / "api" / f"{name}.json").write_text(json.dumps(graph.api(), indent=1) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+
+
+if __name__ == "__main__":
+    main()
