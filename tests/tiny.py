@@ -65,28 +65,14 @@ def transformer_kwargs(variant: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def tokenizer_dir(root: str) -> Path:
-    """A T5 tokenizer (sentencepiece, T5's special ids) trained on a small corpus."""
-    import json
+    """A T5 tokenizer (sentencepiece, T5's special ids) trained on a small corpus, laid out like
+    the official CogVideoX tokenizer folder."""
+    from vdit_core.demo.build import make_tokenizer
 
-    import sentencepiece as spm
-
-    root = Path(root)
-    out = root / "tokenizer"
+    out = Path(root) / "tokenizer"
     if (out / "spiece.model").exists():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    text = root / "corpus.txt"
-    text.write_text("\n".join(CORPUS * 20))
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(root / "spiece"), vocab_size=48, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
-    )
-    # laid out like the official CogVideoX tokenizer folder: spiece.model + tokenizer_config.json
-    (root / "spiece.model").rename(out / "spiece.model")
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 226, "legacy": True})
-    )
-    return out
+    return make_tokenizer(CORPUS * 20, out, vocab_size=48, max_length=226)
 
 
 def tiny_t5(vocab: int = 64):

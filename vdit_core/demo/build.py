@@ -57,7 +57,7 @@ SCHEDULER = {
 }
 
 
-def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 64) -> Path:
+def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 64, max_length: int = DEMO_TRANSFORMER.max_text_seq_length) -> Path:
     """A T5-style sentencepiece tokenizer (pad 0, eos 1, unk 2) trained on ``texts``, laid out
     like the official CogVideoX tokenizer folder."""
     import sentencepiece as spm
@@ -72,7 +72,7 @@ def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 64) -> Path:
     corpus.unlink()
     (out / "spiece.vocab").unlink(missing_ok=True)
     (out / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": DEMO_TRANSFORMER.max_text_seq_length, "legacy": True})
+        json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": max_length, "legacy": True})
     )
     return out
 
@@ -125,11 +125,11 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
     # 2. text
     from .shapes import ALL_COMBOS
 
-    make_tokenizer([c.caption for c in ALL_COMBOS] * 4 + [""], model / "tokenizer")
     from ..text import load_tokenizer
 
-    vocab = len(load_tokenizer(model / "tokenizer"))
-    make_text_encoder(model / "text_encoder", vocab, seed)
+    if not (model / "text_encoder" / "config.json").exists():  # finished stages are kept: resumable
+        make_tokenizer([c.caption for c in ALL_COMBOS] * 4 + [""], model / "tokenizer")
+        make_text_encoder(model / "text_encoder", len(load_tokenizer(model / "tokenizer")), seed)
     # 3. VAE
     from ..vae.cogvideox_vae import load_vae
     from .vae_train import DEMO_VAE, reconstruction_psnr, train_vae
