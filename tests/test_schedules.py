@@ -19,17 +19,7 @@ from vdit_core.schedules import (  # noqa: E402
     time_shift,
 )
 
-COGVIDEOX_2B = dict(
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    prediction_type="v_prediction",
-    timestep_spacing="trailing",
-    rescale_betas_zero_snr=True,
-    snr_shift_scale=3.0,
-    set_alpha_to_one=True,
-    clip_sample=False,
-)
+from tiny import COG2B_SCHEDULER as COGVIDEOX_2B  # noqa: E402
 
 
 def _ours(cfg: dict, cls_name: str = "") -> DiscreteSchedule:

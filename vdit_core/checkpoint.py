@@ -230,3 +230,34 @@ def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str
         if t.is_meta:  # defensive: every tensor must have come from the file
             raise CheckpointError(f"{source}: {name} was not loaded")
     return model
+
+
+def load_model(
+    path: str | Path,
+    *,
+    build: Callable,
+    expected: str,
+    recognise: Callable[[Iterable[str]], bool],
+    from_json: Callable[[dict], object],
+    infer_config: Callable[[dict], object],
+    dtype: torch.dtype | None,
+    device,
+    config=None,
+    convert: tuple[Callable, Callable] | None = None,
+    label: Callable[[object], str] | None = None,
+) -> nn.Module:
+    """Load one model of a family: read the weights (file, shards or folder) in ``dtype``; turn an
+    official non-diffusers layout into diffusers names (``convert = (is_it, conversion)``);
+    take the config from ``config``, a folder's config.json, or the weights; build on the meta
+    device and assign. Errors name the file, what it looks like and what was expected."""
+    path = Path(path)
+    sd = load_state_dict(path, dtype=dtype, device=device)
+    if convert is not None and convert[0](sd.keys()):
+        sd = convert[1](sd)
+    elif not recognise(sd.keys()):
+        raise CheckpointError(f"{path}: expected {expected}, but this looks like {describe(sd.keys())}")
+    if config is None:
+        json_path = path / "config.json"
+        config = from_json(read_json(json_path)) if path.is_dir() and json_path.exists() else infer_config(sd)
+    model = build_on_meta(lambda: build(config))
+    return assign_state_dict(model, sd, str(path), label(config) if label else expected).eval()

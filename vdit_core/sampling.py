@@ -187,6 +187,14 @@ def _call(model, x, sigma, extra_args):
     return model(x, _sigma_batch(sigma, x), **extra_args)
 
 
+def _evaluate(model, x, i, s, sn, extra_args, callback):
+    """The x0 estimate of step ``i`` at sigma ``s``, reported to the callback."""
+    denoised = _call(model, x, s, extra_args)
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": s, "sigma_next": sn, "denoised": denoised})
+    return denoised
+
+
 # ----------------------------------------------------------------------------------------------
 # Samplers
 
@@ -203,9 +211,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None)
     form = noise_form(model)
     for i in trange(len(sigmas) - 1, disable=disable):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _call(model, x, s, extra_args)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": sn, "denoised": denoised})
+        denoised = _evaluate(model, x, i, s, sn, extra_args, callback)
         x = form.alpha(sn) * denoised + sn * _eps(x, denoised, s, form.alpha(s))
     return x
 
@@ -216,9 +222,7 @@ def _sample_ancestral(model, x, sigmas, extra_args, callback, disable, eta, s_no
     noise_sampler = noise_sampler or _default_noise_sampler(x)
     for i in trange(len(sigmas) - 1, disable=disable):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _call(model, x, s, extra_args)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": sn, "denoised": denoised})
+        denoised = _evaluate(model, x, i, s, sn, extra_args, callback)
         c, u = _ancestral(form, s, sn, eta)
         x_next = form.alpha(sn) * denoised + (sn * c) * _eps(x, denoised, s, form.alpha(s))
         if u > 0:
@@ -260,9 +264,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
     form = noise_form(model)
     for i in trange(len(sigmas) - 1, disable=disable):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _call(model, x, s, extra_args)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": sn, "denoised": denoised})
+        denoised = _evaluate(model, x, i, s, sn, extra_args, callback)
         x_euler = form.alpha(sn) * denoised + sn * _eps(x, denoised, s, form.alpha(s))
         if sn == 0 or math.isinf(s):
             x = x_euler
@@ -284,9 +286,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     old_denoised, h_last = None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _call(model, x, s, extra_args)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": sn, "denoised": denoised})
+        denoised = _evaluate(model, x, i, s, sn, extra_args, callback)
         if sn == 0:
             x = denoised
             continue
@@ -346,9 +346,7 @@ def sample_dpmpp_2m_sde(
     old_denoised, h_last = None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _call(model, x, s, extra_args)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": sn, "denoised": denoised})
+        denoised = _evaluate(model, x, i, s, sn, extra_args, callback)
         if sn == 0:
             x = denoised
             continue
@@ -374,9 +372,7 @@ def sample_cogvideox_dpm(model, x, sigmas, extra_args=None, callback=None, disab
     old_denoised, h_last = None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _call(model, x, s, extra_args)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": sn, "denoised": denoised})
+        denoised = _evaluate(model, x, i, s, sn, extra_args, callback)
         noise = noise_sampler(s, sn)
         second_order = old_denoised is not None and sn > 0
         if second_order:
@@ -449,9 +445,7 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
     for i in trange(n, disable=disable):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = _call(model, x, s, extra_args)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": sn, "denoised": denoised})
+        denoised = _evaluate(model, x, i, s, sn, extra_args, callback)
 
         if last_x is not None:  # UniC: correct x_i with the new evaluation
             h = lambdas[i] - lambdas[i - 1]

@@ -77,38 +77,14 @@ class CogVideoXConfig:
         return {"_class_name": "CogVideoXTransformer3DModel", **d}
 
 
+_5B = CogVideoXConfig(num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True)
+_15 = dataclasses.replace(_5B, patch_size_t=2, sample_height=300, sample_width=300, sample_frames=81, patch_bias=False)
 PRESETS: dict[str, CogVideoXConfig] = {
     "cogvideox-2b": CogVideoXConfig(),
-    "cogvideox-5b": CogVideoXConfig(num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True),
-    "cogvideox-5b-i2v": CogVideoXConfig(
-        num_layers=42,
-        num_attention_heads=48,
-        in_channels=32,
-        use_rotary_positional_embeddings=True,
-        use_learned_positional_embeddings=True,
-    ),
-    "cogvideox1.5-5b": CogVideoXConfig(
-        num_layers=42,
-        num_attention_heads=48,
-        patch_size_t=2,
-        use_rotary_positional_embeddings=True,
-        sample_height=300,
-        sample_width=300,
-        sample_frames=81,
-        patch_bias=False,
-    ),
-    "cogvideox1.5-5b-i2v": CogVideoXConfig(
-        num_layers=42,
-        num_attention_heads=48,
-        in_channels=32,
-        ofs_embed_dim=512,
-        patch_size_t=2,
-        use_rotary_positional_embeddings=True,
-        sample_height=300,
-        sample_width=300,
-        sample_frames=81,
-        patch_bias=False,
-    ),
+    "cogvideox-5b": _5B,
+    "cogvideox-5b-i2v": dataclasses.replace(_5B, in_channels=32, use_learned_positional_embeddings=True),
+    "cogvideox1.5-5b": _15,
+    "cogvideox1.5-5b-i2v": dataclasses.replace(_15, in_channels=32, ofs_embed_dim=512),
 }
 
 
@@ -470,24 +446,13 @@ def load_transformer(
     """A CogVideoX transformer from a diffusers folder (config.json + weights, sharded or not), a
     single safetensors file (diffusers names), or an official SAT checkpoint (.pt or
     safetensors). The variant is read off the weights unless ``config`` is given."""
-    from pathlib import Path
+    from ..checkpoint import load_model
 
-    from ..checkpoint import CheckpointError, assign_state_dict, build_on_meta, describe, load_state_dict, read_json
-
-    path = Path(path)
-    sd = load_state_dict(path, dtype=dtype, device=device)
-    if is_sat_state_dict(sd.keys()):
-        sd = convert_sat(sd)
-    elif not is_diffusers_state_dict(sd.keys()):
-        raise CheckpointError(f"{path}: expected a CogVideoX transformer, but this looks like {describe(sd.keys())}")
-    if config is None:
-        if path.is_dir() and (path / "config.json").exists():
-            config = CogVideoXConfig.from_diffusers(read_json(path / "config.json"))
-        else:
-            config = infer_config(sd)
-    model = build_on_meta(lambda: CogVideoXTransformer(config))
-    expected = f"a CogVideoX transformer ({preset_name(config) or 'custom config'})"
-    return assign_state_dict(model, sd, str(path), expected).eval()
+    return load_model(
+        path, build=CogVideoXTransformer, expected="a CogVideoX transformer", recognise=is_diffusers_state_dict,
+        from_json=CogVideoXConfig.from_diffusers, infer_config=infer_config, dtype=dtype, device=device, config=config,
+        convert=(is_sat_state_dict, convert_sat), label=lambda c: f"a CogVideoX transformer ({preset_name(c) or 'custom config'})",
+    )
 
 
 def save_transformer(model: CogVideoXTransformer, folder, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30, state_dict: dict | None = None) -> None:

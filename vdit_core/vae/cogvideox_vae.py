@@ -524,20 +524,10 @@ def load_vae(
     the official SAT ``3d-vae.pt``. Without a config.json the architecture is read off the
     weights and the scaling factor comes from ``base`` (default: the 5B family's 0.7; the 2B
     VAE's is 1.15258426, ``PRESETS["cogvideox-2b"]``)."""
-    from pathlib import Path
+    from ..checkpoint import load_model
 
-    from ..checkpoint import CheckpointError, assign_state_dict, build_on_meta, describe, load_state_dict, read_json
-
-    path = Path(path)
-    sd = load_state_dict(path, dtype=dtype, device=device)
-    if is_sat_state_dict(sd.keys()):
-        sd = convert_sat(sd)
-    elif not is_diffusers_state_dict(sd.keys()):
-        raise CheckpointError(f"{path}: expected a CogVideoX VAE, but this looks like {describe(sd.keys())}")
-    if config is None:
-        if path.is_dir() and (path / "config.json").exists():
-            config = CogVideoXVAEConfig.from_diffusers(read_json(path / "config.json"))
-        else:
-            config = infer_config(sd, base)
-    model = build_on_meta(lambda: CogVideoXVAE(config))
-    return assign_state_dict(model, sd, str(path), "a CogVideoX VAE").eval()
+    return load_model(
+        path, build=CogVideoXVAE, expected="a CogVideoX VAE", recognise=is_diffusers_state_dict,
+        from_json=CogVideoXVAEConfig.from_diffusers, infer_config=lambda sd: infer_config(sd, base), dtype=dtype,
+        device=device, config=config, convert=(is_sat_state_dict, convert_sat),
+    )
