@@ -80,6 +80,18 @@ def test_shipped_weights_are_small_and_load_through_the_real_loaders():
     assert pipe.default_size == (17, 64, 64)
 
 
+
+@shipped
+def test_shipped_tokenizer_keeps_every_caption_word_whole():
+    """A caption longer than the model's text length would lose its last words (the motion)."""
+    from vdit_core.text import load_tokenizer
+
+    tok = load_tokenizer(MODEL_DIR / "tokenizer")
+    for combo in ALL_COMBOS:
+        ids = tok(combo.caption).input_ids
+        assert len(ids) == len(combo.caption.split()) + 1, (combo.caption, tok.tokenize(combo.caption))  # + eos
+    assert len(ids) <= tok.model_max_length
+
 @shipped
 def test_generation_from_shipped_weights_meets_the_accuracy_goal():
     """A fixed subset: every held-out prompt with seed 0, read back from mp4 files."""

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ..models.cogvideox import CogVideoXConfig, CogVideoXTransformer, save_transformer
-from .shapes import FPS, FRAMES, SIZE, held_out_combos, render, train_combos, write_dataset
+from ..text import load_tokenizer
+from .shapes import ALL_COMBOS, FPS, FRAMES, SIZE, held_out_combos, render, train_combos, write_dataset
 
 DEMO_TRANSFORMER = CogVideoXConfig(
     num_layers=6,
@@ -57,16 +58,20 @@ SCHEDULER = {
 }
 
 
-def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 64, max_length: int = DEMO_TRANSFORMER.max_text_seq_length) -> Path:
+def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 96, max_length: int = DEMO_TRANSFORMER.max_text_seq_length) -> Path:
     """A T5-style sentencepiece tokenizer (pad 0, eos 1, unk 2) trained on ``texts``, laid out
-    like the official CogVideoX tokenizer folder."""
+    like the official CogVideoX tokenizer folder.
+
+    BPE, not T5's unigram: on a corpus this small sentencepiece's unigram trainer stops at 32
+    pieces, nearly single letters, so a caption took 22 tokens and the ends ("moving left") were
+    cut at ``max_length``. BPE with 96 pieces keeps every caption word whole (5 tokens)."""
     import sentencepiece as spm
 
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.txt"
     corpus.write_text("\n".join(texts))
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "spiece"), vocab_size=vocab_size, model_type="unigram",
+        input=str(corpus), model_prefix=str(out / "spiece"), vocab_size=vocab_size, model_type="bpe",
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2, hard_vocab_limit=False,
     )
     corpus.unlink()
@@ -74,6 +79,10 @@ def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 64, max_length
     (out / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": max_length, "legacy": True})
     )
+    tok = load_tokenizer(out)
+    longest = max(texts, key=lambda t: len(tok(t).input_ids))
+    if len(tok(longest).input_ids) > max_length:  # a truncated caption would silently lose its last words
+        raise RuntimeError(f"{out}: {longest!r} takes {len(tok(longest).input_ids)} tokens, more than max_length {max_length}")
     return out
 
 
@@ -123,10 +132,6 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
     log(f"[{time.perf_counter() - t_start:.0f} s] dataset: {len(paths)} clips of {len(train_combos(seed))} combinations; "
         f"held out: {', '.join(c.caption for c in held_out_combos(seed))}")
     # 2. text
-    from .shapes import ALL_COMBOS
-
-    from ..text import load_tokenizer
-
     if not (model / "text_encoder" / "config.json").exists():  # finished stages are kept: resumable
         make_tokenizer([c.caption for c in ALL_COMBOS] * 4 + [""], model / "tokenizer")
         make_text_encoder(model / "text_encoder", len(load_tokenizer(model / "tokenizer")), seed)
