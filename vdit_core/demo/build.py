@@ -159,7 +159,7 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
     write_model_folder(model, defaults)
     from ..train.trainer import main as train_main
 
-    steps = 40 if quick else 8000
+    steps = 40 if quick else 6000
     train_out = out / "train"
     code = train_main([
         "--model", str(model), "--data", str(data), "--output", str(train_out), "--full",
