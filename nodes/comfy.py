@@ -121,6 +121,16 @@ def intermediate_device() -> torch.device:
     return mm.intermediate_device() if IN_COMFY else torch.device("cpu")
 
 
+class _Held(torch.nn.Module):
+    """What ComfyUI's ModelPatcher manages: it assigns ``model.device`` on every load and offload,
+    which a transformers model (T5EncoderModel) refuses: there ``device`` is a read-only property."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
+        self.device = next(module.parameters()).device
+
+
 class Managed:
     """A model under ComfyUI's memory management: loaded to its device on :meth:`load`, offloaded
     when ComfyUI needs the memory or the user frees it. Outside ComfyUI: moved once, kept."""
@@ -128,7 +138,11 @@ class Managed:
     def __init__(self, module: torch.nn.Module, role: str):
         self.module = module
         self.load_device, self.offload_device = devices(role)
-        self.patcher = comfy.model_patcher.ModelPatcher(module, self.load_device, self.offload_device) if IN_COMFY else None
+        if IN_COMFY:
+            held = type(type(module).__name__, (_Held,), {})(module)  # ComfyUI's log names the class it loads
+            self.patcher = comfy.model_patcher.ModelPatcher(held, self.load_device, self.offload_device)
+        else:
+            self.patcher = None
 
     def load(self) -> torch.device:
         if self.patcher is not None:

@@ -76,6 +76,9 @@ def main() -> int:
         print("queued demo workflow:", res.get("prompt_id"), "node errors:", res.get("node_errors"))
         hist = wait_done(base, res["prompt_id"], 600)
         print(f"status: {hist['status'].get('status_str')} in {time.time() - t0:.1f} s")
+        for kind, msg in hist["status"].get("messages", []):
+            if kind == "execution_error":
+                print(f"  error in {msg.get('node_type')}: {msg.get('exception_type')}: {msg.get('exception_message')}")
         saved = [img for out in hist["outputs"].values() for img in out.get("images", [])]
         print("outputs:", saved)
         for img in saved:
