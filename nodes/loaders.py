@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from vdit_core.checkpoint import parse_dtype
 from vdit_core.demo import demo_model_path
 from vdit_core.models.cogvideox import load_transformer
@@ -33,8 +35,12 @@ def resolve(choice: str, kind: str) -> tuple[Path, bool]:
     return comfy.full_path(kind, choice), False
 
 
-def _dtype(name: str):
-    return None if name == "default" else parse_dtype(name)
+def _dtype(name: str, role: str):
+    """"default": the file's dtype, except on a CPU (ComfyUI's --cpu), where half precision is
+    many times slower than fp32 (ComfyUI itself runs models in fp32 there)."""
+    if name != "default":
+        return parse_dtype(name)
+    return torch.float32 if comfy.devices(role)[0].type == "cpu" else None
 
 
 class VDITModelLoader:
@@ -44,7 +50,7 @@ class VDITModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (sources("diffusion_models"), {"default": DEMO, "tooltip": "a file in models/diffusion_models, a model folder in models/vdit, or the bundled demo"}),
-            "weight_dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype"}),
+            "weight_dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype (fp32 on a CPU)"}),
             "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: xformers on CUDA when installed, else PyTorch SDPA"}),
         }}
 
@@ -54,7 +60,7 @@ class VDITModelLoader:
 
     def load(self, model, weight_dtype, attention):
         path, folder = resolve(model, "diffusion_models")
-        transformer = load_transformer(path / "transformer" if folder else path, dtype=_dtype(weight_dtype), device="cpu")
+        transformer = load_transformer(path / "transformer" if folder else path, dtype=_dtype(weight_dtype, "diffusion"), device="cpu")
         transformer.set_attention_backend(None if attention == "auto" else attention)
         defaults = sampling_defaults(path if folder else None, transformer.config)
         return (ModelHandle(transformer, comfy.Managed(transformer, "diffusion"), defaults, model.rstrip("/")),)
@@ -91,7 +97,7 @@ class VDITTextEncoderLoader:
                 raise ValueError(f"{path}: a single T5 file needs a tokenizer: run inside ComfyUI (its T5 tokenizer is used) "
                                  f"or put a tokenizer/ folder next to the file")
             length = max_length or 226
-        encoder = load_t5(weights, tokenizer, dtype=_dtype(dtype), device="cpu", max_length=length)
+        encoder = load_t5(weights, tokenizer, dtype=_dtype(dtype, "text"), device="cpu", max_length=length)
         return (TextEncoderHandle(encoder, comfy.Managed(encoder.model, "text"), text_encoder.rstrip("/")),)
 
 
@@ -113,7 +119,7 @@ class VDITVAELoader:
     def load(self, vae, dtype, variant):
         path, folder = resolve(vae, "vae")
         base = None if variant == "auto" else VAE_PRESETS[variant]
-        model = load_vae(path / "vae" if folder else path, dtype=_dtype(dtype), device="cpu", base=base)
+        model = load_vae(path / "vae" if folder else path, dtype=_dtype(dtype, "vae"), device="cpu", base=base)
         return (VAEHandle(model, comfy.Managed(model, "vae"), vae.rstrip("/")),)
 
 
