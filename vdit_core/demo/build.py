@@ -80,9 +80,10 @@ def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 96, max_length
         json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": max_length, "legacy": True})
     )
     tok = load_tokenizer(out)
-    longest = max(texts, key=lambda t: len(tok(t).input_ids))
-    if len(tok(longest).input_ids) > max_length:  # a truncated caption would silently lose its last words
-        raise RuntimeError(f"{out}: {longest!r} takes {len(tok(longest).input_ids)} tokens, more than max_length {max_length}")
+    lengths = {t: len(tok(t).input_ids) for t in texts}  # each distinct text tokenized once
+    longest = max(lengths, key=lengths.get)
+    if lengths[longest] > max_length:  # a truncated caption would silently lose its last words
+        raise RuntimeError(f"{out}: {longest!r} takes {lengths[longest]} tokens, more than max_length {max_length}")
     return out
 
 
