@@ -53,11 +53,12 @@ class VDITEmptyLatent:
         pipe = model.pipeline()
         pipe.check_size(frames, height, width)
         _, t_pad = pipe.latent_frames(frames)
-        samples = torch.zeros(batch_size, pipe.config.out_channels, t_pad, height // 8, width // 8)
+        s = pipe.spatial_scale
+        samples = torch.zeros(batch_size, pipe.config.out_channels, t_pad, height // s, width // s)
         return ({"samples": samples, "vdit_frames": frames},)
 
 
-def _preview(denoised: torch.Tensor):
+def _preview(denoised: torch.Tensor, scale: int = 8):
     """A cheap look at the current x0 estimate: the middle latent frame's first three channels,
     each stretched to 0..255 (no VAE involved)."""
     from PIL import Image
@@ -66,7 +67,7 @@ def _preview(denoised: torch.Tensor):
     lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
     x = ((x - lo) / (hi - lo).clamp(min=1e-6) * 255).byte().permute(1, 2, 0).cpu().numpy()
     img = Image.fromarray(x)
-    return img.resize((img.width * 8, img.height * 8), Image.NEAREST)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
 def image_conditioning(image_latent: dict, t: int, out_channels: int) -> torch.Tensor:
@@ -132,7 +133,7 @@ class VDITSampler:
 
         def callback(info):
             comfy.check_interrupt()  # cancel stops within one step
-            progress.update(1, _preview(info["denoised"]) if show else None)
+            progress.update(1, _preview(info["denoised"], pipe.spatial_scale) if show else None)
 
         handles = [load_lora(pipe.transformer, path, strength) for path, strength in model.loras]
         try:

@@ -16,7 +16,7 @@ import tiny  # noqa: E402
 from report import REPORT  # noqa: E402
 from vdit_core.checkpoint import CheckpointError  # noqa: E402
 from vdit_core.models.cogvideox import load_transformer  # noqa: E402
-from vdit_core.pipeline import load_pipeline  # noqa: E402
+from vdit_core.pipeline import CogVideoXPipeline, load_pipeline, sampling_defaults  # noqa: E402
 from vdit_core.text import load_t5  # noqa: E402
 from vdit_core.vae.cogvideox_vae import CogVideoXVAEConfig, Tiling, load_vae  # noqa: E402
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
@@ -285,6 +285,28 @@ def test_pipeline_matches_diffusers(tmp_path, variant, scheduler, frames):
     REPORT[f"pipeline {variant} {scheduler} {frames}f"] = err
     assert got.shape == expected.shape
     assert err < 1e-4
+
+
+def test_pipeline_with_a_4x_vae_matches_diffusers(tmp_path):
+    """A VAE of three blocks compresses 4x in space (the demo model's); latent sizes follow the
+    VAE, also where only the transformer is loaded (the nodes' Empty Latent, the trainer)."""
+    ref, folder = tiny.reference_pipeline(tmp_path, "5b", "ddim", transformer=dict(patch_size=4, sample_height=8, sample_width=12),
+                                          vae=dict(block_out_channels=(8, 16, 16), down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                                   up_block_types=("CogVideoXUpBlock3D",) * 3))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = ref(prompt="a red circle", num_frames=9, height=32, width=48, num_inference_steps=4, guidance_scale=6.0,
+                       generator=torch.Generator().manual_seed(3), output_type="pt").frames[0].permute(0, 2, 3, 1)
+        pipe = load_pipeline(folder, device="cpu")
+        got = pipe(prompt="a red circle", num_frames=9, height=32, width=48, steps=4, cfg=6.0, seed=3, progress=False)
+    assert pipe.spatial_scale == 4 and pipe.default_size == (9, 32, 48)
+    assert got.shape == expected.shape == (9, 32, 48, 3)
+    assert (got - expected).abs().max() < 1e-4
+    bare = CogVideoXPipeline(transformer=pipe.transformer, vae=None, text_encoder=None,
+                             **sampling_defaults(folder, pipe.transformer.config))
+    assert bare.spatial_scale == 4 and bare.default_size == (9, 32, 48)
+    with pytest.raises(ValueError, match=r"width=40: must be a positive multiple of 16"):  # 4x VAE x patch 4
+        bare.check_size(9, 32, 40)
 
 
 def test_pipeline_video_to_video_matches_diffusers(tmp_path):

@@ -84,15 +84,17 @@ def tiny_t5(vocab: int = 64):
     return T5EncoderModel(cfg).eval()
 
 
-def reference_pipeline(root: Path, variant: str, scheduler: str = "ddim", seed: int = 0):
-    """A diffusers CogVideoX pipeline of tiny random models, saved under ``root/variant``."""
+def reference_pipeline(root: Path, variant: str, scheduler: str = "ddim", seed: int = 0, transformer: dict | None = None,
+                       vae: dict | None = None):
+    """A diffusers CogVideoX pipeline of tiny random models, saved under ``root/variant``;
+    ``transformer`` / ``vae``: config fields replacing the tiny ones."""
     import diffusers
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
-    kw = transformer_kwargs(variant)
+    kw = {**transformer_kwargs(variant), **(transformer or {})}
     transformer = diffusers.CogVideoXTransformer3DModel(**kw).eval()
-    vae_kw = dict(VAE)
+    vae_kw = {**VAE, **(vae or {})}
     if variant.startswith("1.5"):
         vae_kw.update(scaling_factor=0.7, invert_scale_latents=True)
     elif variant != "2b":

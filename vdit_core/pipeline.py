@@ -26,7 +26,7 @@ from .prediction import VPrediction
 from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise, prior_sample
 from .schedules import DiscreteSchedule, DiscreteScheduleConfig
 from .text import T5TextEncoder, load_t5
-from .vae.cogvideox_vae import CogVideoXVAE, load_vae
+from .vae.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig, load_vae
 
 # the reference scheduler classes and the sampler each corresponds to
 SCHEDULER_SAMPLERS = {
@@ -93,6 +93,7 @@ class CogVideoXPipeline:
     steps: int = 50
     cfg: float = 6.0
     name: str = "cogvideox"
+    vae_scale: int = 8  # pixels per latent cell when no VAE is loaded (8 for every release)
 
     # -- facts about the model ---------------------------------------------------------------
     @property
@@ -114,10 +115,15 @@ class CogVideoXPipeline:
         return self.transformer.proj_out.weight.device
 
     @property
+    def spatial_scale(self) -> int:
+        """Pixels per latent cell: the VAE's spatial compression (8 in every CogVideoX release)."""
+        return self.vae.config.spatial_compression if self.vae is not None else self.vae_scale
+
+    @property
     def default_size(self) -> tuple[int, int, int]:
         """(frames, height, width) the model was trained at."""
-        c = self.config
-        return c.sample_frames, c.sample_height * 8, c.sample_width * 8
+        c, s = self.config, self.spatial_scale
+        return c.sample_frames, c.sample_height * s, c.sample_width * s
 
     def latent_frames(self, num_frames: int) -> tuple[int, int]:
         """(latent frames, padded to the temporal patch) for a pixel frame count."""
@@ -131,14 +137,15 @@ class CogVideoXPipeline:
         if num_frames < 1 or (num_frames - 1) % 4:
             lo, hi = _neighbours(num_frames, 4, 1)
             raise ValueError(f"num_frames={num_frames}: CogVideoX takes 4k+1 frames; nearest valid: {lo} or {hi}")
+        c, s = self.config, self.spatial_scale
+        step = s * c.patch_size  # one transformer token
         for label, v in (("height", height), ("width", width)):
-            if v < 16 or v % 16:
-                lo, hi = _neighbours(v, 16)
-                raise ValueError(f"{label}={v}: must be a positive multiple of 16; nearest valid: {lo} or {hi}")
-        c = self.config
-        if c.use_learned_positional_embeddings and (height, width) != (c.sample_height * 8, c.sample_width * 8):
+            if v < step or v % step:
+                lo, hi = _neighbours(v, step)
+                raise ValueError(f"{label}={v}: must be a positive multiple of {step}; nearest valid: {lo} or {hi}")
+        if c.use_learned_positional_embeddings and (height, width) != (c.sample_height * s, c.sample_width * s):
             raise ValueError(
-                f"this model ({self.name}) has learned positions for {c.sample_height * 8}x{c.sample_width * 8} "
+                f"this model ({self.name}) has learned positions for {c.sample_height * s}x{c.sample_width * s} "
                 f"only; got {height}x{width}"
             )
         if c.use_learned_positional_embeddings and num_frames > c.sample_frames:
@@ -176,7 +183,8 @@ class CogVideoXPipeline:
             raise ValueError("image-to-video needs the VAE")
         pixels = _to_pixels(_image_tensor(image), height, width).to(self.vae.device)
         c = self.vae.config.latent_channels
-        post = noise.draw((1, c, 1, height // 8, width // 8))
+        s = self.spatial_scale
+        post = noise.draw((1, c, 1, height // s, width // s))
         sf = self.vae.config.scaling_factor
         z = self.vae.encode(pixels, sample=True, noise=post, scale=(1 / sf) if self.vae.config.invert_scale_latents else sf)
         return torch.cat([z, z.new_zeros(1, c, latent_t - 1, *z.shape[-2:])], dim=2).to(self.device)
@@ -187,7 +195,8 @@ class CogVideoXPipeline:
             raise ValueError("video-to-video needs the VAE")
         pixels = _to_pixels(video, height, width).to(self.vae.device)
         t = (video.shape[0] - 1) // 4 + 1
-        post = noise.draw((1, self.vae.config.latent_channels, t, height // 8, width // 8))
+        s = self.spatial_scale
+        post = noise.draw((1, self.vae.config.latent_channels, t, height // s, width // s))
         return self.vae.encode(pixels, sample=True, noise=post).to(self.device)
 
     # -- sampling ----------------------------------------------------------------------------
@@ -311,7 +320,8 @@ class CogVideoXPipeline:
         t, t_pad = self.latent_frames(num_frames)
         if video is not None and t_pad != t:
             raise ValueError(f"video-to-video with {self.name} needs {t} latent frames to be a multiple of {self.config.patch_size_t}")
-        shape = (1, self.config.out_channels, t_pad, height // 8, width // 8)
+        s = self.spatial_scale
+        shape = (1, self.config.out_channels, t_pad, height // s, width // s)
         source = self.noise_source(seed, shape)
 
         context = self.encode_prompt(prompt)
@@ -384,7 +394,9 @@ def load_pipeline(
 
 def sampling_defaults(folder: Path | None, config: CogVideoXConfig) -> dict:
     """Schedule, sampler, steps and cfg of a model: from the folder's scheduler config (and the
-    ``_vdit_defaults`` a model_index.json may carry), else the release's defaults."""
+    ``_vdit_defaults`` a model_index.json may carry), else the release's defaults; and the
+    spatial compression of the folder's VAE (8 without one), so a pipeline without its VAE
+    loaded still knows the pixel size of a latent."""
     sched_cfg_path = folder / "scheduler" / "scheduler_config.json" if folder else None
     if sched_cfg_path is not None and sched_cfg_path.exists():
         raw = read_json(sched_cfg_path)
@@ -401,4 +413,12 @@ def sampling_defaults(folder: Path | None, config: CogVideoXConfig) -> dict:
         "sampler": extra.get("sampler", sampler),
         "steps": int(extra.get("steps", 50)),
         "cfg": float(extra.get("cfg", 6.0)),
+        "vae_scale": _vae_scale(folder),
     }
+
+
+def _vae_scale(folder: Path | None) -> int:
+    path = folder / "vae" / "config.json" if folder else None
+    if path is None or not path.exists():
+        return 8
+    return CogVideoXVAEConfig.from_diffusers(read_json(path)).spatial_compression

@@ -295,7 +295,7 @@ class CogVideoXTransformer(nn.Module):
             if table.shape[1] - cfg.max_text_seq_length < n_vid:
                 raise ValueError(
                     f"this model's learned positions cover {cfg.sample_frames} frames at "
-                    f"{cfg.sample_height * 8}x{cfg.sample_width * 8}; the input has more tokens"
+                    f"a {cfg.sample_height}x{cfg.sample_width} latent grid; the input has more tokens"
                 )
             text = text + table[:, :n_text]
             # the video grid must equal the trained one in H and W; fewer frames use a prefix

@@ -166,14 +166,16 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
     schedule, default_sampler = defaults["schedule"], defaults["sampler"]
     mcfg = transformer.config
     frames = cfg.frames or mcfg.sample_frames
-    height, width = cfg.height or mcfg.sample_height * 8, cfg.width or mcfg.sample_width * 8
+    scale = defaults["vae_scale"]  # pixels per latent cell
+    height, width = cfg.height or mcfg.sample_height * scale, cfg.width or mcfg.sample_width * scale
     sizes, frame_buckets = parse_buckets(cfg.buckets, cfg.frame_buckets, Bucket(frames, height, width))
     for f in frame_buckets:
         if (f - 1) % 4:
             raise ValueError(f"frame count {f} is not 4k+1")
+    token = scale * mcfg.patch_size
     for h, w in sizes:
-        if h % 16 or w % 16:
-            raise ValueError(f"bucket {h}x{w}: height and width must be multiples of 16")
+        if h % token or w % token:
+            raise ValueError(f"bucket {h}x{w}: height and width must be multiples of {token}")
     model_fps = 16.0 if mcfg.is_v15 else 8.0
     is_i2v = mcfg.in_channels == 2 * mcfg.out_channels
 
@@ -329,7 +331,7 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_checkpoint(out, step, module, optimizer, scheduler, scaler, ema, cfg, strategy, mcfg)
         if cfg.validation_prompts and ((cfg.validation_every and step % cfg.validation_every == 0) or step == cfg.steps):
-            _validate(cfg, step, transformer, schedule, default_sampler, cache, model_dir, device, mp_dtype, strategy)
+            _validate(cfg, step, transformer, schedule, default_sampler, scale, cache, model_dir, device, mp_dtype, strategy)
     bar.close()
     if log_file is not None:
         log_file.close()
@@ -543,7 +545,7 @@ def _save_final(out, module, ema, params, cfg, strategy, model_dir, mcfg) -> Non
 
 
 @torch.no_grad()
-def _validate(cfg, step, transformer, schedule, sampler, cache, model_dir, device, mp_dtype, strategy) -> None:
+def _validate(cfg, step, transformer, schedule, sampler, scale, cache, model_dir, device, mp_dtype, strategy) -> None:
     """Sample the validation prompts with the project's pipeline; rank 0 writes the mp4s. Under
     DDP the prompts are shared out among ranks; under FSDP2 every rank runs all of them in step."""
     from ..vae.cogvideox_vae import load_vae
@@ -554,14 +556,14 @@ def _validate(cfg, step, transformer, schedule, sampler, cache, model_dir, devic
     mine = list(range(len(prompts))) if (strategy == "fsdp" and world > 1) else list(range(rank, len(prompts), world))
     was_training = transformer.training
     transformer.eval()
-    pipe = CogVideoXPipeline(transformer=transformer, vae=None, text_encoder=None, schedule=schedule, sampler=sampler)
+    pipe = CogVideoXPipeline(transformer=transformer, vae=None, text_encoder=None, schedule=schedule, sampler=sampler, vae_scale=scale)
     mcfg = transformer.config
-    frames, h, w = cfg.frames or mcfg.sample_frames, cfg.height or mcfg.sample_height * 8, cfg.width or mcfg.sample_width * 8
+    frames, h, w = cfg.frames or mcfg.sample_frames, cfg.height or mcfg.sample_height * scale, cfg.width or mcfg.sample_width * scale
     t, t_pad = pipe.latent_frames(frames)
     results = {}
     empty = cache.text("").to(device)[None]
     for i in mine:
-        shape = (1, mcfg.out_channels, t_pad, h // 8, w // 8)
+        shape = (1, mcfg.out_channels, t_pad, h // scale, w // scale)
         source = SeededNoise(cfg.seed + i, shape, device=device, permute=(1, 0, 2, 3))
         with _autocast(device, mp_dtype):
             lat = pipe.sample(cache.text(prompts[i]).to(device)[None], empty, source(), steps=cfg.validation_steps,
