@@ -58,7 +58,7 @@ class VDITEmptyLatent:
         return ({"samples": samples, "vdit_frames": frames},)
 
 
-def _preview(denoised: torch.Tensor, scale: int = 8):
+def _preview(denoised: torch.Tensor, scale: int):
     """A cheap look at the current x0 estimate: the middle latent frame's first three channels,
     each stretched to 0..255 (no VAE involved)."""
     from PIL import Image

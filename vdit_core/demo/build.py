@@ -101,11 +101,14 @@ def store_fp16(path: Path) -> None:
     """Rewrite a safetensors file with its float tensors in fp16: the shipped demo stays under
     20 MB (fp32 weights are 20.1 MiB), and the loaders cast to the chosen dtype anyway."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    with safe_open(str(path), "pt") as f:
+    with safe_open(str(path), "pt") as f:  # one read: the tensors and the header's metadata
         metadata = f.metadata()
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        tensors = {}
+        for k in f.keys():
+            v = f.get_tensor(k)
+            tensors[k] = v.half() if v.is_floating_point() else v
     save_file(tensors, str(path), metadata=metadata)
 
 

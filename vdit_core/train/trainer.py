@@ -558,7 +558,8 @@ def _validate(cfg, step, transformer, schedule, sampler, scale, cache, model_dir
     transformer.eval()
     pipe = CogVideoXPipeline(transformer=transformer, vae=None, text_encoder=None, schedule=schedule, sampler=sampler, vae_scale=scale)
     mcfg = transformer.config
-    frames, h, w = cfg.frames or mcfg.sample_frames, cfg.height or mcfg.sample_height * scale, cfg.width or mcfg.sample_width * scale
+    f0, h0, w0 = pipe.default_size
+    frames, h, w = cfg.frames or f0, cfg.height or h0, cfg.width or w0
     t, t_pad = pipe.latent_frames(frames)
     results = {}
     empty = cache.text("").to(device)[None]
