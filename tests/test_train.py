@@ -220,6 +220,21 @@ def test_full_finetune_saves_loadable_transformer(model_dir, tmp_path):
     assert changed  # the weights moved, and the folder loads like the original
 
 
+def test_validation_videos_take_the_model_size(model_dir, tmp_path):
+    """No --frames/--height/--width: validation samples at the model's trained size (latent grid x
+    the VAE's spatial compression) and rank 0 writes one mp4 per prompt."""
+    from vdit_core.video_io import read_video
+
+    data = make_data(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir), "--data", str(data), "--output", str(out), "--steps", "1", "--lora-rank", "4",
+                 "--validation-prompt", "a red square moving right", "--validation-steps", "2"]) == 0
+    videos = sorted((out / "validation" / "step-0000001").glob("*.mp4"))
+    assert len(videos) == 1
+    frames, fps = read_video(videos[0])
+    assert frames.shape == (9, 32, 48, 3) and fps == 8
+
+
 def test_config_file_flags_and_cache_reuse(model_dir, tmp_path, monkeypatch):
     data = make_data(tmp_path / "data", 2)
     toml = tmp_path / "train.toml"
