@@ -27,13 +27,14 @@ import torch
 from ..models.cogvideox import CogVideoXConfig, CogVideoXTransformer, save_transformer
 from ..text import load_tokenizer
 from .shapes import ALL_COMBOS, FPS, FRAMES, SIZE, held_out_combos, render, train_combos, write_dataset
+from .vae_train import DEMO_VAE
 
 DEMO_TRANSFORMER = CogVideoXConfig(
     num_layers=6,
     num_attention_heads=4,
     attention_head_dim=32,
-    in_channels=16,
-    out_channels=16,
+    in_channels=DEMO_VAE.latent_channels,
+    out_channels=DEMO_VAE.latent_channels,
     text_embed_dim=64,
     time_embed_dim=128,
     use_rotary_positional_embeddings=True,
@@ -153,7 +154,7 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
         make_text_encoder(model / "text_encoder", len(load_tokenizer(model / "tokenizer")), seed)
     # 3. VAE
     from ..vae.cogvideox_vae import load_vae
-    from .vae_train import DEMO_VAE, reconstruction_psnr, train_vae
+    from .vae_train import reconstruction_psnr, train_vae
 
     if not (model / "vae" / "config.json").exists():
         vae = train_vae(load_clips(paths), DEMO_VAE, steps=60 if quick else 1500, seed=seed, log=log)

@@ -1,7 +1,8 @@
 """Training the demo's CogVideoX-architecture VAE from scratch.
 
 Reconstruction (L1 + MSE, object pixels weighted up: the background is most of every frame but
-says nothing about colour or shape) plus a small KL term, on 9-frame windows and spatial crops
+says nothing about colour or shape) plus a KL term (1e-4: enough to keep the latent regularised;
+at 1e-5 the posterior std fell to 0.3% of the latent std), on 9-frame windows and spatial crops
 of the training clips, most of them centred on the moving object (the VAE is convolutional and
 causal, so windows and crops teach it the whole clip). The scaling factor is set afterwards to
 1 / std of the encoded latents, as latent diffusion models do.
@@ -21,7 +22,10 @@ from ..vae.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig
 
 DEMO_VAE = CogVideoXVAEConfig(
     block_out_channels=(16, 32, 64, 64),  # wide only where it is cheap (low resolution)
-    latent_channels=16,  # as the released CogVideoX VAE
+    # 4, not the released 16: one shape on a plain background needs few numbers, and a compact
+    # latent is easier for the small transformer (16 channels: shape 25% held-out, 43.8% trained;
+    # 4: 40%, 68.8%, with a better PSNR too)
+    latent_channels=4,
     layers_per_block=1,
     norm_num_groups=8,
     sample_height=64,
@@ -44,7 +48,7 @@ def train_vae(
     lr: float = 1e-3,
     window: int = 9,
     crop: int = 32,
-    kl_weight: float = 1e-5,
+    kl_weight: float = 1e-4,
     object_crops: float = 0.8,
     object_weight: float = 9.0,
     seed: int = 0,
