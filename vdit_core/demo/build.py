@@ -26,8 +26,9 @@ import torch
 
 from ..models.cogvideox import CogVideoXConfig, CogVideoXTransformer, save_transformer
 from ..text import load_tokenizer
+from ..vae.cogvideox_vae import load_vae
 from .shapes import ALL_COMBOS, FPS, FRAMES, SIZE, held_out_combos, render, train_combos, write_dataset
-from .vae_train import DEMO_VAE
+from .vae_train import DEMO_VAE, reconstruction_psnr, train_vae
 
 DEMO_TRANSFORMER = CogVideoXConfig(
     num_layers=6,
@@ -153,9 +154,6 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
         make_tokenizer([c.caption for c in ALL_COMBOS] * 4 + [""], model / "tokenizer")
         make_text_encoder(model / "text_encoder", len(load_tokenizer(model / "tokenizer")), seed)
     # 3. VAE
-    from ..vae.cogvideox_vae import load_vae
-    from .vae_train import reconstruction_psnr, train_vae
-
     if not (model / "vae" / "config.json").exists():
         vae = train_vae(load_clips(paths), DEMO_VAE, steps=60 if quick else 1500, seed=seed, log=log)
         (model / "vae").mkdir(parents=True, exist_ok=True)
