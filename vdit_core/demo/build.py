@@ -39,8 +39,8 @@ DEMO_TRANSFORMER = CogVideoXConfig(
     text_embed_dim=64,
     time_embed_dim=128,
     use_rotary_positional_embeddings=True,
-    sample_height=SIZE // 8,
-    sample_width=SIZE // 8,
+    sample_height=SIZE // DEMO_VAE.spatial_compression,  # the latent size: follows the VAE's depth
+    sample_width=SIZE // DEMO_VAE.spatial_compression,
     sample_frames=FRAMES,
     max_text_seq_length=16,
 )
