@@ -92,6 +92,19 @@ def test_shipped_tokenizer_keeps_every_caption_word_whole():
         assert len(ids) == len(combo.caption.split()) + 1, (combo.caption, tok.tokenize(combo.caption))  # + eos
     assert len(ids) <= tok.model_max_length
 
+def test_tokenizer_without_protobuf_names_protobuf():
+    """transformers cannot read a spiece.model without protobuf; its own error names tiktoken."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['google.protobuf'] = None\n"  # as if protobuf were not installed
+            "from vdit_core.text import load_tokenizer\n"
+            f"load_tokenizer({str(MODEL_DIR / 'tokenizer')!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "needs the protobuf package" in r.stderr and "spiece.model" in r.stderr, r.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def held_out_scores():
     """A fixed subset: every held-out prompt with seed 0, read back from mp4 files."""

@@ -107,6 +107,14 @@ def load_t5_model(path: str | Path, dtype: torch.dtype = torch.float32, device="
     return model.to(device).eval().requires_grad_(False)
 
 
+def _has_protobuf() -> bool:
+    try:
+        import google.protobuf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_tokenizer(path: str | Path):
     """A T5 tokenizer from a folder holding spiece.model and/or tokenizer.json (the official
     CogVideoX folder has spiece.model; ComfyUI's t5_tokenizer folder has tokenizer.json)."""
@@ -118,6 +126,12 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many kinds of errors for unusable folders
+        if (path / "spiece.model").is_file() and not (path / "tokenizer.json").is_file() and not _has_protobuf():
+            # without protobuf transformers 5 falls through to a tiktoken reader and names tiktoken
+            raise CheckpointError(
+                f"{path}: reading spiece.model needs the protobuf package, which is not installed "
+                "(pip install protobuf; it is in vdit's requirements.txt)"
+            ) from None
         raise CheckpointError(f"{path}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
