@@ -92,6 +92,7 @@ def test_shipped_tokenizer_keeps_every_caption_word_whole():
         assert len(ids) == len(combo.caption.split()) + 1, (combo.caption, tok.tokenize(combo.caption))  # + eos
     assert len(ids) <= tok.model_max_length
 
+
 def test_tokenizer_without_protobuf_names_protobuf():
     """transformers cannot read a spiece.model without protobuf; its own error names tiktoken."""
     import subprocess
