@@ -107,14 +107,14 @@ def test_tokenizer_without_protobuf_names_protobuf():
 
 
 @pytest.fixture(scope="module")
-def held_out_scores():
+def held_out_scores(tmp_path_factory):
     """A fixed subset: every held-out prompt with seed 0, read back from mp4 files."""
     from vdit_core.demo.evaluate import evaluate
     from vdit_core.pipeline import load_pipeline
 
     pipe = load_pipeline(device="cpu")
     t0 = time.perf_counter()
-    scores = evaluate(pipe, held_out_combos(0), [0])
+    scores = evaluate(pipe, held_out_combos(0), [0], out_dir=tmp_path_factory.mktemp("held_out"))
     REPORT["demo held-out accuracy (seed 0, 10 prompts)"] = scores.line()
     REPORT["demo seconds per video (CPU)"] = round((time.perf_counter() - t0) / scores.n, 2)
     return scores
@@ -127,7 +127,7 @@ def test_shipped_weights_meet_the_colour_and_motion_goal(held_out_scores):
 
 
 @shipped
-@pytest.mark.xfail(strict=True, reason="known gap: the shipped model often rounds squares into blobs that read as circles (shape 62.5% held out)")
+@pytest.mark.xfail(strict=True, reason="known gap: the shipped model sometimes rounds squares into blobs that read as circles (shape 87.5% held out, 80% on this subset)")
 def test_shipped_weights_meet_the_shape_goal(held_out_scores):
     assert held_out_scores.accuracy()["shape"] >= 0.9, held_out_scores.failures
 
