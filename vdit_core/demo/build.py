@@ -178,7 +178,7 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
     train_out = out / "train"
     code = train_main([
         "--model", str(model), "--data", str(data), "--output", str(train_out), "--full",
-        "--steps", str(steps), "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", str(min(200, steps // 10)),
+        "--steps", str(steps), "--batch-size", "32", "--lr", "3e-3", "--warmup-steps", str(min(200, steps // 10)),
         "--lr-schedule", "cosine", "--weight-decay", "0.01", "--ema-decay", "0.999" if not quick else "0.9",
         "--no-gradient-checkpointing", "--checkpoint-every", str(max(steps // 4, 10)), "--keep-checkpoints", "1",
         "--caption-dropout", "0.1", "--seed", str(seed), "--resume",
