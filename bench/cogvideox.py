@@ -85,7 +85,8 @@ def worker(args) -> dict:
         from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
         from vdit_core.models.cogvideox import load_transformer
-        from vdit_core.pipeline import CogVideoXPipeline as Ours, default_schedule
+        from vdit_core.families.cogvideox import release_schedule
+        from vdit_core.pipeline import Pipeline as Ours
         from vdit_core.schedules import DiscreteSchedule
 
         if impl == "ours":
@@ -117,8 +118,9 @@ def worker(args) -> dict:
             return {"case": args.worker, **res}
         steps = args.steps
         if impl == "ours":
-            pipe = Ours(transformer=model, vae=None, text_encoder=None, schedule=DiscreteSchedule.from_config(default_schedule(model.config)))
-            fn = lambda: pipe.sample(ctx, torch.zeros_like(ctx), x, steps=steps, cfg=6.0, sampler="ddim", progress=False)  # noqa: E731
+            pipe = Ours(transformer=model, vae=None, text_encoder=None, schedule=DiscreteSchedule.from_config(release_schedule(model.config)))
+            cond, uncond = {"context": ctx}, {"context": torch.zeros_like(ctx)}
+            fn = lambda: pipe.sample(cond, uncond, x, steps=steps, cfg=6.0, sampler="ddim", progress=False)  # noqa: E731
         else:
             sched = CogVideoXDDIMScheduler(snr_shift_scale=1.0 if model.config.use_rotary_positional_embeddings else 3.0,
                                            prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True, clip_sample=False)

@@ -29,7 +29,7 @@ def worker(args) -> dict:
     import torch
 
     from vdit_core.schedules import DiscreteSchedule
-    from vdit_core.pipeline import default_schedule
+    from vdit_core.families.cogvideox import release_schedule
 
     dtype = getattr(torch, DTYPES[args.dtype])
     dev = args.device
@@ -54,7 +54,7 @@ def worker(args) -> dict:
             params = list(lora.parameters())
         else:
             params = list(model.parameters())
-        schedule = DiscreteSchedule.from_config(default_schedule(model.config))
+        schedule = DiscreteSchedule.from_config(release_schedule(model.config))
         ctx = torch.randn(args.batch, 226, model.config.text_embed_dim, generator=g).to(dev)
         denoiser = VPrediction(lambda x, t, context: model(x, t, context).float(), schedule)
 
@@ -87,7 +87,7 @@ def worker(args) -> dict:
             rope = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), t_lat, device=dev)
         from vdit_core.models.cogvideox import CogVideoXConfig
 
-        schedule = DiscreteSchedule.from_config(default_schedule(CogVideoXConfig.from_diffusers(dict(c))))
+        schedule = DiscreteSchedule.from_config(release_schedule(CogVideoXConfig.from_diffusers(dict(c))))
         ctx = torch.randn(args.batch, 226, c.text_embed_dim, generator=g).to(dev)
         ac = schedule.alphas_cumprod.to(dev)
 

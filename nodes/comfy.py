@@ -39,7 +39,7 @@ def set_paths(models: str | Path | None = None, output: str | Path | None = None
 
 
 def register_folders() -> None:
-    """Register ``models/vdit`` (diffusers-format model folders) with ComfyUI."""
+    """Register ``models/vdit`` (model folders of any family) with ComfyUI."""
     if IN_COMFY and "vdit" not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path("vdit", os.path.join(folder_paths.models_dir, "vdit"), is_default=True)
 
@@ -66,12 +66,21 @@ def list_files(kind: str) -> list[str]:
 
 
 def list_model_folders() -> list[str]:
-    """Diffusers-format model folders under ``models/vdit`` (those with a model_index.json)."""
+    """Model folders under ``models/vdit`` whose layout a registered family recognises."""
+    from vdit_core import families
+
     out = []
     for d in _dirs("vdit"):
         if os.path.isdir(d):
-            out += [name for name in os.listdir(d) if os.path.exists(os.path.join(d, name, "model_index.json"))]
+            out += [name for name in os.listdir(d) if _recognised(families, Path(d) / name)]
     return sorted(set(out))
+
+
+def _recognised(families, folder: Path) -> bool:
+    try:
+        return folder.is_dir() and any(f.recognises_folder(folder) for f in families.FAMILIES.values())
+    except ValueError:  # an unreadable config: not offered (loading it by path says why)
+        return False
 
 
 def full_path(kind: str, name: str) -> Path:

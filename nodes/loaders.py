@@ -1,5 +1,6 @@
 """Loader nodes: the transformer, the text encoder and the VAE, from ComfyUI's model folders, a
-diffusers-format folder under models/vdit, or the bundled demo model."""
+model folder under models/vdit, or the bundled demo model. The family of each file or folder is
+detected; its loader does the rest."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ from pathlib import Path
 
 import torch
 
+from vdit_core import families
 from vdit_core.checkpoint import parse_dtype
 from vdit_core.demo import demo_model_path
-from vdit_core.models.cogvideox import load_transformer
-from vdit_core.pipeline import sampling_defaults
-from vdit_core.text import load_t5
-from vdit_core.vae.cogvideox_vae import PRESETS as VAE_PRESETS, load_vae
 
 from . import comfy
 from .types import DEMO, ModelHandle, TextEncoderHandle, VAEHandle
@@ -44,7 +42,7 @@ def _dtype(name: str, role: str):
 
 
 class VDITModelLoader:
-    """Load a CogVideoX transformer (single file, diffusers folder or the bundled demo)."""
+    """Load a diffusion transformer (single file, model folder or the bundled demo)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -60,14 +58,15 @@ class VDITModelLoader:
 
     def load(self, model, weight_dtype, attention):
         path, folder = resolve(model, "diffusion_models")
-        transformer = load_transformer(path / "transformer" if folder else path, dtype=_dtype(weight_dtype, "diffusion"), device="cpu")
+        family = families.for_folder(path) if folder else families.for_file(path, "transformer")
+        transformer = family.load_transformer(path / "transformer" if folder else path, dtype=_dtype(weight_dtype, "diffusion"), device="cpu")
         transformer.set_attention_backend(None if attention == "auto" else attention)
-        defaults = sampling_defaults(path if folder else None, transformer.config)
-        return (ModelHandle(transformer, comfy.Managed(transformer, "diffusion"), defaults, model.rstrip("/")),)
+        defaults = family.sampling_defaults(path if folder else None, transformer.config)
+        return (ModelHandle(transformer, comfy.Managed(transformer, "diffusion"), defaults, model.rstrip("/"), family),)
 
 
 class VDITTextEncoderLoader:
-    """Load the T5 text encoder: a model folder's (with its tokenizer) or a single file from
+    """Load the text encoder(s): a model folder's (with its tokenizer) or a single file from
     models/text_encoders (tokenizer from ComfyUI's T5 files, or a tokenizer/ folder beside it)."""
 
     @classmethod
@@ -83,33 +82,30 @@ class VDITTextEncoderLoader:
     CATEGORY = "vdit"
 
     def load(self, text_encoder, dtype, max_length):
-        import json
-
         path, folder = resolve(text_encoder, "text_encoders")
+        dtype_ = _dtype(dtype, "text")
         if folder:
-            weights, tokenizer = path / "text_encoder", path / "tokenizer"
-            cfg = path / "transformer" / "config.json"
-            length = max_length or (json.loads(cfg.read_text()).get("max_text_seq_length", 226) if cfg.exists() else 226)
+            family = families.for_folder(path)
+            encoder = family.load_text_encoder(path, dtype_, "cpu", max_length=max_length)
         else:
-            weights = path
+            family = families.for_file(path, "text_encoder")
             tokenizer = path.parent / "tokenizer" if (path.parent / "tokenizer").is_dir() else comfy.t5_tokenizer_dir()
             if tokenizer is None:
                 raise ValueError(f"{path}: a single T5 file needs a tokenizer: run inside ComfyUI (its T5 tokenizer is used) "
                                  f"or put a tokenizer/ folder next to the file")
-            length = max_length or 226
-        encoder = load_t5(weights, tokenizer, dtype=_dtype(dtype, "text"), device="cpu", max_length=length)
-        return (TextEncoderHandle(encoder, comfy.Managed(encoder.model, "text"), text_encoder.rstrip("/")),)
+            encoder = family.load_text_encoder(path, dtype_, "cpu", tokenizer=tokenizer, max_length=max_length)
+        return (TextEncoderHandle(encoder, comfy.Managed(encoder.model, "text"), text_encoder.rstrip("/"), family),)
 
 
 class VDITVAELoader:
-    """Load the CogVideoX VAE (single file, model folder or the bundled demo)."""
+    """Load a VAE (single file, model folder or the bundled demo)."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": (sources("vae"), {"default": DEMO}),
             "dtype": (DTYPES, {"default": "default"}),
-            "variant": (["auto"] + list(VAE_PRESETS), {"default": "auto", "tooltip": "sets the latent scaling of a single file (auto: the 5B family's 0.7)"}),
+            "variant": (["auto"] + families.vae_variants(), {"default": "auto", "tooltip": "sets the latent scaling of a single file (auto: the 5B family's 0.7)"}),
         }}
 
     RETURN_TYPES = ("VDIT_VAE",)
@@ -118,8 +114,8 @@ class VDITVAELoader:
 
     def load(self, vae, dtype, variant):
         path, folder = resolve(vae, "vae")
-        base = None if variant == "auto" else VAE_PRESETS[variant]
-        model = load_vae(path / "vae" if folder else path, dtype=_dtype(dtype, "vae"), device="cpu", base=base)
+        family = families.for_folder(path) if folder else families.for_file(path, "vae")
+        model = family.load_vae(path / "vae" if folder else path, _dtype(dtype, "vae"), "cpu", None if variant == "auto" else variant)
         return (VAEHandle(model, comfy.Managed(model, "vae"), vae.rstrip("/")),)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from vdit_core import families
 from vdit_core.lora import load_lora
-from vdit_core.pipeline import LATENT_PERMUTE
+from vdit_core.pipeline import batch_conditioning
 from vdit_core.sampling import SAMPLERS, SeededNoise
 
 from . import comfy
@@ -14,19 +15,14 @@ SPACINGS = ["default", "trailing", "leading", "linspace", "karras", "exponential
 
 
 def check_size(width: int, height: int, frames: int) -> str | None:
-    """Why these sizes are invalid for CogVideoX (with the valid neighbours), or None."""
-    if frames < 1 or (frames - 1) % 4:
-        lo = max(1, (frames - 1) // 4 * 4 + 1)
-        return f"frames={frames}: CogVideoX takes 4k+1 frames; nearest valid: {lo} or {lo + 4}"
-    for label, v in (("width", width), ("height", height)):
-        if v < 16 or v % 16:
-            lo = max(16, v // 16 * 16)
-            return f"{label}={v}: must be a positive multiple of 16; nearest valid: {lo} or {lo + 16}"
-    return None
+    """Why no registered family can make a video of this size (the first family's reason, with
+    the valid neighbours), or None. The model's own rules are checked when the node runs."""
+    problems = [f.size_problem(frames, height, width, frames_label="frames") for f in families.FAMILIES.values()]
+    return None if any(p is None for p in problems) else problems[0]
 
 
 class VDITEmptyLatent:
-    """Zero latents [B, C, T, H/8, W/8] shaped for the model (T padded for CogVideoX 1.5)."""
+    """Zero latents [B, C, T, h, w] shaped for the model (T padded as its family needs)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -52,33 +48,22 @@ class VDITEmptyLatent:
             raise ValueError(problem)
         pipe = model.pipeline()
         pipe.check_size(frames, height, width)
-        _, t_pad = pipe.latent_frames(frames)
-        s = pipe.spatial_scale
-        samples = torch.zeros(batch_size, pipe.config.out_channels, t_pad, height // s, width // s)
+        samples = torch.zeros(pipe.latent_shape(frames, height, width, batch_size))
         return ({"samples": samples, "vdit_frames": frames},)
 
 
 def _preview(denoised: torch.Tensor, scale: int):
-    """A cheap look at the current x0 estimate: the middle latent frame's first three channels,
-    each stretched to 0..255 (no VAE involved)."""
+    """A cheap look at the current x0 estimate: the middle latent frame's first three channels
+    (the last repeated when there are fewer: ComfyUI encodes previews as RGB JPEGs), each
+    stretched to 0..255 (no VAE involved)."""
     from PIL import Image
 
     x = denoised[0, :3, denoised.shape[2] // 2].float()
+    x = torch.cat([x, x[-1:].expand(3 - x.shape[0], -1, -1)])  # [3, h, w]
     lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
     x = ((x - lo) / (hi - lo).clamp(min=1e-6) * 255).byte().permute(1, 2, 0).cpu().numpy()
     img = Image.fromarray(x)
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-
-
-def image_conditioning(image_latent: dict, t: int, out_channels: int) -> torch.Tensor:
-    """I2V conditioning [B, C, T, h, w]: the first frame's latents, then zeros."""
-    z = image_latent["samples"][:, :, :1].float()
-    info = image_latent.get("vdit_vae", {})
-    if info.get("invert_scale_latents"):  # CogVideoX 1.5 conditions on latents / scaling_factor
-        z = z / info["scaling_factor"] ** 2
-    if z.shape[1] != out_channels:
-        raise ValueError(f"the image latent has {z.shape[1]} channels; this model's latents have {out_channels}")
-    return torch.cat([z, z.new_zeros(z.shape[0], z.shape[1], t - 1, *z.shape[3:])], dim=2)
 
 
 class VDITSampler:
@@ -112,21 +97,23 @@ class VDITSampler:
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, denoise, image_latent=None, dynamic_cfg=False):
         pipe = model.pipeline()
         x = latent["samples"]
-        b, c, t = x.shape[:3]
-        if c != pipe.config.out_channels:
-            raise ValueError(f"the latent has {c} channels; {model.name} works on {pipe.config.out_channels} (use VDIT Empty Latent or a VDIT VAE)")
-        pt = pipe.config.patch_size_t or 1
-        if t % pt:
-            raise ValueError(f"{model.name} needs a multiple of {pt} latent frames (VDIT Empty Latent pads them)")
+        b, t = x.shape[0], x.shape[2]
+        problem = pipe.family.latent_problem(pipe.config, x)
+        if problem:
+            raise ValueError(f"{model.name}: {problem} (use VDIT Empty Latent or a VDIT VAE)")
         device = model.managed.load()
-        context = positive["context"].to(device).expand(b, -1, -1)
-        neg = negative["context"].to(device).expand(b, -1, -1) if cfg > 1.0 else None
-        concat = None
+        cond = batch_conditioning({k: v.to(device) for k, v in positive["cond"].items()}, b)
+        uncond = batch_conditioning({k: v.to(device) for k, v in negative["cond"].items()}, b) if cfg > 1.0 else None
         if pipe.is_i2v:
             if image_latent is None:
                 raise ValueError(f"{model.name} is an image-to-video model: connect the first frame's latent to image_latent")
-            concat = image_conditioning(image_latent, t, c).to(device).expand(b, -1, -1, -1, -1)
-        source = SeededNoise(seed, x.shape, device=device, permute=LATENT_PERMUTE)
+            info = image_latent["vdit_vae"]
+            # the node's latents carry the VAE's own scaling; the family may condition on another
+            z = image_latent["samples"][:, :, :1].float() * (pipe.family.image_latent_scale(info) / info["scaling_factor"])
+            image = batch_conditioning({k: v.to(device) for k, v in pipe.family.image_conditioning(pipe.config, z, t).items()}, b)
+            cond = {**cond, **image}
+            uncond = {**uncond, **image} if uncond is not None else None
+        source = SeededNoise(seed, x.shape, device=device, permute=pipe.family.noise_permute)
         n_steps = len(pipe.sigmas(steps, denoise, None if schedule == "default" else schedule)) - 1
         progress = comfy.Progress(n_steps, desc="vdit sampling")
         show = comfy.previews_enabled()
@@ -139,8 +126,8 @@ class VDITSampler:
         try:
             with torch.no_grad():
                 out = pipe.sample(
-                    context, neg, source(), steps, cfg, None if sampler == "default" else sampler, source, denoise,
-                    x.to(device) if denoise < 1.0 else None, concat, dynamic_cfg, callback, progress=False,
+                    cond, uncond, source(), steps, cfg, None if sampler == "default" else sampler, source, denoise,
+                    x.to(device) if denoise < 1.0 else None, dynamic_cfg, callback, progress=False,
                     spacing=None if schedule == "default" else schedule,
                 )
         finally:

@@ -8,7 +8,7 @@ from . import comfy
 
 
 class VDITTextEncode:
-    """Encode a prompt with the T5 encoder (one node per prompt: positive and negative are two)."""
+    """Encode a prompt with the model's text encoder(s) (one node per prompt: positive and negative are two)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -24,5 +24,5 @@ class VDITTextEncode:
     def encode(self, text_encoder, text):
         text_encoder.managed.load()
         with torch.no_grad():
-            context = text_encoder.encoder.encode(text)
-        return ({"context": context.to(comfy.intermediate_device()), "text": text},)
+            cond = text_encoder.family.encode_text(text_encoder.encoder, text)
+        return ({"cond": {k: v.to(comfy.intermediate_device()) for k, v in cond.items()}, "text": text},)

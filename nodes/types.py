@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vdit_core.pipeline import CogVideoXPipeline
+from vdit_core.families import Family
+from vdit_core.pipeline import Pipeline
 
 from .comfy import Managed
 
@@ -14,28 +15,30 @@ DEMO = "vdit-demo (bundled)"  # the model shipped inside the package
 
 @dataclass(frozen=True)
 class ModelHandle:
-    """VDIT_MODEL: a transformer, how to sample it, and the LoRAs to apply while sampling."""
+    """VDIT_MODEL: a transformer, its family, how to sample it, and the LoRAs to apply while sampling."""
 
     transformer: object
     managed: Managed
-    defaults: dict  # schedule, sampler, steps, cfg
+    defaults: dict  # schedule, sampler, steps, cfg, vae_scale
     name: str
+    family: Family
     loras: tuple = ()  # ((path, strength), ...): applied during sampling, never merged
 
     def with_lora(self, path: Path, strength: float) -> "ModelHandle":
         return replace(self, loras=self.loras + ((str(path), float(strength)),))
 
-    def pipeline(self) -> CogVideoXPipeline:
-        return CogVideoXPipeline(transformer=self.transformer, vae=None, text_encoder=None, name=self.name, **self.defaults)
+    def pipeline(self) -> Pipeline:
+        return Pipeline(transformer=self.transformer, vae=None, text_encoder=None, name=self.name, family=self.family, **self.defaults)
 
 
 @dataclass(frozen=True)
 class TextEncoderHandle:
-    """VDIT_TEXT_ENCODER."""
+    """VDIT_TEXT_ENCODER: a text encoder (or a family's several) and the family that reads it."""
 
     encoder: object
     managed: Managed
     name: str
+    family: Family
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vdit_core.vae.cogvideox_vae import Tiling
+from vdit_core.vae.common import Tiling, frames_to_pixels, pixels_to_frames
 
 from . import comfy
 
@@ -38,7 +38,7 @@ def _run(fn, vae, mode, tile_height, tile_width):
 
 
 class VDITVAEEncode:
-    """Frames (IMAGE [F, H, W, 3], F = 4k+1 or 1) -> latents; for image-to-video, encode one frame."""
+    """Frames (IMAGE [F, H, W, 3], a count the VAE takes: 4k+1 or 1 for CogVideoX) -> latents; for image-to-video, encode one frame."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -55,15 +55,14 @@ class VDITVAEEncode:
 
     def encode(self, vae, pixels, chunk_frames, tiling, tile_height, tile_width):
         f = pixels.shape[0]
-        if f != 1 and (f - 1) % 4:
-            lo = max(1, (f - 1) // 4 * 4 + 1)
-            raise ValueError(f"{f} frames: the VAE takes 1 or 4k+1 frames; trim or pad to {lo} or {lo + 4}")
+        problem = vae.vae.frames_problem(f)
+        if problem:
+            raise ValueError(problem)
         device = vae.managed.load()
-        video = pixels.to(device, torch.float32).permute(3, 0, 1, 2)[None] * 2 - 1  # [1, 3, F, H, W]
+        video = frames_to_pixels(pixels.to(device))  # [1, 3, F, H, W]
         with torch.no_grad():
             z = _run(lambda t: vae.vae.encode(video, chunk_frames=chunk_frames, tiling=t), vae.vae, tiling, tile_height, tile_width)
-        info = {"scaling_factor": vae.vae.config.scaling_factor, "invert_scale_latents": vae.vae.config.invert_scale_latents}
-        return ({"samples": z.to(comfy.intermediate_device()), "vdit_vae": info, "vdit_frames": f},)
+        return ({"samples": z.to(comfy.intermediate_device()), "vdit_vae": vae.vae.info(), "vdit_frames": f},)
 
 
 class VDITVAEDecode:
@@ -85,8 +84,8 @@ class VDITVAEDecode:
 
     def decode(self, vae, samples, chunk_frames, tiling, tile_height, tile_width):
         z = samples["samples"]
-        if "vdit_frames" in samples:  # drop CogVideoX 1.5's padding frame, as the reference does
-            z = z[:, :, -((samples["vdit_frames"] - 1) // 4 + 1):]
+        if "vdit_frames" in samples:  # drop the padding frames a family adds in front, as the references do
+            z = z[:, :, -vae.vae.latent_frames(samples["vdit_frames"]):]
         device = vae.managed.load()
         out_device = comfy.intermediate_device()
         videos = []
@@ -95,5 +94,5 @@ class VDITVAEDecode:
                 zz = z[i : i + 1].to(device)
                 video = _run(lambda t: vae.vae.decode(zz, chunk_frames=chunk_frames, tiling=t, output_device=out_device),
                              vae.vae, tiling, tile_height, tile_width)
-                videos.append((video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0))
+                videos.append(pixels_to_frames(video[0]))
         return (torch.cat(videos).to(out_device),)

@@ -16,7 +16,7 @@ import tiny  # noqa: E402
 from report import REPORT  # noqa: E402
 from vdit_core.checkpoint import CheckpointError  # noqa: E402
 from vdit_core.models.cogvideox import load_transformer  # noqa: E402
-from vdit_core.pipeline import CogVideoXPipeline, load_pipeline, sampling_defaults  # noqa: E402
+from vdit_core.pipeline import Pipeline, load_pipeline  # noqa: E402
 from vdit_core.text import load_t5  # noqa: E402
 from vdit_core.vae.cogvideox_vae import CogVideoXVAEConfig, Tiling, load_vae  # noqa: E402
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
@@ -302,8 +302,8 @@ def test_pipeline_with_a_4x_vae_matches_diffusers(tmp_path):
     assert pipe.spatial_scale == 4 and pipe.default_size == (9, 32, 48)
     assert got.shape == expected.shape == (9, 32, 48, 3)
     assert (got - expected).abs().max() < 1e-4
-    bare = CogVideoXPipeline(transformer=pipe.transformer, vae=None, text_encoder=None,
-                             **sampling_defaults(folder, pipe.transformer.config))
+    bare = Pipeline(transformer=pipe.transformer, vae=None, text_encoder=None,
+                    **pipe.family.sampling_defaults(folder, pipe.transformer.config))
     assert bare.spatial_scale == 4 and bare.default_size == (9, 32, 48)
     with pytest.raises(ValueError, match=r"width=40: must be a positive multiple of 16"):  # 4x VAE x patch 4
         bare.check_size(9, 32, 40)

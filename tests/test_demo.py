@@ -75,7 +75,7 @@ def test_shipped_weights_are_small_and_load_through_the_real_loaders():
     assert size < 20 * 2**20
     from vdit_core.pipeline import load_pipeline
 
-    pipe = load_pipeline()  # no path: the bundled demo
+    pipe = load_pipeline(MODEL_DIR)  # the bundled demo
     assert pipe.config.use_rotary_positional_embeddings and pipe.name == "vdit-demo"
     assert pipe.default_size == (17, 64, 64)
 
@@ -112,7 +112,7 @@ def held_out_scores(tmp_path_factory):
     from vdit_core.demo.evaluate import evaluate
     from vdit_core.pipeline import load_pipeline
 
-    pipe = load_pipeline(device="cpu")
+    pipe = load_pipeline(MODEL_DIR, device="cpu")
     t0 = time.perf_counter()
     scores = evaluate(pipe, held_out_combos(0), [0], out_dir=tmp_path_factory.mktemp("held_out"))
     REPORT["demo held-out accuracy (seed 0, 10 prompts)"] = scores.line()

@@ -10,7 +10,8 @@ diffusers = pytest.importorskip("diffusers")
 
 import tiny  # noqa: E402
 from vdit_core.checkpoint import CheckpointError  # noqa: E402
-from vdit_core.lora import DEFAULT_TARGETS, attached_loras, inject_lora, load_lora, read_lora, save_lora, unload_loras  # noqa: E402
+from vdit_core.families.cogvideox import LORA_TARGETS as DEFAULT_TARGETS  # noqa: E402
+from vdit_core.lora import attached_loras, inject_lora, load_lora, read_lora, save_lora, unload_loras  # noqa: E402
 from vdit_core.models.cogvideox import load_transformer  # noqa: E402
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,15 @@ def torchrun(model_dir, data, out, *extra) -> None:
     once, with every rank's log printed; a Python error in the trainer is never retried.
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    before = Path(out).parent / f"{Path(out).name}-before-torchrun"
+    shutil.rmtree(before, ignore_errors=True)
+    if Path(out).exists():
+        shutil.copytree(out, before)
     for attempt in range(2):
+        if attempt:  # a retry starts from the folder as it was (a finished first try would have appended to its log)
+            shutil.rmtree(out, ignore_errors=True)
+            if before.exists():
+                shutil.copytree(before, out)
         logs = Path(out).parent / f"torchrun-logs-{Path(out).name}-{attempt}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "--log-dir", str(logs), "--redirects", "3", "-m", "vdit_core.train", *args(model_dir, data, out, *extra)]

@@ -22,7 +22,9 @@ __version__ = "0.1.0"
 # does not pull in transformers
 _LAZY = {
     "load_pipeline": ("pipeline", "load_pipeline"),
-    "CogVideoXPipeline": ("pipeline", "CogVideoXPipeline"),
+    "Pipeline": ("pipeline", "Pipeline"),
+    "CogVideoXPipeline": ("pipeline", "Pipeline"),  # the name before the family layer
+    "demo_model_path": ("demo", "demo_model_path"),
     "load_transformer": ("models.cogvideox", "load_transformer"),
     "load_vae": ("vae.cogvideox_vae", "load_vae"),
     "load_t5": ("text", "load_t5"),

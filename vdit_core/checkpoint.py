@@ -170,28 +170,11 @@ def read_json(path: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # what a state dict looks like (for error messages and dispatch)
 
-_SIGNATURES: list[tuple[str, Callable[[set], bool]]] = [
-    ("a CogVideoX transformer (diffusers layout)", lambda k: any(".attn1.to_q." in x and x.startswith("transformer_blocks.") for x in k) and "patch_embed.text_proj.weight" in k),
-    ("a CogVideoX transformer (SAT layout)", lambda k: any("transformer.layers." in x and "query_key_value" in x for x in k)),
-    ("a CogVideoX VAE (diffusers layout)", lambda k: any(x.startswith("decoder.up_blocks.") and "conv_y" in x for x in k)),
-    ("a CogVideoX VAE (SAT layout)", lambda k: any(x.startswith("decoder.up.") and "conv_y" in x for x in k)),
-    ("an Open-Sora STDiT3 transformer", lambda k: "fps_embedder.mlp.0.weight" in k or any(x.startswith("temporal_blocks.") for x in k)),
-    ("a HunyuanDiT transformer", lambda k: "mlp_t5.0.weight" in k or "text_embedder.linear_1.weight" in k and any("attn2" in x for x in k)),
-    ("a T5 text encoder", lambda k: any(x.startswith("encoder.block.") for x in k)),
-    ("a 2D image VAE (Stable Diffusion family)", lambda k: any(x.startswith("decoder.up_blocks.") for x in k) and not any("conv_y" in x for x in k)),
-    ("a LoRA", lambda k: any(".lora_" in x or "lora_down" in x or "lora_A" in x for x in k)),
-    ("a UNet (Stable Diffusion family)", lambda k: any(x.startswith("model.diffusion_model.input_blocks.") or x.startswith("input_blocks.") for x in k)),
-]
-
-
 def describe(keys: Iterable[str]) -> str:
-    """What a state dict looks like, in words."""
-    ks = set(keys)
-    for name, test in _SIGNATURES:
-        if test(ks):
-            return name
-    sample = ", ".join(sorted(ks)[:3])
-    return f"an unrecognised state dict ({len(ks)} tensors, e.g. {sample})"
+    """What a state dict looks like, in words (the families' one detection table)."""
+    from .families import describe as describe_keys
+
+    return describe_keys(keys)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m vdit_core.generate",
         description="Generate a video with a video diffusion transformer and write it as mp4.",
     )
-    p.add_argument("--model", help="model folder (diffusers layout); default: the bundled demo model")
+    p.add_argument("--model", help="model folder (CogVideoX: the diffusers layout); default: the bundled demo model")
     p.add_argument("--prompt", required=True, help="what the video shows")
     p.add_argument("--negative-prompt", default="", help="what it should not show")
     p.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: the model's)")
@@ -40,12 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .demo import demo_model_path
     from .pipeline import load_pipeline
     from .video_io import read_image, write_video
 
     try:
         t0 = time.perf_counter()
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+        model = args.model or demo_model_path()  # no --model: the bundled demo
+        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, attention=args.attention)
         image = read_image(args.image) if args.image else None
         frames = pipe(
             prompt=args.prompt,

@@ -24,8 +24,6 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, describe, load_state_dict, safetensors_metadata
 
-# attention q/k/v/out and the FFN of every block (CogVideoX names)
-DEFAULT_TARGETS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
 PREFIXES = ("diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "unet.")
 FORMAT = "vdit-lora-v1"
 
@@ -119,11 +117,16 @@ def inject_lora(
     model: nn.Module,
     rank: int = 64,
     alpha: float = 64.0,
-    targets: str = DEFAULT_TARGETS,
+    targets: str | None = None,
     dropout: float = 0.0,
     dtype: torch.dtype = torch.float32,
 ) -> LoRASet:
-    """Fresh trainable adapters (B = 0) on every Linear whose name matches ``targets``, attached."""
+    """Fresh trainable adapters (B = 0) on every Linear whose name matches ``targets`` (default:
+    the model family's, e.g. attention and FFN of every block), attached."""
+    if not targets:
+        from .families import for_transformer
+
+        targets = for_transformer(model).lora_targets
     pattern = re.compile(targets)
     adapters = {}
     for name, module in model.named_modules():

@@ -1,216 +1,177 @@
-"""Text/image/video-to-video with CogVideoX: the API the CLI, the ComfyUI nodes and the trainer's
-validation use.
+"""Text/image/video-to-video for every model family: the API the CLI, the ComfyUI nodes and the
+trainer's validation use.
 
     pipe = vdit_core.load_pipeline("path/to/CogVideoX-5b", device="cuda", dtype=torch.bfloat16)
     frames = pipe(prompt="a cat", num_frames=49, steps=50, cfg=6.0, seed=0)  # [F, H, W, 3] in [0, 1]
 
+The pipeline is generic: the model folder's family (:mod:`vdit_core.families`) supplies the
+loaders, the frame and size rules, the noise layout, the prediction type, the schedule defaults
+and how conditioning is assembled. Conditioning is a dict (hidden states, masks, image latents)
+from the text encoder to the transformer. An image is a one-frame video.
+
 A seed reproduces the reference pipeline run with ``torch.Generator().manual_seed(seed)``: noise
-is drawn in the same order and layout (latents as [B, T, C, H, W]).
+is drawn in the same order and layout as the reference (the family's ``noise_permute``).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
-from .checkpoint import CheckpointError, parse_dtype, read_json
-from .guidance import CFGDenoiser, cogvideox_dynamic_cfg
-from .models.cogvideox import CogVideoXConfig, CogVideoXTransformer, load_transformer
-from .prediction import VPrediction
+from . import families
+from .checkpoint import CheckpointError, parse_dtype
+from .guidance import CFGDenoiser
 from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise, prior_sample
-from .schedules import DiscreteSchedule, DiscreteScheduleConfig
-from .text import T5TextEncoder, load_t5
-from .vae.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig, load_vae
-
-# the reference scheduler classes and the sampler each corresponds to
-SCHEDULER_SAMPLERS = {
-    "CogVideoXDDIMScheduler": "ddim",
-    "DDIMScheduler": "ddim",
-    "CogVideoXDPMScheduler": "cogvideox_dpm",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "DDPMScheduler": "ddpm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_ancestral",
-    "UniPCMultistepScheduler": "unipc",
-}
-PIPELINE_CLASSES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
-LATENT_PERMUTE = (1, 0, 2, 3)  # the reference draws latents as [T, C, H, W] per sample
+from .vae.common import VideoVAE, frames_to_pixels, image_tensor, pixels_to_frames
 
 
-def default_schedule(config: CogVideoXConfig) -> DiscreteScheduleConfig:
-    """CogVideoX's released schedule: v-prediction, zero terminal SNR, trailing; SNR shift 3 for
-    the 2B model, 1 for the 5B family."""
-    shift = 3.0 if (config.inner_dim == 1920 and not config.use_rotary_positional_embeddings) else 1.0
-    return DiscreteScheduleConfig(snr_shift_scale=shift, zero_terminal_snr=True, timestep_spacing="trailing")
+def network_call(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """The bare network as samplers and the trainer call it: float32 output whatever its dtype."""
+    return transformer(x, t, **cond).float()
 
 
-def _neighbours(value: int, multiple: int, offset: int = 0) -> tuple[int, int]:
-    lo = ((value - offset) // multiple) * multiple + offset
-    return max(lo, offset if offset else multiple), lo + multiple
-
-
-def _to_pixels(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[F, H, W, 3] in [0, 1] -> [1, 3, F, height, width] in [-1, 1], resized when needed."""
-    x = images.float().permute(0, 3, 1, 2)  # [F, 3, H, W]
-    if x.shape[-2:] != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return (x * 2 - 1).permute(1, 0, 2, 3)[None]
-
-
-def _image_tensor(image) -> torch.Tensor:
-    """A ComfyUI IMAGE ([1, H, W, 3] or [H, W, 3], 0..1) or a PIL image -> [1, H, W, 3]."""
-    if not isinstance(image, torch.Tensor):
-        import numpy as np
-
-        arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32) / 255.0
-        image = torch.from_numpy(arr)
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[0] != 1 or image.shape[-1] != 3:
-        raise ValueError(f"image must be [1, H, W, 3] or [H, W, 3] with values in 0..1, got {tuple(image.shape)}")
-    return image
+def batch_conditioning(cond: dict, batch: int) -> dict:
+    """Conditioning of batch 1 expanded to ``batch`` samples (views, no copies)."""
+    return {k: v.expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v for k, v in cond.items()}
 
 
 @dataclass
-class CogVideoXPipeline:
-    """A CogVideoX model with its VAE, text encoder and noise schedule.
+class Pipeline:
+    """A diffusion transformer with its VAE, text encoder and noise schedule, driven by its family.
 
     Each component is usable on its own: ``pipe.transformer``, ``pipe.vae`` (``encode``/
-    ``decode``), ``pipe.text_encoder`` (``encode(prompt)``).
+    ``decode``), ``pipe.text_encoder``. ``family`` is found from the transformer when not given.
     """
 
-    transformer: CogVideoXTransformer | None
-    vae: CogVideoXVAE | None
-    text_encoder: T5TextEncoder | None
-    schedule: DiscreteSchedule
+    transformer: nn.Module | None
+    vae: VideoVAE | None
+    text_encoder: object | None
+    schedule: object
     sampler: str = "ddim"
     steps: int = 50
     cfg: float = 6.0
-    name: str = "cogvideox"
-    vae_scale: int = 8  # pixels per latent cell when no VAE is loaded (8 for every release)
+    name: str = ""
+    vae_scale: int = 8  # pixels per latent cell when no VAE is loaded (the folder's VAE config says)
+    family: families.Family | None = None
 
-    # -- facts about the model ---------------------------------------------------------------
+    def __post_init__(self):
+        if self.family is None:
+            if self.transformer is None:
+                raise ValueError("a pipeline without a transformer needs its family")
+            self.family = families.for_transformer(self.transformer)
+        self.name = self.name or self.family.name
+
+    # -- facts about the model (the family's) ---------------------------------------------------
     @property
-    def config(self) -> CogVideoXConfig:
+    def config(self):
         if self.transformer is None:
             raise ValueError("this pipeline has no transformer loaded")
         return self.transformer.config
 
     @property
-    def fps(self) -> int:
-        return 16 if self.config.is_v15 else 8
+    def fps(self) -> float:
+        return self.family.fps(self.config)
 
     @property
     def is_i2v(self) -> bool:
-        return self.config.in_channels == 2 * self.config.out_channels
+        return self.family.is_image_to_video(self.config)
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.proj_out.weight.device
+        return next(self.transformer.parameters()).device
 
     @property
     def spatial_scale(self) -> int:
-        """Pixels per latent cell: the VAE's spatial compression (8 in every CogVideoX release)."""
-        return self.vae.config.spatial_compression if self.vae is not None else self.vae_scale
+        """Pixels per latent cell: the VAE's spatial compression."""
+        return self.vae.spatial_compression if self.vae is not None else self.vae_scale
 
     @property
     def default_size(self) -> tuple[int, int, int]:
         """(frames, height, width) the model was trained at."""
-        c, s = self.config, self.spatial_scale
-        return c.sample_frames, c.sample_height * s, c.sample_width * s
+        return self.family.default_size(self.config, self.spatial_scale)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.family.latent_channels(self.config)
 
     def latent_frames(self, num_frames: int) -> tuple[int, int]:
-        """(latent frames, padded to the temporal patch) for a pixel frame count."""
-        t = (num_frames - 1) // 4 + 1
-        pt = self.config.patch_size_t or 1
-        return t, math.ceil(t / pt) * pt
+        """(latent frames, padded for the transformer) for a pixel frame count."""
+        return self.family.latent_frames(self.config, num_frames)
+
+    def latent_shape(self, num_frames: int, height: int, width: int, batch: int = 1) -> tuple[int, ...]:
+        s = self.spatial_scale
+        return (batch, self.latent_channels, self.latent_frames(num_frames)[1], height // s, width // s)
 
     def check_size(self, num_frames: int, height: int, width: int) -> None:
         """Raise ValueError for sizes the model cannot take (naming valid neighbours); warn for
-        frame counts unlike the release's training."""
-        if num_frames < 1 or (num_frames - 1) % 4:
-            lo, hi = _neighbours(num_frames, 4, 1)
-            raise ValueError(f"num_frames={num_frames}: CogVideoX takes 4k+1 frames; nearest valid: {lo} or {hi}")
-        c, s = self.config, self.spatial_scale
-        step = s * c.patch_size  # one transformer token
-        for label, v in (("height", height), ("width", width)):
-            if v < step or v % step:
-                lo, hi = _neighbours(v, step)
-                raise ValueError(f"{label}={v}: must be a positive multiple of {step}; nearest valid: {lo} or {hi}")
-        if c.use_learned_positional_embeddings and (height, width) != (c.sample_height * s, c.sample_width * s):
-            raise ValueError(
-                f"this model ({self.name}) has learned positions for {c.sample_height * s}x{c.sample_width * s} "
-                f"only; got {height}x{width}"
-            )
-        if c.use_learned_positional_embeddings and num_frames > c.sample_frames:
-            raise ValueError(f"this model's learned positions cover at most {c.sample_frames} frames, got {num_frames}")
-        trained = 16 if c.is_v15 else 8
-        if (num_frames - 1) % trained:
-            warnings.warn(
-                f"num_frames={num_frames}: the CogVideoX{' 1.5' if c.is_v15 else ''} releases were trained on "
-                f"{trained}N+1 frames (e.g. {trained * 3 + 1}); other 4k+1 counts run but may look worse",
-                stacklevel=3,
-            )
+        sizes unlike the release's training."""
+        problem = self.family.size_problem(num_frames, height, width, self.config, self.spatial_scale)
+        if problem:
+            raise ValueError(problem)
+        warning = self.family.size_warning(num_frames, height, width, self.config, self.spatial_scale)
+        if warning:
+            warnings.warn(warning, stacklevel=3)
 
     # -- LoRA --------------------------------------------------------------------------------
     def load_lora(self, path, strength: float = 1.0):
         """Attach a LoRA file to the transformer (non-destructive; several stack)."""
-        return self.transformer.load_lora(path, strength)
+        from .lora import load_lora
+
+        return load_lora(self.transformer, path, strength)
 
     def unload_loras(self) -> None:
         """Detach every LoRA: outputs are exactly the base model's again."""
-        self.transformer.unload_loras()
+        from .lora import unload_loras
+
+        unload_loras(self.transformer)
 
     # -- conditioning ------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
+    def encode_prompt(self, prompt: str | list[str]) -> dict[str, torch.Tensor]:
+        """The conditioning dict of a prompt (hidden states, masks), as the transformer takes it."""
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder loaded")
-        return self.text_encoder.encode(prompt)
+        return self.family.encode_text(self.text_encoder, prompt)
 
     def noise_source(self, seed: int, latent_shape: tuple[int, ...]) -> SeededNoise:
         """The run's noise stream, drawing latents in the reference layout."""
-        return SeededNoise(seed, latent_shape, device=self.device, permute=LATENT_PERMUTE)
+        return SeededNoise(seed, latent_shape, device=self.device, permute=self.family.noise_permute)
 
-    def encode_image(self, image, height: int, width: int, latent_t: int, noise: SeededNoise) -> torch.Tensor:
-        """Image-to-video conditioning: the first frame's sampled latents, then zeros [1, C, T, h, w]."""
+    def encode_image(self, image, height: int, width: int, latent_t: int, noise: SeededNoise) -> dict[str, torch.Tensor]:
+        """Image-to-video conditioning from the first frame (a posterior sample of its latents)."""
         if self.vae is None:
             raise ValueError("image-to-video needs the VAE")
-        pixels = _to_pixels(_image_tensor(image), height, width).to(self.vae.device)
-        c = self.vae.config.latent_channels
+        pixels = frames_to_pixels(image_tensor(image), height, width).to(self.vae.device)
         s = self.spatial_scale
-        post = noise.draw((1, c, 1, height // s, width // s))
-        sf = self.vae.config.scaling_factor
-        z = self.vae.encode(pixels, sample=True, noise=post, scale=(1 / sf) if self.vae.config.invert_scale_latents else sf)
-        return torch.cat([z, z.new_zeros(1, c, latent_t - 1, *z.shape[-2:])], dim=2).to(self.device)
+        post = noise.draw((1, self.vae.latent_channels, 1, height // s, width // s))
+        z = self.vae.encode(pixels, sample=True, noise=post, scale=self.family.image_latent_scale(self.vae.info()))
+        return {k: v.to(self.device) for k, v in self.family.image_conditioning(self.config, z, latent_t).items()}
 
     def encode_video(self, video: torch.Tensor, height: int, width: int, noise: SeededNoise) -> torch.Tensor:
         """Video-to-video: sampled latents of frames [F, H, W, 3] in [0, 1]."""
         if self.vae is None:
             raise ValueError("video-to-video needs the VAE")
-        pixels = _to_pixels(video, height, width).to(self.vae.device)
-        t = (video.shape[0] - 1) // 4 + 1
+        pixels = frames_to_pixels(video, height, width).to(self.vae.device)
         s = self.spatial_scale
-        post = noise.draw((1, self.vae.config.latent_channels, t, height // s, width // s))
+        post = noise.draw((1, self.vae.latent_channels, self.vae.latent_frames(video.shape[0]), height // s, width // s))
         return self.vae.encode(pixels, sample=True, noise=post).to(self.device)
 
     # -- sampling ----------------------------------------------------------------------------
-    def _net(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, concat: torch.Tensor | None = None) -> torch.Tensor:
-        return self.transformer(x, t, context, concat=concat).float()
+    def _net(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        return network_call(self.transformer, x, t, **cond)
 
-    def denoiser(self) -> VPrediction:
-        """The model as a denoiser ``d(x, sigma, context=..., concat=...) -> x0``."""
-        return VPrediction(self._net, self.schedule)
+    def denoiser(self):
+        """The model as a denoiser ``d(x, sigma, **cond) -> x0`` (the family's prediction type)."""
+        return self.family.denoiser(self._net, self.schedule)
 
     def sigmas(self, steps: int, denoise: float = 1.0, spacing: str | None = None) -> torch.Tensor:
         """The run's sigmas; ``denoise < 1`` keeps the last ``int(steps * denoise)`` steps.
         ``spacing``: a timestep or sigma spacing (default: the scheduler config's)."""
-        sigmas = self.schedule.get_sigmas(steps, spacing)
+        sigmas = self.schedule.get_sigmas(steps, spacing=spacing)
         if denoise < 1.0:
             kept = min(int(steps * denoise), steps)
             sigmas = sigmas[steps - kept :]
@@ -218,8 +179,8 @@ class CogVideoXPipeline:
 
     def sample(
         self,
-        context: torch.Tensor,
-        negative_context: torch.Tensor | None,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor] | None,
         noise: torch.Tensor,
         steps: int | None = None,
         cfg: float | None = None,
@@ -227,7 +188,6 @@ class CogVideoXPipeline:
         noise_source: SeededNoise | Callable | None = None,
         denoise: float = 1.0,
         init_latents: torch.Tensor | None = None,
-        concat: torch.Tensor | None = None,
         dynamic_cfg: bool = False,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
@@ -235,8 +195,10 @@ class CogVideoXPipeline:
     ) -> torch.Tensor:
         """Latents [B, C, T, h, w] from standard-normal ``noise`` of that shape.
 
-        ``init_latents`` + ``denoise < 1``: start from those latents noised to the level of the
-        first kept step. ``noise_source(sigma, sigma_next)`` feeds stochastic samplers.
+        ``cond`` / ``uncond``: the positive and negative conditioning dicts (text states, masks,
+        image conditioning), batched like ``noise``. ``init_latents`` + ``denoise < 1``: start
+        from those latents noised to the level of the first kept step.
+        ``noise_source(sigma, sigma_next)`` feeds stochastic samplers.
         """
         steps = steps or self.steps
         cfg = self.cfg if cfg is None else cfg
@@ -255,13 +217,9 @@ class CogVideoXPipeline:
             x = model.noise_form.add_noise(init_latents.float(), noise.float(), float(sigmas[0]))
         else:
             x = prior_sample(noise.float(), sigmas[0])
-        cond = {"context": context}
-        if concat is not None:
-            cond["concat"] = concat
-        if cfg > 1.0 and negative_context is not None:
-            scale = cogvideox_dynamic_cfg(cfg, steps, self.schedule.timestep) if dynamic_cfg else cfg
-            model = CFGDenoiser(model, scale)
-            extra = {"cond": cond, "uncond": {**cond, "context": negative_context}}
+        if cfg > 1.0 and uncond is not None:
+            model = CFGDenoiser(model, self.family.guidance_scale(cfg, steps, self.schedule, dynamic_cfg))
+            extra = {"cond": cond, "uncond": uncond}
         else:
             extra = cond
         kwargs = {}
@@ -274,7 +232,7 @@ class CogVideoXPipeline:
         if self.vae is None:
             raise ValueError("this pipeline has no VAE loaded")
         video = self.vae.decode(latents.to(self.vae.device), **vae_kwargs)  # [1, 3, F, H, W]
-        return (video[0].float().cpu() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).contiguous()
+        return pixels_to_frames(video[0].cpu())
 
     @torch.no_grad()
     def __call__(
@@ -301,7 +259,7 @@ class CogVideoXPipeline:
 
         ``image``: the first frame for image-to-video models (IMAGE tensor or PIL image).
         ``video`` [F, H, W, 3] + ``denoise < 1``: video-to-video. ``noise`` [1, C, T, h, w]
-        replaces the seeded initial noise (T padded to the temporal patch for CogVideoX 1.5).
+        replaces the seeded initial noise (T padded as the family's transformer needs).
         """
         f0, h0, w0 = self.default_size
         if video is not None:
@@ -319,26 +277,31 @@ class CogVideoXPipeline:
             raise ValueError("denoise < 1 needs an input `video` (video-to-video)")
         t, t_pad = self.latent_frames(num_frames)
         if video is not None and t_pad != t:
-            raise ValueError(f"video-to-video with {self.name} needs {t} latent frames to be a multiple of {self.config.patch_size_t}")
-        s = self.spatial_scale
-        shape = (1, self.config.out_channels, t_pad, height // s, width // s)
+            raise ValueError(f"video-to-video with {self.name} needs its {t} latent frames to fill the transformer's "
+                             f"temporal patches ({t_pad}); pick a frame count that gives {t_pad} latent frames")
+        shape = self.latent_shape(num_frames, height, width)
         source = self.noise_source(seed, shape)
 
-        context = self.encode_prompt(prompt)
         cfg_ = self.cfg if cfg is None else cfg
-        negative = self.encode_prompt(negative_prompt) if cfg_ > 1.0 else None
-        concat = self.encode_image(image, height, width, t_pad, source) if image is not None else None
+        cond = self.encode_prompt(prompt)
+        uncond = self.encode_prompt(negative_prompt) if cfg_ > 1.0 else None
+        if image is not None:
+            image_cond = self.encode_image(image, height, width, t_pad, source)
+            cond = {**cond, **image_cond}
+            uncond = {**uncond, **image_cond} if uncond is not None else None
         init = self.encode_video(video, height, width, source) if video is not None else None
         if noise is None:
             noise = source()
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape} for {num_frames}x{height}x{width}, got {tuple(noise.shape)}")
         latents = self.sample(
-            context, negative, noise.to(self.device), steps, cfg_, sampler, source, denoise, init, concat,
-            dynamic_cfg, callback, progress,
+            cond, uncond, noise.to(self.device), steps, cfg_, sampler, source, denoise, init, dynamic_cfg, callback, progress,
         )
-        latents = latents[:, :, t_pad - t :]  # drop the padding frame(s) of CogVideoX 1.5, as the reference
+        latents = latents[:, :, t_pad - t :]  # drop the padding frame(s) the family adds in front, as the reference
         return self.decode(latents, **({"tiling": vae_tiling} if vae_tiling is not None else {}))
+
+
+CogVideoXPipeline = Pipeline  # the name before the family layer (CogVideoX was the only family)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,75 +313,33 @@ def _default_device() -> str:
 
 
 def load_pipeline(
-    path: str | Path | None = None,
+    path: str | Path,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = torch.float32,
     vae_dtype: str | torch.dtype | None = None,
     text_encoder_dtype: str | torch.dtype | None = None,
     attention: str | None = None,
-) -> CogVideoXPipeline:
-    """Load a diffusers-format model folder (``model_index.json``, ``transformer/``, ``vae/``,
-    ``text_encoder/``, ``tokenizer/``, ``scheduler/``); ``None`` loads the bundled demo model.
+) -> Pipeline:
+    """Load a model folder of any family (a diffusers-format folder: ``model_index.json``,
+    ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``).
 
-    The sampler defaults come from the shipped scheduler config.
+    The family is detected from the folder; the sampler defaults come from its scheduler config.
+    (The bundled demo model's folder is ``vdit_core.demo.demo_model_path()``.)
     """
-    name = None
-    if path is None:
-        from .demo import demo_model_path
-
-        path, name = demo_model_path(), "vdit-demo"
     path = Path(path)
     device = torch.device(device or _default_device())
     dtype = parse_dtype(dtype)
-    vae_dtype = parse_dtype(vae_dtype, dtype)
-    te_dtype = parse_dtype(text_encoder_dtype, dtype)
     if not path.is_dir():
         raise CheckpointError(
             f"{path}: load_pipeline needs a model folder (model_index.json, transformer/, vae/, ...); "
             "for a single transformer or VAE file use vdit_core.load_transformer / load_vae"
         )
-    cls = read_json(path / "model_index.json").get("_class_name", "")
-    if cls not in PIPELINE_CLASSES:
-        raise CheckpointError(f"{path}: model_index.json describes a {cls or 'unknown'} pipeline; expected one of {PIPELINE_CLASSES}")
-    transformer = load_transformer(path / "transformer", dtype=dtype, device=device)
+    family = families.for_folder(path)
+    transformer = family.load_transformer(path / "transformer", dtype=dtype, device=device)
     if attention:
         transformer.set_attention_backend(attention)
-    vae = load_vae(path / "vae", dtype=vae_dtype, device=device)
-    text_encoder = load_t5(
-        path / "text_encoder", path / "tokenizer", dtype=te_dtype, device=device,
-        max_length=transformer.config.max_text_seq_length,
-    )
-    return CogVideoXPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, name=name or path.name,
-                             **sampling_defaults(path, transformer.config))
-
-
-def sampling_defaults(folder: Path | None, config: CogVideoXConfig) -> dict:
-    """Schedule, sampler, steps and cfg of a model: from the folder's scheduler config (and the
-    ``_vdit_defaults`` a model_index.json may carry), else the release's defaults; and the
-    spatial compression of the folder's VAE (8 without one), so a pipeline without its VAE
-    loaded still knows the pixel size of a latent."""
-    sched_cfg_path = folder / "scheduler" / "scheduler_config.json" if folder else None
-    if sched_cfg_path is not None and sched_cfg_path.exists():
-        raw = read_json(sched_cfg_path)
-        schedule_config = DiscreteScheduleConfig.from_diffusers(raw)
-        sampler = SCHEDULER_SAMPLERS.get(raw.get("_class_name", ""), "ddim")
-        if raw.get("prediction_type", "v_prediction") != "v_prediction":
-            raise CheckpointError(f"{sched_cfg_path}: CogVideoX is v-prediction, the config says {raw.get('prediction_type')!r}")
-    else:
-        schedule_config, sampler = default_schedule(config), "ddim"
-    index_path = folder / "model_index.json" if folder else None
-    extra = read_json(index_path).get("_vdit_defaults", {}) if index_path is not None and index_path.exists() else {}
-    return {
-        "schedule": DiscreteSchedule.from_config(schedule_config),
-        "sampler": extra.get("sampler", sampler),
-        "steps": int(extra.get("steps", 50)),
-        "cfg": float(extra.get("cfg", 6.0)),
-        "vae_scale": _vae_scale(folder),
-    }
-
-
-def _vae_scale(folder: Path | None) -> int:
-    path = folder / "vae" / "config.json" if folder else None
-    if path is None or not path.exists():
-        return 8
-    return CogVideoXVAEConfig.from_diffusers(read_json(path)).spatial_compression
+    vae = family.load_vae(path / "vae", dtype=parse_dtype(vae_dtype, dtype), device=device)
+    text_encoder = family.load_text_encoder(path, dtype=parse_dtype(text_encoder_dtype, dtype), device=device)
+    name = families.folder_defaults(path)[2].get("name", path.name)
+    return Pipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, name=name, family=family,
+                    **family.sampling_defaults(path, transformer.config))

@@ -22,8 +22,7 @@ from typing import Literal
 
 import torch
 
-from .sampling import FLOW, VE
-from .schedules import DiscreteSchedule, FlowSchedule
+from .schedules import FLOW, VE, DiscreteSchedule, FlowSchedule
 
 Weighting = Literal["v", "min_snr"] | None
 

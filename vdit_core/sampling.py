@@ -33,51 +33,13 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import trange
 
+from .schedules import FLOW, VE, NoiseForm
+
 NoiseSampler = Callable[[float, float], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
-# Noise forms
-
-
-class NoiseForm:
-    """How a noisy sample is formed: ``x = alpha(sigma) * x0 + sigma * eps``."""
-
-    def __init__(self, name: str, alpha: Callable[[float], float]):
-        self.name = name
-        self._alpha = alpha
-
-    def __repr__(self) -> str:
-        return f"NoiseForm({self.name!r})"
-
-    def alpha(self, sigma: float) -> float:
-        return self._alpha(float(sigma))
-
-    def ve_sigma(self, sigma: float) -> float:
-        """The noise level in the VE-equivalent coordinates ``x / alpha``."""
-        a = self.alpha(sigma)
-        return math.inf if a <= 0 else float(sigma) / a
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        """Noise ``x0`` to level ``sigma`` (a float or a [B] tensor).
-
-        At an infinite VE sigma this returns the unit noise (the ``x / sigma`` convention).
-        """
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x0.shape[0])
-        out = []
-        for b in range(x0.shape[0]):
-            s = float(sigma[b])
-            if math.isinf(s):
-                out.append(noise[b])
-            else:
-                out.append(x0[b] * self.alpha(s) + noise[b] * s)
-        return torch.stack(out)
-
-
-VE = NoiseForm("ve", lambda s: 1.0)
-FLOW = NoiseForm("flow", lambda s: 1.0 - s)
+# Noise forms (defined with the schedules: how noise enters a sample is a fact of the process)
 
 
 def noise_form(model) -> NoiseForm:

@@ -12,19 +12,63 @@ Everything here speaks of ``sigma``:
   ``x = (1 - sigma) * x0 + sigma * eps``.
 
 Schedules are plain objects with the same small interface, ``sigma(t)``, ``timestep(sigma)``,
-``sigma_min``, ``sigma_max`` and ``get_sigmas(n, ...)``; sigma lists always end in 0.
+``sigma_min``, ``sigma_max`` and ``get_sigmas(n, spacing=None, shift=None)``; sigma lists
+always end in 0.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 Spacing = Literal["trailing", "leading", "linspace", "karras", "exponential"]
 SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace", "karras", "exponential")
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise forms
+
+class NoiseForm:
+    """How a noisy sample is formed: ``x = alpha(sigma) * x0 + sigma * eps``."""
+
+    def __init__(self, name: str, alpha: Callable[[float], float]):
+        self.name = name
+        self._alpha = alpha
+
+    def __repr__(self) -> str:
+        return f"NoiseForm({self.name!r})"
+
+    def alpha(self, sigma: float) -> float:
+        return self._alpha(float(sigma))
+
+    def ve_sigma(self, sigma: float) -> float:
+        """The noise level in the VE-equivalent coordinates ``x / alpha``."""
+        a = self.alpha(sigma)
+        return math.inf if a <= 0 else float(sigma) / a
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """Noise ``x0`` to level ``sigma`` (a float or a [B] tensor).
+
+        At an infinite VE sigma this returns the unit noise (the ``x / sigma`` convention).
+        """
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x0.shape[0])
+        out = []
+        for b in range(x0.shape[0]):
+            s = float(sigma[b])
+            if math.isinf(s):
+                out.append(noise[b])
+            else:
+                out.append(x0[b] * self.alpha(s) + noise[b] * s)
+        return torch.stack(out)
+
+
+VE = NoiseForm("ve", lambda s: 1.0)
+FLOW = NoiseForm("flow", lambda s: 1.0 - s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,16 +272,18 @@ class DiscreteSchedule:
             raise ValueError(f"unknown timestep spacing {spacing!r}; expected trailing, leading or linspace")
         return ts
 
-    def get_sigmas(self, n: int, spacing: str | None = None, rho: float = 7.0) -> torch.Tensor:
+    def get_sigmas(self, n: int, spacing: str | None = None, shift: float | None = None) -> torch.Tensor:
         """Sigmas (float64, length n+1, ending in 0) for an ``n``-step run.
 
         ``spacing`` is a timestep spacing (``trailing``/``leading``/``linspace``) or a sigma
         spacing (``karras``, ``exponential``) between the schedule's smallest and largest finite
-        sigma.
+        sigma. ``shift`` belongs to flow schedules: a discrete schedule takes none (or 1).
         """
+        if shift is not None and shift != 1.0:
+            raise ValueError(f"shift={shift}: a discrete DDPM schedule takes no shift (its SNR shift is part of the schedule)")
         spacing = spacing or (self.config.timestep_spacing if self.config else "leading")
         if spacing == "karras":
-            return karras_sigmas(n, self.sigma_min, self.sigma_max_finite, rho)
+            return karras_sigmas(n, self.sigma_min, self.sigma_max_finite)
         if spacing == "exponential":
             return exponential_sigmas(n, self.sigma_min, self.sigma_max_finite)
         return torch.cat([self.sigma(self.timesteps(n, spacing)), torch.zeros(1, dtype=torch.float64)])
@@ -303,8 +349,11 @@ class FlowSchedule:
     def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
         return torch.as_tensor(sigma, dtype=torch.float64) * self.num_timesteps
 
-    def get_sigmas(self, n: int, shift: float | None = None) -> torch.Tensor:
-        """``n`` steps from 1 down to 0, evenly spaced then shifted (Open-Sora's sampler schedule)."""
+    def get_sigmas(self, n: int, spacing: str | None = None, shift: float | None = None) -> torch.Tensor:
+        """``n`` steps from 1 down to 0, evenly spaced (``spacing`` None or ``linspace``), then
+        shifted by ``shift`` (default: the schedule's; Open-Sora's sampler schedule)."""
+        if spacing not in (None, "linspace"):
+            raise ValueError(f"spacing {spacing!r}: a flow schedule is spaced evenly (linspace) and then shifted")
         return flow_sigmas(n, self.shift if shift is None else shift)
 
 

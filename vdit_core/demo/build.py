@@ -124,7 +124,7 @@ def write_model_folder(root: Path, defaults: dict) -> None:
         "tokenizer": ["transformers", "T5Tokenizer"],
         "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLCogVideoX"],
-        "_vdit_defaults": defaults,
+        "_vdit_defaults": {"name": "vdit-demo", **defaults},  # the name pipelines and nodes show
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
 

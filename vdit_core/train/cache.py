@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..vae.common import frames_to_pixels
 from .data import Bucket, Report, Sample, load_clip
 
 
@@ -62,7 +63,7 @@ class CacheSpec:
 
     def key_fields(self) -> dict:
         return {
-            "version": 1,
+            "version": 2,  # 2: text conditioning stored as the family's dict
             "vae": _fingerprint(self.vae_path),
             "text": _fingerprint(self.text_path),
             "vae_config": self.vae_config,
@@ -105,11 +106,12 @@ class LatentCache:
         prompts: list[str],
         report: Report,
         load_vae: Callable[[], object],
-        load_text: Callable[[], object],
+        load_text: Callable[[], Callable[[str], dict]],
         progress: Callable = lambda it, **kw: it,
     ) -> None:
         """Encode what is missing; records unusable clips in ``report``. Loads the VAE and the
-        text encoder only if something is missing, and frees them afterwards."""
+        text encoder only if something is missing, and frees them afterwards. ``load_text``
+        returns a function from a prompt to its conditioning dict (batch 1)."""
         (self.dir / "latents").mkdir(parents=True, exist_ok=True)
         (self.dir / "text").mkdir(parents=True, exist_ok=True)
         failed = {k: v for k, v in self.index.get("failed", {}).items()}
@@ -133,12 +135,13 @@ class LatentCache:
                 }
             del vae
         if texts:
-            encoder = load_text()
+            encode = load_text()
             for p in progress(texts, desc="caching text embeddings"):
                 name = f"text/{_name(p)}.safetensors"
-                _atomic_save({"embedding": encoder.encode(p)[0].to("cpu", self.spec.dtype)}, self.dir / name)
+                cond = {k: v[0].to("cpu", self.spec.dtype if v.is_floating_point() else v.dtype) for k, v in encode(p).items()}
+                _atomic_save(cond, self.dir / name)
                 self.index["texts"][p] = name
-            del encoder
+            del encode
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -153,7 +156,7 @@ class LatentCache:
     @torch.no_grad()
     def _encode(self, vae, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         """Posterior moments of the clip (and of its mirror image, and of its first frame alone)."""
-        pixels = (frames.permute(3, 0, 1, 2)[None] * 2 - 1).to(vae.device, vae.dtype)  # [1, 3, F, H, W]
+        pixels = frames_to_pixels(frames).to(vae.device, vae.dtype)  # [1, 3, F, H, W]
         out = {"moments": vae.encode_moments(pixels)[0]}
         if self.spec.hflip:
             out["moments_flip"] = vae.encode_moments(pixels.flip(-1))[0]
@@ -176,13 +179,14 @@ class LatentCache:
     def load_latents(self, item: dict) -> dict[str, torch.Tensor]:
         return load_file(str(self.dir / item["latent"]))
 
-    def text(self, prompt: str) -> torch.Tensor:
+    def text(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The prompt's conditioning dict (without a batch dimension)."""
         return _load_text(str(self.dir / self.index["texts"][prompt]))
 
 
 @functools.lru_cache(maxsize=256)
-def _load_text(path: str) -> torch.Tensor:
-    return load_file(path)["embedding"]
+def _load_text(path: str) -> dict[str, torch.Tensor]:
+    return load_file(path)
 
 
 def bucket_of(item: dict) -> Bucket:

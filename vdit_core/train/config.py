@@ -13,8 +13,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..lora import DEFAULT_TARGETS
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -25,14 +23,14 @@ else:  # pragma: no cover
 class TrainConfig:
     """What a training run does. Defaults follow the field's common practice (see the README)."""
 
-    model: str = ""  # diffusers-format model folder (transformer/, vae/, text_encoder/, tokenizer/)
+    model: str = ""  # model folder of any family (transformer/, vae/, text_encoder/, tokenizer/)
     data: str = ""  # folder of videos/images + same-name .txt captions, or with metadata.csv/.jsonl
     output: str = ""
     # what is trained
     full: bool = False  # full finetune instead of LoRA
     lora_rank: int = 64
     lora_alpha: float = 64.0
-    lora_targets: str = DEFAULT_TARGETS  # regex over module names: attention q/k/v/out and FFN
+    lora_targets: str = ""  # regex over module names; empty: the model family's (attention q/k/v/out and FFN)
     lora_dropout: float = 0.0
     # optimisation
     steps: int = 1000  # optimizer steps

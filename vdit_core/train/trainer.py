@@ -10,6 +10,7 @@ batch, and resuming is exact.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -18,6 +19,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,13 +27,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import families
 from ..checkpoint import CheckpointError, parse_dtype, read_json
+from ..families import Family
 from ..lora import LoRASet, inject_lora, save_lora
-from ..models.cogvideox import CogVideoXTransformer, load_transformer, preset_name, save_transformer
-from ..pipeline import CogVideoXPipeline, sampling_defaults
-from ..prediction import VPrediction
-from ..sampling import SeededNoise
+from ..pipeline import Pipeline, network_call
 from ..timesteps import logit_normal_sigmas, stratified_timesteps, uniform_timesteps
+from ..vae.common import sample_posterior
 from . import dist as vdist
 from .cache import CacheSpec, LatentCache, bucket_of
 from .config import TrainConfig, parse_config, to_toml
@@ -43,13 +45,13 @@ CKPT_RE = re.compile(r"^step-(\d{7})$")
 class TrainModule(nn.Module):
     """The transformer and its LoRA adapters as one module, so DDP/FSDP see the adapters."""
 
-    def __init__(self, transformer: CogVideoXTransformer, lora: LoRASet | None):
+    def __init__(self, transformer: nn.Module, lora: LoRASet | None):
         super().__init__()
         self.transformer = transformer
         self.lora = lora
 
-    def forward(self, x, t, context, concat=None):
-        return self.transformer(x, t, context, concat=concat).float()
+    def forward(self, x, t, **cond):
+        return network_call(self.transformer, x, t, **cond)  # the pipeline's own network call
 
 
 def _log(msg: str) -> None:
@@ -149,56 +151,139 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@dataclass
+class Model:
+    """The model a run trains, and what its family says about it."""
+
+    family: Family
+    transformer: nn.Module
+    defaults: dict  # schedule, sampler, steps, cfg, vae_scale
+    folder: Path
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def name(self) -> str:
+        return self.family.preset_name(self.config) or f"a {self.family.label} model"
+
+
 def run(cfg: TrainConfig, device: torch.device) -> dict:
     """Train as ``cfg`` says; returns a summary (final step, last loss)."""
     rank, world = vdist.rank(), vdist.world_size()
     out = Path(cfg.output)
-    model_dir = Path(cfg.model)
     mp_dtype = _mixed_precision(cfg, device)
+    m = _load_model(cfg, device, mp_dtype)
+    if not cfg.lora_targets:  # record the targets the run really uses
+        cfg = dataclasses.replace(cfg, lora_targets=m.family.lora_targets)
     if vdist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(cfg.to_dict()))
+    cache, items = _prepare_data(cfg, m, device)
+    micro = cfg.batch_size * world
+    plan = BatchPlan(items, micro, cfg.seed)
+    _log(f"training {'the full transformer' if cfg.full else f'a rank-{cfg.lora_rank} LoRA'} of {m.name} "
+         f"on {len(items)} clips; {world} process(es) x batch {cfg.batch_size} x {cfg.grad_accum} accumulation; {plan.per_epoch} batches/epoch")
 
-    # -- model ------------------------------------------------------------------------------
+    module, params, wrapped, strategy, resume_dir = _trainable(cfg, m, device, mp_dtype, out)
+    optimizer, scheduler = _optimizer(cfg, params)
+    scaler = torch.amp.GradScaler(device.type, enabled=mp_dtype == torch.float16)
+    ema = [p.detach().clone().float() for p in params] if cfg.ema_decay > 0 else None
+    step = 0
+    if resume_dir is not None:
+        step = _load_training_state(resume_dir, module, optimizer, scheduler, scaler, ema, strategy, world)
+        _log(f"resumed from {resume_dir} at step {step}")
+
+    denoiser = m.family.denoiser(wrapped, m.defaults["schedule"])
+    batches = BatchMaker(cfg, m, plan, cache, items, device)
+    writer = _tensorboard(out) if vdist.is_main() else None
+    log_file = open(out / "losses.jsonl", "a") if vdist.is_main() else None
+    bar = tqdm(total=cfg.steps, initial=step, disable=not vdist.is_main(), desc="training", dynamic_ncols=True)
+    last_loss, bad_in_a_row = float("nan"), 0
+    t_start = time.perf_counter()
+
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        mean_loss, finite, all_t = _train_step(cfg, step, batches, denoiser, wrapped, scaler, device, mp_dtype)
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            _log(f"step {step + 1}: the loss is {mean_loss} (not finite); this step made no update")
+            if bad_in_a_row >= 10:
+                raise ValueError(f"step {step + 1}: 10 steps in a row had non-finite losses; stopping (try a lower --lr or --mixed-precision no)")
+        else:
+            bad_in_a_row = 0
+            _update(cfg, optimizer, scheduler, scaler, params, ema)
+        step += 1
+        last_loss = mean_loss
+        dt = time.perf_counter() - t0
+        if vdist.is_main():
+            rec = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "t": [t.tolist() for t in all_t]}
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+            if writer is not None:
+                writer.add_scalar("loss", last_loss, step)
+                writer.add_scalar("lr", rec["lr"], step)
+            bar.set_postfix(loss=f"{last_loss:.4f}", s_per_step=f"{dt:.2f}", samples_per_s=f"{micro * cfg.grad_accum / dt:.1f}")
+            bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save_checkpoint(out, step, module, optimizer, scheduler, scaler, ema, cfg, strategy)
+        if cfg.validation_prompts and ((cfg.validation_every and step % cfg.validation_every == 0) or step == cfg.steps):
+            _validate(cfg, step, m, cache, device, mp_dtype, strategy)
+    bar.close()
+    if log_file is not None:
+        log_file.close()
+    _save_final(out, module, ema, cfg, strategy, m)
+    _log(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; last loss {last_loss:.4f}; outputs in {out}")
+    return {"step": step, "loss": last_loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# the steps of a run
+
+
+def _load_model(cfg: TrainConfig, device: torch.device, mp_dtype: torch.dtype | None) -> Model:
+    folder = Path(cfg.model)
+    family = families.for_folder(folder)
     base_dtype = torch.float32 if cfg.full or mp_dtype is None else mp_dtype  # fp32 master weights when trained
-    transformer = load_transformer(model_dir / "transformer", dtype=base_dtype, device=device)
-    defaults = sampling_defaults(model_dir, transformer.config)
-    schedule, default_sampler = defaults["schedule"], defaults["sampler"]
-    mcfg = transformer.config
-    frames = cfg.frames or mcfg.sample_frames
-    scale = defaults["vae_scale"]  # pixels per latent cell
-    height, width = cfg.height or mcfg.sample_height * scale, cfg.width or mcfg.sample_width * scale
-    sizes, frame_buckets = parse_buckets(cfg.buckets, cfg.frame_buckets, Bucket(frames, height, width))
-    for f in frame_buckets:
-        if (f - 1) % 4:
-            raise ValueError(f"frame count {f} is not 4k+1")
-    token = scale * mcfg.patch_size
-    for h, w in sizes:
-        if h % token or w % token:
-            raise ValueError(f"bucket {h}x{w}: height and width must be multiples of {token}")
-    model_fps = 16.0 if mcfg.is_v15 else 8.0
-    is_i2v = mcfg.in_channels == 2 * mcfg.out_channels
+    transformer = family.load_transformer(folder / "transformer", dtype=base_dtype, device=device)
+    return Model(family, transformer, family.sampling_defaults(folder, transformer.config), folder)
 
-    # -- data and cache (rank 0 encodes; everybody reads) -------------------------------------
+
+def _prepare_data(cfg: TrainConfig, m: Model, device: torch.device) -> tuple[LatentCache, list[dict]]:
+    """Buckets checked against the family's rules; the dataset scanned; VAE posteriors and text
+    conditioning cached (rank 0 encodes, everybody reads)."""
+    family, scale = m.family, m.defaults["vae_scale"]
+    f0, h0, w0 = family.default_size(m.config, scale)
+    sizes, frame_buckets = parse_buckets(cfg.buckets, cfg.frame_buckets, Bucket(cfg.frames or f0, cfg.height or h0, cfg.width or w0))
+    for f in frame_buckets:
+        for h, w in sizes:
+            problem = family.size_problem(f, h, w, m.config, scale, frames_label="frame bucket")
+            if problem:
+                raise ValueError(f"bucket {f}x{h}x{w}: {problem}")
     report = Report()
     samples = scan(cfg.data, report)
-    vae_cfg_raw = read_json(model_dir / "vae" / "config.json")
+    vae_config = read_json(m.folder / "vae" / "config.json")
     cache_dtype = parse_dtype(None if cfg.cache_dtype == "auto" else cfg.cache_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     spec = CacheSpec(
-        vae_path=model_dir / "vae", text_path=model_dir / "text_encoder", vae_config=vae_cfg_raw, sizes=sizes,
-        frame_buckets=frame_buckets, frame_stride=cfg.frame_stride, model_fps=model_fps, dtype=cache_dtype,
-        hflip=cfg.hflip > 0, image_latents=is_i2v,
+        vae_path=m.folder / "vae", text_path=m.folder / "text_encoder", vae_config=vae_config, sizes=sizes,
+        frame_buckets=frame_buckets, frame_stride=cfg.frame_stride, model_fps=float(family.fps(m.config)), dtype=cache_dtype,
+        hflip=cfg.hflip > 0, image_latents=family.is_image_to_video(m.config),
     )
-    cache = LatentCache(Path(cfg.cache_dir) if cfg.cache_dir else out / "cache", spec)
+    cache = LatentCache(Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output) / "cache", spec)
     prompts = [s.caption for s in samples] + [""] + list(cfg.validation_prompts)
-    if vdist.is_main():
-        from ..text import load_t5
-        from ..vae.cogvideox_vae import load_vae
 
+    def text_encoder():
+        encoder = family.load_text_encoder(m.folder, torch.float32, device)
+        return lambda prompt: family.encode_text(encoder, prompt)
+
+    if vdist.is_main():
         cache.build(
             samples, prompts, report,
-            load_vae=lambda: load_vae(model_dir / "vae", device=device),
-            load_text=lambda: load_t5(model_dir / "text_encoder", model_dir / "tokenizer", device=device, max_length=mcfg.max_text_seq_length),
+            load_vae=lambda: family.load_vae(m.folder / "vae", torch.float32, device),
+            load_text=text_encoder,
             progress=lambda it, **kw: tqdm(it, **kw),
         )
     if dist.is_initialized():
@@ -208,12 +293,14 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
     report.usable = len(items)
     for line in report.lines():
         _log(line)
-    micro = cfg.batch_size * world
-    plan = BatchPlan(items, micro, cfg.seed)
-    _log(f"training {'the full transformer' if cfg.full else f'a rank-{cfg.lora_rank} LoRA'} of {preset_name(mcfg) or 'a CogVideoX model'} "
-         f"on {len(items)} clips; {world} process(es) x batch {cfg.batch_size} x {cfg.grad_accum} accumulation; {plan.per_epoch} batches/epoch")
+    return cache, items
 
-    # -- trainable state ---------------------------------------------------------------------
+
+def _trainable(cfg: TrainConfig, m: Model, device, mp_dtype, out: Path):
+    """The trainable module (transformer + LoRA), resumed weights, and its DDP/FSDP2 wrapping:
+    (module, trainable params, wrapped module, strategy, checkpoint resumed from or None)."""
+    rank, world = vdist.rank(), vdist.world_size()
+    transformer = m.transformer
     torch.manual_seed(cfg.seed)  # adapter initialisation: the same on every rank and every run
     transformer.gradient_checkpointing = cfg.gradient_checkpointing
     lora = None
@@ -240,11 +327,15 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=mp_dtype or torch.float32, reduce_dtype=torch.float32)
-        for block in transformer.transformer_blocks:
+        for block in m.family.blocks(transformer):
             fully_shard(block, mp_policy=policy)
         fully_shard(module, mp_policy=policy)
     torch.manual_seed(_mix(cfg.seed, 3, rank))  # each rank's own stream for dropout
     params = [p for p in module.parameters() if p.requires_grad]
+    return module, params, wrapped, strategy, resume_dir
+
+
+def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]):
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
     def lr_factor(step: int) -> float:
@@ -255,141 +346,107 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=mp_dtype == torch.float16)
-    ema = [p.detach().clone().float() for p in params] if cfg.ema_decay > 0 else None
-    step = 0
-    if resume_dir is not None:
-        step = _load_training_state(resume_dir, module, optimizer, scheduler, scaler, ema, strategy, world)
-        _log(f"resumed from {resume_dir} at step {step}")
-
-    denoiser = VPrediction(wrapped, schedule)
-    vae_sf = vae_cfg_raw.get("scaling_factor", 1.15258426)
-    invert = bool(vae_cfg_raw.get("invert_scale_latents", False))
-    empty = cache.text("").to(device)
-    sampling = cfg.timestep_sampling
-    if sampling == "auto":
-        sampling = "stratified" if world > 1 else "uniform"
-    writer = _tensorboard(out) if vdist.is_main() else None
-    log_file = open(out / "losses.jsonl", "a") if vdist.is_main() else None
-    bar = tqdm(total=cfg.steps, initial=step, disable=not vdist.is_main(), desc="training", dynamic_ncols=True)
-    last_loss, bad_in_a_row = float("nan"), 0
-    t_start = time.perf_counter()
-
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        losses, bad, all_t = [], torch.zeros(1, device=device), []
-        for a in range(cfg.grad_accum):
-            k = step * cfg.grad_accum + a
-            batch, t_global = _make_batch(cfg, plan, cache, items, k, rank, world, schedule, sampling, vae_sf, invert, mcfg, empty, device)
-            all_t.append(t_global)
-            sync = a == cfg.grad_accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
-            ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
-            with ctx, _autocast(device, mp_dtype):
-                weighting = "min_snr" if cfg.min_snr_gamma > 0 else None
-                loss = denoiser.loss(batch["x0"], batch["noise"], batch["sigma"], weighting, cfg.min_snr_gamma or 5.0, **batch["cond"]).mean()
-                if not torch.isfinite(loss):
-                    bad += 1
-                scaler.scale(loss / cfg.grad_accum).backward()
-            losses.append(loss.detach())
-        mean_loss = torch.stack(losses).mean()
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            dist.all_reduce(mean_loss, op=dist.ReduceOp.SUM)
-            mean_loss /= world
-        if bad.item() > 0:
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_a_row += 1
-            _log(f"step {step + 1}: the loss is {mean_loss.item()} (not finite); this step made no update")
-            if bad_in_a_row >= 10:
-                raise ValueError(f"step {step + 1}: 10 steps in a row had non-finite losses; stopping (try a lower --lr or --mixed-precision no)")
-        else:
-            bad_in_a_row = 0
-            scaler.unscale_(optimizer)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for e, p in zip(ema, params):
-                        e.mul_(cfg.ema_decay).add_(p.detach().float(), alpha=1 - cfg.ema_decay)
-        step += 1
-        last_loss = mean_loss.item()
-        dt = time.perf_counter() - t0
-        if vdist.is_main():
-            rec = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "t": [t.tolist() for t in all_t]}
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-            if writer is not None:
-                writer.add_scalar("loss", last_loss, step)
-                writer.add_scalar("lr", rec["lr"], step)
-            bar.set_postfix(loss=f"{last_loss:.4f}", s_per_step=f"{dt:.2f}", samples_per_s=f"{micro * cfg.grad_accum / dt:.1f}")
-            bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(out, step, module, optimizer, scheduler, scaler, ema, cfg, strategy, mcfg)
-        if cfg.validation_prompts and ((cfg.validation_every and step % cfg.validation_every == 0) or step == cfg.steps):
-            _validate(cfg, step, transformer, schedule, default_sampler, scale, cache, model_dir, device, mp_dtype, strategy)
-    bar.close()
-    if log_file is not None:
-        log_file.close()
-    _save_final(out, module, ema, params, cfg, strategy, model_dir, mcfg)
-    _log(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; last loss {last_loss:.4f}; outputs in {out}")
-    return {"step": step, "loss": last_loss}
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
-def _make_batch(cfg, plan, cache, items, k, rank, world, schedule, sampling, vae_sf, invert, mcfg, empty, device):
-    """This rank's part of global micro-batch ``k``; all randomness from (seed, k, sample index)."""
-    idx = plan.batch(k)
-    g_step = torch.Generator().manual_seed(_mix(cfg.seed, 1, k))
-    n, T = len(idx), schedule.num_timesteps
-    if sampling == "stratified":
-        t_all = stratified_timesteps(n, T, 0, 1, g_step)  # bands over the global batch; ranks slice
-    elif sampling == "logit_normal":
-        t_all = (logit_normal_sigmas(n, generator=g_step) * T).long().clamp(max=T - 1)
-    else:
-        t_all = uniform_timesteps(n, T, g_step)
-    lo, hi = rank * cfg.batch_size, (rank + 1) * cfg.batch_size
-    x0s, noises, ctxs, concats = [], [], [], []
-    for gi in range(lo, hi):
-        item = items[idx[gi]]
-        g = torch.Generator().manual_seed(_mix(cfg.seed, 2, k, gi))
-        flip = cfg.hflip > 0 and torch.rand((), generator=g).item() < cfg.hflip
-        drop = torch.rand((), generator=g).item() < cfg.caption_dropout
-        tensors = cache.load_latents(item)
-        moments = tensors["moments_flip" if flip else "moments"].float()
-        x0 = _sample_posterior(moments, g) * vae_sf
-        pt = mcfg.patch_size_t or 1
-        if x0.shape[1] % pt:  # CogVideoX 1.5: pad with a copy of the first latent frame
-            x0 = torch.cat([x0[:, :1].expand(-1, pt - x0.shape[1] % pt, -1, -1), x0], dim=1)
-        x0s.append(x0)
-        noises.append(torch.randn(x0.shape, generator=g))
-        ctxs.append(empty if drop else cache.text(item["caption"]).to(device))
-        if "image_moments" in tensors:
-            img = _sample_posterior(tensors["image_moments_flip" if flip else "image_moments"].float(), g)
-            img = img * ((1 / vae_sf) if invert else vae_sf)
-            concats.append(torch.cat([img, img.new_zeros(img.shape[0], x0.shape[1] - 1, *img.shape[2:])], dim=1))
-    t = t_all[lo:hi]
-    batch = {
-        "x0": torch.stack(x0s).to(device),
-        "noise": torch.stack(noises).to(device),
-        "sigma": schedule.sigma(t.double()).to(device),
-        "cond": {"context": torch.stack(ctxs).to(device, torch.float32)},
-    }
-    if concats:
-        batch["cond"]["concat"] = torch.stack(concats).to(device)
-    return batch, t_all
+def _train_step(cfg, step, batches, denoiser, wrapped, scaler, device, mp_dtype) -> tuple[float, bool, list[torch.Tensor]]:
+    """Forward and backward over the step's accumulated micro-batches: (mean loss over every
+    rank, whether every rank's loss was finite, the global batches' timesteps)."""
+    world = vdist.world_size()
+    losses, bad, all_t = [], torch.zeros(1, device=device), []
+    weighting = "min_snr" if cfg.min_snr_gamma > 0 else None
+    for a in range(cfg.grad_accum):
+        batch, t_global = batches.make(step * cfg.grad_accum + a)
+        all_t.append(t_global)
+        sync = a == cfg.grad_accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
+        ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
+        with ctx, _autocast(device, mp_dtype):
+            loss = denoiser.loss(batch["x0"], batch["noise"], batch["sigma"], weighting, cfg.min_snr_gamma or 5.0, **batch["cond"]).mean()
+            if not torch.isfinite(loss):
+                bad += 1
+            scaler.scale(loss / cfg.grad_accum).backward()
+        losses.append(loss.detach())
+    mean_loss = torch.stack(losses).mean()
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        dist.all_reduce(mean_loss, op=dist.ReduceOp.SUM)
+        mean_loss /= world
+    return mean_loss.item(), bad.item() == 0, all_t
+
+
+def _update(cfg, optimizer, scheduler, scaler, params, ema) -> None:
+    scaler.unscale_(optimizer)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.mul_(cfg.ema_decay).add_(p.detach().float(), alpha=1 - cfg.ema_decay)
+
+
+class BatchMaker:
+    """This rank's part of each global micro-batch, assembled from the cache as the family says
+    (latent padding, image conditioning); all randomness from (seed, micro-batch, sample index)."""
+
+    def __init__(self, cfg: TrainConfig, m: Model, plan: BatchPlan, cache: LatentCache, items: list[dict], device: torch.device):
+        self.cfg, self.m, self.plan, self.cache, self.items, self.device = cfg, m, plan, cache, items, device
+        self.schedule = m.defaults["schedule"]
+        sampling = cfg.timestep_sampling
+        self.sampling = ("stratified" if vdist.world_size() > 1 else "uniform") if sampling == "auto" else sampling
+        self.vae_info = m.family.vae_info(cache.spec.vae_config)
+        self.empty = {k: v.to(device) for k, v in cache.text("").items()}
+
+    def _timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
+        T = self.schedule.num_timesteps
+        if self.sampling == "stratified":
+            return stratified_timesteps(n, T, 0, 1, g)  # bands over the global batch; ranks slice
+        if self.sampling == "logit_normal":
+            return (logit_normal_sigmas(n, generator=g) * T).long().clamp(max=T - 1)
+        return uniform_timesteps(n, T, g)
+
+    def make(self, k: int) -> tuple[dict, torch.Tensor]:
+        cfg, family, mcfg, cache = self.cfg, self.m.family, self.m.config, self.cache
+        idx = self.plan.batch(k)
+        t_all = self._timesteps(len(idx), torch.Generator().manual_seed(_mix(cfg.seed, 1, k)))
+        rank = vdist.rank()
+        lo, hi = rank * cfg.batch_size, (rank + 1) * cfg.batch_size
+        x0s, noises, conds = [], [], []
+        for gi in range(lo, hi):
+            item = self.items[idx[gi]]
+            g = torch.Generator().manual_seed(_mix(cfg.seed, 2, k, gi))
+            flip = cfg.hflip > 0 and torch.rand((), generator=g).item() < cfg.hflip
+            drop = torch.rand((), generator=g).item() < cfg.caption_dropout
+            tensors = cache.load_latents(item)
+            x0 = sample_posterior(tensors["moments_flip" if flip else "moments"], dim=0, generator=g) * self.vae_info["scaling_factor"]
+            x0 = family.pad_latents(mcfg, x0[None])[0]  # [C, T, h, w]
+            x0s.append(x0)
+            noises.append(torch.randn(x0.shape, generator=g))
+            cond = dict(self.empty) if drop else {k_: v.to(self.device) for k_, v in cache.text(item["caption"]).items()}
+            if "image_moments" in tensors:
+                img = sample_posterior(tensors["image_moments_flip" if flip else "image_moments"], dim=0, generator=g)
+                img = img * family.image_latent_scale(self.vae_info)
+                cond.update({k_: v[0] for k_, v in family.image_conditioning(mcfg, img[None], x0.shape[1]).items()})
+            conds.append(cond)
+        t = t_all[lo:hi]
+        batch = {
+            "x0": torch.stack(x0s).to(self.device),
+            "noise": torch.stack(noises).to(self.device),
+            "sigma": self.schedule.sigma(t.double()).to(self.device),
+            "cond": {key: torch.stack([c[key] for c in conds]).to(self.device, _cond_dtype(conds[0][key])) for key in conds[0]},
+        }
+        return batch, t_all
+
+
+def _cond_dtype(t: torch.Tensor) -> torch.dtype:
+    """Conditioning trains in float32 (the cache may hold bf16); masks keep their dtype."""
+    return torch.float32 if t.is_floating_point() else t.dtype
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _sample_posterior(moments: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    mean, logvar = moments.chunk(2, dim=0)
-    return mean + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * torch.randn(mean.shape, generator=g)
 
 
 def _tensorboard(out: Path):
@@ -431,7 +488,7 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _save_checkpoint(out, step, module, optimizer, scheduler, scaler, ema, cfg, strategy, mcfg) -> None:
+def _save_checkpoint(out, step, module, optimizer, scheduler, scaler, ema, cfg, strategy) -> None:
     """Everything needed to continue exactly, written to ``step-N.tmp`` and renamed, by rank 0."""
     world = vdist.world_size()
     device = next(module.parameters()).device
@@ -509,7 +566,7 @@ def _load_training_state(ckpt, module, optimizer, scheduler, scaler, ema, strate
     return int(state["step"])
 
 
-def _save_final(out, module, ema, params, cfg, strategy, model_dir, mcfg) -> None:
+def _save_final(out, module, ema, cfg, strategy, m: Model) -> None:
     world = vdist.world_size()
     weights = _trainable_state(module, strategy, world)
     ema_weights = None
@@ -518,23 +575,22 @@ def _save_final(out, module, ema, params, cfg, strategy, model_dir, mcfg) -> Non
         ema_weights = dict(zip(names, ema))
     if not vdist.is_main():
         return
-    base = preset_name(mcfg) or str(model_dir)
     if cfg.full:
         # the layout it was loaded from, in the dtype of the original weights
-        from ..checkpoint import weight_files
-
-        src = weight_files(model_dir / "transformer")[0]
         from safetensors import safe_open
 
+        from ..checkpoint import weight_files
+
+        src = weight_files(m.folder / "transformer")[0]
         with safe_open(str(src), "pt") as f:
             dtype = f.get_tensor(next(iter(f.keys()))).dtype
         for name, w in (("transformer", weights), ("transformer_ema", ema_weights)):
             if w is None:
                 continue
             sd = {k.removeprefix("transformer."): v for k, v in w.items()}
-            full_sd = {**module.transformer.state_dict(), **sd}
-            save_transformer(module.transformer, out / name, dtype=dtype, state_dict=full_sd)
+            m.family.save_transformer(module.transformer, out / name, dtype=dtype, state_dict={**module.transformer.state_dict(), **sd})
         return
+    base = m.family.preset_name(m.config) or str(m.folder)
     for name, w in (("lora.safetensors", weights), ("lora_ema.safetensors", ema_weights)):
         if w is not None:
             save_lora(module.lora, out / name, base_model=base, state={k.removeprefix("lora."): v for k, v in w.items()})
@@ -545,30 +601,28 @@ def _save_final(out, module, ema, params, cfg, strategy, model_dir, mcfg) -> Non
 
 
 @torch.no_grad()
-def _validate(cfg, step, transformer, schedule, sampler, scale, cache, model_dir, device, mp_dtype, strategy) -> None:
+def _validate(cfg, step, m: Model, cache, device, mp_dtype, strategy) -> None:
     """Sample the validation prompts with the project's pipeline; rank 0 writes the mp4s. Under
     DDP the prompts are shared out among ranks; under FSDP2 every rank runs all of them in step."""
-    from ..vae.cogvideox_vae import load_vae
     from ..video_io import write_video
 
     rank, world = vdist.rank(), vdist.world_size()
     prompts = list(cfg.validation_prompts)
     mine = list(range(len(prompts))) if (strategy == "fsdp" and world > 1) else list(range(rank, len(prompts), world))
+    transformer = m.transformer
     was_training = transformer.training
     transformer.eval()
-    pipe = CogVideoXPipeline(transformer=transformer, vae=None, text_encoder=None, schedule=schedule, sampler=sampler, vae_scale=scale)
-    mcfg = transformer.config
+    pipe = Pipeline(transformer=transformer, vae=None, text_encoder=None, family=m.family, **m.defaults)
     f0, h0, w0 = pipe.default_size
     frames, h, w = cfg.frames or f0, cfg.height or h0, cfg.width or w0
     t, t_pad = pipe.latent_frames(frames)
     results = {}
-    empty = cache.text("").to(device)[None]
+    empty = {k: v.to(device)[None] for k, v in cache.text("").items()}
     for i in mine:
-        shape = (1, mcfg.out_channels, t_pad, h // scale, w // scale)
-        source = SeededNoise(cfg.seed + i, shape, device=device, permute=(1, 0, 2, 3))
+        source = pipe.noise_source(cfg.seed + i, pipe.latent_shape(frames, h, w))
+        cond = {k: v.to(device)[None] for k, v in cache.text(prompts[i]).items()}
         with _autocast(device, mp_dtype):
-            lat = pipe.sample(cache.text(prompts[i]).to(device)[None], empty, source(), steps=cfg.validation_steps,
-                              cfg=cfg.validation_cfg, noise_source=source, progress=False)
+            lat = pipe.sample(cond, empty, source(), steps=cfg.validation_steps, cfg=cfg.validation_cfg, noise_source=source, progress=False)
         results[i] = lat[:, :, t_pad - t :].cpu()
     if world > 1 and strategy != "fsdp":
         gathered = [None] * world
@@ -578,15 +632,13 @@ def _validate(cfg, step, transformer, schedule, sampler, scale, cache, model_dir
         transformer.train()
     if not vdist.is_main():
         return
-    vae = load_vae(model_dir / "vae", device=device)
+    pipe.vae = m.family.load_vae(m.folder / "vae", torch.float32, device)
     folder = Path(cfg.output) / "validation" / f"step-{step:07d}"
     for i, lat in sorted(results.items()):
-        video = vae.decode(lat.to(device))[0]
-        frames_ = (video.float().cpu() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
         slug = re.sub(r"[^a-z0-9]+", "-", prompts[i].lower()).strip("-")[:40]
-        write_video(folder / f"{i:02d}-{slug}.mp4", frames_, fps=16 if mcfg.is_v15 else 8)
-    del vae
+        write_video(folder / f"{i:02d}-{slug}.mp4", pipe.decode(lat), fps=pipe.fps)
+    pipe.vae = None
     _log(f"step {step}: validation videos in {folder}")
 
 
-__all__ = ["main", "run", "TrainModule", "BatchPlan"]
+__all__ = ["main", "run", "TrainModule", "BatchPlan", "BatchMaker"]

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .causal_conv import CausalConv3d
+from .common import Tiling, VideoVAE
 
 Cache = dict
 
@@ -68,16 +69,6 @@ PRESETS: dict[str, CogVideoXVAEConfig] = {
     "cogvideox-5b": CogVideoXVAEConfig(scaling_factor=0.7),
     "cogvideox1.5-5b": CogVideoXVAEConfig(scaling_factor=0.7, invert_scale_latents=True),
 }
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """Spatial tiles in pixels and their overlap fractions (defaults: the release's)."""
-
-    tile_height: int = 240
-    tile_width: int = 360
-    overlap_height: float = 1 / 6
-    overlap_width: float = 1 / 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,54 +268,7 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _blend_rows(a: torch.Tensor, b: torch.Tensor, extent: int) -> None:
-    """Fade the first ``extent`` rows of ``b`` in from the last rows of ``a`` (in place)."""
-    extent = min(a.shape[3], b.shape[3], extent)
-    if extent <= 0:
-        return
-    w = (torch.arange(extent, device=b.device, dtype=torch.float32) / extent).to(b.dtype).view(1, 1, 1, -1, 1)
-    b[:, :, :, :extent] = a[:, :, :, -extent:] * (1 - w) + b[:, :, :, :extent] * w
-
-
-def _blend_cols(a: torch.Tensor, b: torch.Tensor, extent: int) -> None:
-    extent = min(a.shape[4], b.shape[4], extent)
-    if extent <= 0:
-        return
-    w = (torch.arange(extent, device=b.device, dtype=torch.float32) / extent).to(b.dtype).view(1, 1, 1, 1, -1)
-    b[:, :, :, :, :extent] = a[:, :, :, :, -extent:] * (1 - w) + b[:, :, :, :, :extent] * w
-
-
-def _tile_grid(tiling: Tiling, s: int) -> tuple[int, int, int, int]:
-    """(tile height, tile width, step down, step right) in latent units.
-
-    Tiles start one step apart and overlap by ``tile - step``; each contributes ``step`` rows and
-    columns after blending. On the release's 240x360-pixel tiles this is exactly diffusers' tiling
-    (steps of 200 and 288 pixels, blends of 40 and 72), and it stays aligned for any tile size.
-    """
-    lat_h, lat_w = tiling.tile_height // s, tiling.tile_width // s
-    if lat_h < 1 or lat_w < 1:
-        raise ValueError(f"tiles of {tiling.tile_height}x{tiling.tile_width} pixels are smaller than one latent ({s} pixels)")
-    step_h = max(1, int(lat_h * (1 - tiling.overlap_height)))
-    step_w = max(1, int(lat_w * (1 - tiling.overlap_width)))
-    return lat_h, lat_w, step_h, step_w
-
-
-def _stitch(tiles: list[list[torch.Tensor]], blend_h: int, blend_w: int, keep_h: int, keep_w: int) -> torch.Tensor:
-    """Blend each tile into its upper and left neighbours (in order, in place) and crop."""
-    rows = []
-    for i, row in enumerate(tiles):
-        out = []
-        for j, tile in enumerate(row):
-            if i > 0:
-                _blend_rows(tiles[i - 1][j], tile, blend_h)
-            if j > 0:
-                _blend_cols(row[j - 1], tile, blend_w)
-            out.append(tile[:, :, :, :keep_h, :keep_w])
-        rows.append(torch.cat(out, dim=4))
-    return torch.cat(rows, dim=3)
-
-
-class CogVideoXVAE(nn.Module):
+class CogVideoXVAE(VideoVAE):
     """CogVideoX's causal video VAE.
 
     ``encode(video) -> latents`` takes pixels in [-1, 1], [B, 3, F, H, W] (F = 4k+1 or 1), and
@@ -352,6 +296,9 @@ class CogVideoXVAE(nn.Module):
     def device(self, value) -> None:
         """Ignored: the weights say where the model is (ComfyUI's model manager assigns this)."""
 
+    def info(self) -> dict:
+        return {"scaling_factor": self.config.scaling_factor, "invert_scale_latents": self.config.invert_scale_latents}
+
     def default_tiling(self) -> Tiling:
         return Tiling(self.config.sample_height // 2, self.config.sample_width // 2)
 
@@ -366,42 +313,6 @@ class CogVideoXVAE(nn.Module):
             out.append(m)
         return torch.cat(out, dim=2)
 
-    def encode_moments(self, video: torch.Tensor, chunk_frames: int = 8, tiling: Tiling | None = None) -> torch.Tensor:
-        """Posterior mean and log-variance [B, 2C, T', h, w] of pixels in [-1, 1]."""
-        self._check_video(video)
-        s = self.config.spatial_compression
-        h, w = video.shape[-2:]
-        if tiling is None or (h <= tiling.tile_height and w <= tiling.tile_width):
-            return self._encode_chunked(video, chunk_frames)
-        lat_h, lat_w, step_h, step_w = _tile_grid(tiling, s)
-        tiles = [
-            [self._encode_chunked(video[:, :, :, i : i + s * lat_h, j : j + s * lat_w], chunk_frames) for j in range(0, w, s * step_w)]
-            for i in range(0, h, s * step_h)
-        ]
-        return _stitch(tiles, lat_h - step_h, lat_w - step_w, step_h, step_w)
-
-    def encode(
-        self,
-        video: torch.Tensor,
-        sample: bool = False,
-        noise: torch.Tensor | None = None,
-        chunk_frames: int = 8,
-        tiling: Tiling | None = None,
-        scale: float | None = None,
-    ) -> torch.Tensor:
-        """Scaled latents of ``video`` (pixels in [-1, 1], [B, 3, F, H, W]).
-
-        The posterior mean by default; ``sample=True`` draws from the posterior, with ``noise``
-        (standard normal, shaped like the latents) when given. ``scale`` replaces the config's
-        scaling factor (CogVideoX 1.5 image-to-video conditions on latents / scaling_factor).
-        """
-        mean, logvar = self.encode_moments(video, chunk_frames, tiling).float().chunk(2, dim=1)
-        z = mean
-        if sample:
-            std = (0.5 * logvar.clamp(-30.0, 20.0)).exp()
-            z = mean + std * (noise.to(mean) if noise is not None else torch.randn_like(mean))
-        return z * (self.config.scaling_factor if scale is None else scale)
-
     # -- decoding ----------------------------------------------------------------------------
     def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device) -> torch.Tensor:
         cache: Cache = {}
@@ -414,56 +325,18 @@ class CogVideoXVAE(nn.Module):
             out.append(x.to(output_device) if output_device is not None else x)
         return torch.cat(out, dim=2)
 
-    def decode(
-        self,
-        latents: torch.Tensor,
-        chunk_frames: int = 2,
-        tiling: Tiling | None = None,
-        output_device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """Pixels in [-1, 1] (float32 or the VAE's dtype), [B, 3, F, H, W], from scaled latents.
-
-        ``output_device`` (e.g. "cpu") moves each decoded chunk off the GPU as it is made, so a
-        long video never holds all its frames in GPU memory.
-        """
-        if latents.ndim != 5 or latents.shape[1] != self.config.latent_channels:
-            raise ValueError(
-                f"expected latents [B, {self.config.latent_channels}, T, h, w], got {tuple(latents.shape)}"
-            )
-        z = latents.float() * (1 / self.config.scaling_factor)  # as the reference pipelines scale
-        s = self.config.spatial_compression
-        h, w = z.shape[-2:]
-        if tiling is None or (h <= tiling.tile_height // s and w <= tiling.tile_width // s):
-            return self._decode_chunked(z, chunk_frames, output_device)
-        lat_h, lat_w, step_h, step_w = _tile_grid(tiling, s)
-        tiles = [
-            [self._decode_chunked(z[:, :, :, i : i + lat_h, j : j + lat_w], chunk_frames, output_device) for j in range(0, w, step_w)]
-            for i in range(0, h, step_h)
-        ]
-        return _stitch(tiles, s * (lat_h - step_h), s * (lat_w - step_w), s * step_h, s * step_w)
-
-    def _check_video(self, video: torch.Tensor) -> None:
-        if video.ndim != 5 or video.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected video [B, {self.config.in_channels}, F, H, W] in [-1, 1], got {tuple(video.shape)}")
-        f, h, w = video.shape[2:]
-        s = self.config.spatial_compression
-        if f != 1 and (f - 1) % self.config.temporal_compression_ratio:
-            k = (f - 1) // 4
-            raise ValueError(f"the VAE takes 1 or 4k+1 frames, got {f} (nearest: {4 * k + 1} or {4 * k + 5})")
-        if h % s or w % s:
-            raise ValueError(f"frame size {h}x{w} is not a multiple of {s}")
-
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 
 
 def is_diffusers_state_dict(keys) -> bool:
-    return any(k.startswith("decoder.up_blocks.") for k in keys) and any(k.startswith("encoder.down_blocks.") for k in keys)
+    # the decoder's SpatialNorm (conv_y) tells it from 2D image VAEs of the same layout
+    return any(k.startswith("decoder.up_blocks.") and "conv_y" in k for k in keys)
 
 
 def is_sat_state_dict(keys) -> bool:
-    return any(k.startswith("decoder.up.") for k in keys) and any(k.startswith("encoder.down.") for k in keys)
+    return any(k.startswith("decoder.up.") and "conv_y" in k for k in keys)
 
 
 def convert_sat(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

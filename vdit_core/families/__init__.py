@@ -1,0 +1,307 @@
+"""Model families: what the pipeline, the CLI, the nodes and the trainer know about a kind of model.
+
+A family module (``cogvideox.py``) states a family's facts once: how its files are recognised,
+its loaders, frame and size rules, fps, latent layout, prediction type and schedule defaults, how
+image conditioning is assembled, its LoRA targets and the blocks FSDP wraps. Everything above
+the models asks the family; nothing above it imports a family module.
+
+``FAMILIES`` is a plain dict of the registered families, in detection order. :func:`detect` is
+the one detection function: it finds the family of a model folder, and names what a weight file
+looks like, both for dispatch and for "expected X, but this looks like Y" errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import CheckpointError, load_state_dict, read_json, safetensors_keys, weight_files
+
+
+@dataclass(frozen=True)
+class Signature:
+    """How one kind of weight file is recognised from its key names."""
+
+    label: str  # what it looks like, in words: "a CogVideoX VAE (diffusers layout)"
+    test: Callable[[set[str]], bool]
+    family: str | None = None  # the registered family that loads it (None: a format we only name)
+    part: str | None = None  # "transformer", "vae", "text_encoder" or "lora"
+    layout: str = "diffusers"  # "diffusers" or an official layout converted at load ("sat", ...)
+
+
+def neighbours(value: int, multiple: int, offset: int = 0) -> tuple[int, int]:
+    """The two valid values around ``value`` among ``offset + k * multiple`` (the smallest valid
+    value is ``offset``, or ``multiple`` when there is no offset)."""
+    lo = max(((value - offset) // multiple) * multiple + offset, offset if offset else multiple)
+    return lo, lo + multiple
+
+
+def multiple_problem(label: str, value: int, multiple: int) -> str | None:
+    """Why ``value`` is not a positive multiple of ``multiple`` (with the nearest valid values), or None."""
+    if value >= multiple and value % multiple == 0:
+        return None
+    lo, hi = neighbours(value, multiple)
+    return f"{label}={value}: must be a positive multiple of {multiple}; nearest valid: {lo} or {hi}"
+
+
+# the diffusers scheduler classes a model folder may name, and the sampler each corresponds to
+SCHEDULER_SAMPLERS = {
+    "CogVideoXDDIMScheduler": "ddim",
+    "DDIMScheduler": "ddim",
+    "CogVideoXDPMScheduler": "cogvideox_dpm",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DDPMScheduler": "ddpm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "UniPCMultistepScheduler": "unipc",
+}
+
+
+def folder_defaults(folder: Path | None) -> tuple[dict | None, str, dict]:
+    """What a model folder says about sampling: (its scheduler config or None, the sampler its
+    scheduler class corresponds to ("ddim" when unknown), the ``_vdit_defaults`` of its
+    model_index.json: steps, cfg, sampler, name)."""
+    if folder is None:
+        return None, "ddim", {}
+    folder = Path(folder)
+    raw, sampler = None, "ddim"
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.exists():
+        raw = read_json(sched)
+        sampler = SCHEDULER_SAMPLERS.get(raw.get("_class_name", ""), "ddim")
+    index = folder / "model_index.json"
+    extra = read_json(index).get("_vdit_defaults", {}) if index.exists() else {}
+    return raw, sampler, extra
+
+
+class Family:
+    """The facts and loaders of one model family; a family module subclasses this once.
+
+    ``config`` arguments are the family's transformer config (``transformer.config``);
+    ``spatial_scale`` is the pixels per latent cell of its VAE. Sizes are pixel sizes.
+    """
+
+    name: str = ""  # registry key
+    label: str = ""  # how users read it: "CogVideoX"
+    signatures: tuple[Signature, ...] = ()
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json ``_class_name`` values of its folders
+    vae_variants: tuple[str, ...] = ()  # presets a single VAE file may be read as (the VAE loader's "variant")
+    lora_targets: str = ""  # regex over module names: the Linears a LoRA adapts by default
+    noise_permute: tuple[int, ...] | None = None  # the reference's per-sample noise layout (seed parity)
+
+    # -- detection -------------------------------------------------------------------------------
+    def recognises_folder(self, folder: Path) -> bool:
+        """Whether ``folder`` is a model folder of this family."""
+        index = folder / "model_index.json"
+        return index.is_file() and read_json(index).get("_class_name", "") in self.pipeline_classes
+
+    def owns(self, transformer: nn.Module) -> bool:
+        raise NotImplementedError
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load_transformer(self, path: Path, dtype: torch.dtype | None, device) -> nn.Module:
+        raise NotImplementedError
+
+    def load_vae(self, path: Path, dtype: torch.dtype | None, device, variant: str | None = None) -> nn.Module:
+        raise NotImplementedError
+
+    def load_text_encoder(self, path: Path, dtype: torch.dtype | None, device, tokenizer: Path | None = None, max_length: int = 0):
+        """A text encoder from a model folder (``tokenizer`` None) or a weight file + tokenizer folder."""
+        raise NotImplementedError
+
+    def save_transformer(self, transformer: nn.Module, folder: Path, dtype: torch.dtype | None, state_dict: dict | None = None) -> None:
+        raise NotImplementedError
+
+    def preset_name(self, config) -> str | None:
+        """The release a transformer config matches, if any."""
+        return None
+
+    # -- sampling --------------------------------------------------------------------------------
+    def sampling_defaults(self, folder: Path | None, config) -> dict:
+        """``schedule``, ``sampler``, ``steps``, ``cfg`` and ``vae_scale`` (pixels per latent cell)
+        of a model: from its folder's configs where there are some, else the release's."""
+        raise NotImplementedError
+
+    def denoiser(self, net: Callable, schedule):
+        """The network as a denoiser ``d(x, sigma, **cond) -> x0`` (it owns the training loss)."""
+        raise NotImplementedError
+
+    def guidance_scale(self, cfg: float, steps: int, schedule, dynamic: bool):
+        """The guidance scale, or a function of sigma for dynamic guidance."""
+        if dynamic:
+            raise ValueError(f"{self.label} has no dynamic guidance")
+        return cfg
+
+    def encode_text(self, text_encoder, prompt: str | list[str]) -> dict[str, torch.Tensor]:
+        """The conditioning dict the transformer takes (hidden states, masks)."""
+        raise NotImplementedError
+
+    # -- geometry --------------------------------------------------------------------------------
+    def fps(self, config) -> float:
+        raise NotImplementedError
+
+    def latent_channels(self, config) -> int:
+        raise NotImplementedError
+
+    def default_size(self, config, spatial_scale: int) -> tuple[int, int, int]:
+        """(frames, height, width) the model was trained at."""
+        raise NotImplementedError
+
+    def latent_frames(self, config, num_frames: int) -> tuple[int, int]:
+        """(latent frames, latent frames padded for the transformer) of a pixel frame count."""
+        raise NotImplementedError
+
+    def size_problem(self, num_frames: int, height: int, width: int, config=None, spatial_scale: int = 8, frames_label: str = "num_frames") -> str | None:
+        """Why a size cannot be generated (one line naming the nearest valid values), or None.
+        Without ``config`` only the family's general rule is checked."""
+        raise NotImplementedError
+
+    def size_warning(self, num_frames: int, height: int, width: int, config, spatial_scale: int) -> str | None:
+        """A size that runs but was not trained (a warning), or None."""
+        return None
+
+    def latent_problem(self, config, latents: torch.Tensor) -> str | None:
+        """Why latents [B, C, T, h, w] cannot be sampled by this model, or None."""
+        c = self.latent_channels(config)
+        if latents.shape[1] != c:
+            return f"the latent has {latents.shape[1]} channels; this model works on {c}"
+        return None
+
+    def pad_latents(self, config, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, T, h, w] made ready for training (padding frames the transformer needs)."""
+        return latents
+
+    # -- image conditioning ---------------------------------------------------------------------
+    def is_image_to_video(self, config) -> bool:
+        return False
+
+    def vae_info(self, vae_config: dict) -> dict:
+        """The ``info()`` of the VAE a folder's ``vae/config.json`` describes (without loading it)."""
+        raise NotImplementedError
+
+    def image_latent_scale(self, vae_info: dict) -> float:
+        """The factor applied to raw (unscaled) posterior samples of a conditioning image;
+        ``vae_info`` holds the VAE's ``scaling_factor`` (and family-specific flags)."""
+        return float(vae_info["scaling_factor"])
+
+    def image_conditioning(self, config, image_latents: torch.Tensor, latent_t: int) -> dict[str, torch.Tensor]:
+        """Conditioning from the first frame's latents [B, C, 1, h, w] (scaled by
+        :meth:`image_latent_scale`) for a video of ``latent_t`` latent frames."""
+        raise ValueError(f"{self.label} models take no image conditioning")
+
+    # -- training --------------------------------------------------------------------------------
+    def blocks(self, transformer: nn.Module) -> Iterable[nn.Module]:
+        """The transformer blocks (FSDP's units)."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry
+
+FAMILIES: dict[str, Family] = {}
+
+# formats no registered family loads: named in errors so users learn what they picked
+OTHER_SIGNATURES: tuple[Signature, ...] = (
+    Signature("an Open-Sora STDiT3 transformer", lambda k: "fps_embedder.mlp.0.weight" in k or any(x.startswith("temporal_blocks.") for x in k)),
+    Signature("a HunyuanDiT transformer", lambda k: "mlp_t5.0.weight" in k or "text_embedder.linear_1.weight" in k and any("attn2" in x for x in k)),
+    Signature("a 2D image VAE (Stable Diffusion family)", lambda k: any(x.startswith("decoder.up_blocks.") for x in k) and not any("conv_y" in x for x in k)),
+    Signature("a LoRA", lambda k: any(".lora_" in x or "lora_down" in x or "lora_A" in x for x in k), part="lora"),
+    Signature("a UNet (Stable Diffusion family)", lambda k: any(x.startswith("model.diffusion_model.input_blocks.") or x.startswith("input_blocks.") for x in k)),
+)
+
+
+def register(family: Family) -> Family:
+    """Add a family (replacing one of the same name); returns it."""
+    if not family.name:
+        raise ValueError("a family needs a name")
+    FAMILIES[family.name] = family
+    return family
+
+
+def unregister(name: str) -> None:
+    FAMILIES.pop(name, None)
+
+
+def signatures() -> list[Signature]:
+    """Every known file kind, the families' first (in registration order)."""
+    return [s for f in FAMILIES.values() for s in f.signatures] + list(OTHER_SIGNATURES)
+
+
+def detect(keys: Iterable[str]) -> Signature | None:
+    """What a state dict with these keys is (None: nothing known)."""
+    ks = set(keys)
+    for sig in signatures():
+        if sig.test(ks):
+            return sig
+    return None
+
+
+def describe(keys: Iterable[str]) -> str:
+    """What a state dict looks like, in words."""
+    ks = set(keys)
+    sig = detect(ks)
+    if sig is not None:
+        return sig.label
+    return f"an unrecognised state dict ({len(ks)} tensors, e.g. {', '.join(sorted(ks)[:3])})"
+
+
+def get(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def for_folder(folder: str | Path) -> Family:
+    """The family of a model folder; a one-line error when no family recognises it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: expected a model folder (model_index.json, transformer/, vae/, ...)")
+    for family in FAMILIES.values():
+        if family.recognises_folder(folder):
+            return family
+    index = folder / "model_index.json"
+    what = f"a {read_json(index).get('_class_name') or 'unknown'} pipeline" if index.is_file() else "no model_index.json"
+    known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
+    raise CheckpointError(f"{folder}: not a model folder of any supported family ({what}); expected one of {known}")
+
+
+def file_keys(path: str | Path) -> set[str]:
+    """Key names of a weight file (safetensors headers only; pickles are loaded safely)."""
+    keys: set[str] = set()
+    for f in weight_files(path):
+        keys |= set(safetensors_keys(f)) if f.suffix == ".safetensors" else set(load_state_dict(f).keys())
+    return keys
+
+
+def for_file(path: str | Path, part: str) -> Family:
+    """The family whose ``part`` this weight file is; a one-line error naming what it looks like."""
+    keys = file_keys(path)
+    for s in signatures():
+        if s.part == part and s.family is not None and s.test(keys):
+            return FAMILIES[s.family]
+    wanted = {"transformer": "a diffusion transformer", "vae": "a VAE", "text_encoder": "a text encoder"}.get(part, part)
+    raise CheckpointError(f"{path}: expected {wanted} of a supported family ({', '.join(f.label for f in FAMILIES.values())}), but this looks like {describe(keys)}")
+
+
+def for_transformer(transformer: nn.Module) -> Family:
+    """The family of a loaded transformer."""
+    for family in FAMILIES.values():
+        if family.owns(transformer):
+            return family
+    raise ValueError(f"{type(transformer).__name__} belongs to no registered model family")
+
+
+def vae_variants() -> list[str]:
+    """Every family's VAE presets (the VAE loader node's choices)."""
+    return [v for f in FAMILIES.values() for v in f.vae_variants]
+
+
+from . import cogvideox  # noqa: E402  (registers itself)
+
+__all__ = ["folder_defaults", "SCHEDULER_SAMPLERS", "Family", "Signature", "FAMILIES", "register", "unregister", "detect", "describe", "get", "for_folder", "for_file",
+           "for_transformer", "vae_variants", "multiple_problem", "neighbours", "cogvideox"]
