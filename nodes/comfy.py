@@ -96,6 +96,21 @@ def output_dir() -> Path:
     return Path(folder_paths.get_output_directory() if IN_COMFY else _paths["output"])
 
 
+def output_target(filename_prefix: str) -> tuple[Path, str, str]:
+    """(folder, subfolder, file prefix) inside the output folder for a node's ``filename_prefix``
+    ("sub/dir/name"). Every node that writes asks here: a prefix that would leave the output
+    folder (``..``, an absolute path) is refused before anything is written, as ComfyUI's own
+    save nodes do."""
+    out = output_dir().resolve()
+    sub, _, prefix = filename_prefix.replace("\\", "/").rpartition("/")
+    folder = (out / sub).resolve()
+    inside = folder == out or out in folder.parents
+    if os.path.isabs(filename_prefix) or not inside or prefix in ("", ".", ".."):
+        raise ValueError(f"filename_prefix={filename_prefix!r}: files are written inside ComfyUI's output folder only; "
+                         f"use a relative prefix such as 'vdit/video'")
+    return folder, folder.relative_to(out).as_posix() if folder != out else "", prefix
+
+
 def t5_tokenizer_dir() -> Path | None:
     """ComfyUI's own T5 tokenizer files, when running inside ComfyUI."""
     if not IN_COMFY:

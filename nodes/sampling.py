@@ -7,7 +7,7 @@ import torch
 from vdit_core import families
 from vdit_core.lora import load_lora
 from vdit_core.pipeline import batch_conditioning
-from vdit_core.sampling import SAMPLERS, SeededNoise
+from vdit_core.sampling import SAMPLERS, SEED_MAX, SeededNoise
 
 from . import comfy
 
@@ -77,7 +77,7 @@ class VDITSampler:
                 "positive": ("VDIT_CONDITIONING",),
                 "negative": ("VDIT_CONDITIONING",),
                 "latent": ("LATENT",),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
                 "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1}),
                 "sampler": (["default"] + list(SAMPLERS), {"default": "default", "tooltip": "default: the model's scheduler (DDIM for CogVideoX)"}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vdit_core.pipeline import check_finite
 from vdit_core.vae.common import Tiling, frames_to_pixels, pixels_to_frames
 
 from . import comfy
@@ -58,6 +59,7 @@ class VDITVAEEncode:
         problem = vae.vae.frames_problem(f)
         if problem:
             raise ValueError(problem)
+        check_finite("the input images", pixels)
         device = vae.managed.load()
         video = frames_to_pixels(pixels.to(device))  # [1, 3, F, H, W]
         with torch.no_grad():
@@ -83,7 +85,7 @@ class VDITVAEDecode:
     CATEGORY = "vdit"
 
     def decode(self, vae, samples, chunk_frames, tiling, tile_height, tile_width):
-        z = samples["samples"]
+        z = check_finite("the latent", samples["samples"])
         if "vdit_frames" in samples:  # drop the padding frames a family adds in front, as the references do
             z = z[:, :, -vae.vae.latent_frames(samples["vdit_frames"]):]
         device = vae.managed.load()

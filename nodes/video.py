@@ -27,9 +27,7 @@ class VDITSaveVideo:
     CATEGORY = "vdit"
 
     def save(self, images, fps, filename_prefix, format):
-        out = comfy.output_dir()
-        sub, _, prefix = filename_prefix.rpartition("/")
-        folder = out / sub
+        folder, sub, prefix = comfy.output_target(filename_prefix)
         folder.mkdir(parents=True, exist_ok=True)
         taken = {p.name for p in folder.glob(f"{prefix}_*")}
         n = next(i for i in range(1, 10**6) if f"{prefix}_{i:05d}.{format}" not in taken)

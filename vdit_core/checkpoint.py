@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -199,6 +200,8 @@ def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str
     wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
     if missing or unexpected or wrong:
         looks = describe(sd.keys())
+        if looks.startswith(expected.split(" (")[0]):  # the right kind of file, but not whole or not this variant
+            looks = f"an incomplete or other-sized {looks.removeprefix('a ').removeprefix('an ')}"
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
@@ -241,6 +244,17 @@ def load_model(
         raise CheckpointError(f"{path}: expected {expected}, but this looks like {describe(sd.keys())}")
     if config is None:
         json_path = path / "config.json"
-        config = from_json(read_json(json_path)) if path.is_dir() and json_path.exists() else infer_config(sd)
+        if path.is_dir() and json_path.exists():
+            config = from_json(read_json(json_path))
+        else:
+            try:
+                config = infer_config(sd)
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            if path.is_dir():  # a folder normally carries its config: say loudly what was assumed
+                warnings.warn(f"{path}: no config.json; the architecture was read off the weights, and what they cannot tell "
+                              f"(trained sample size, positional embedding kind, latent scaling) was taken from "
+                              f"{label(config) if label else 'the closest release'}; add the release's config.json if the output looks wrong",
+                              stacklevel=3)
     model = build_on_meta(lambda: build(config))
     return assign_state_dict(model, sd, str(path), label(config) if label else expected).eval()

@@ -33,22 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--attention", default=None, help="attention backend: auto, sdpa, xformers, flash_attn, sageattention")
-    p.add_argument("--out", required=True, help="output video path (.mp4, .webm, .gif)")
+    p.add_argument("--out", required=True, help="output video path (.mp4, .webm, .gif, .webp)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (without it an existing file is never touched)")
+    p.add_argument("--no-memory-check", action="store_true", help="run even when the request looks larger than the free memory")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
     from .demo import demo_model_path
-    from .pipeline import load_pipeline
-    from .video_io import read_image, write_video
+    from .pipeline import check_request, load_pipeline
+    from .video_io import check_video_path, read_image, write_video
 
     try:
         t0 = time.perf_counter()
+        # everything a user typed is checked before the model loads: minutes of work never end in a refusal
+        check_request(args.frames, args.height, args.width, args.steps, args.cfg)
+        check_video_path(args.out, overwrite=args.overwrite)
+        image = read_image(args.image) if args.image else None
         model = args.model or demo_model_path()  # no --model: the bundled demo
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype, attention=args.attention)
-        image = read_image(args.image) if args.image else None
         frames = pipe(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
@@ -61,11 +67,15 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             image=image,
             dynamic_cfg=args.dynamic_cfg,
+            check_memory=not args.no_memory_check,
         )
         path = write_video(args.out, frames, fps=pipe.fps)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, CheckpointError, FileNotFoundError, AttentionBackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
     f, h, w, _ = frames.shape
     print(f"wrote {path} ({f} frames, {w}x{h}, {pipe.fps} fps) in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -251,8 +251,16 @@ def read_lora(path: str | Path, model: nn.Module) -> tuple[dict[str, tuple[torch
                 f"{lin.in_features} -> {lin.out_features}: a LoRA for another model"
             )
         rank = a.shape[0]
+        if rank == 0:
+            raise CheckpointError(f"{path}: {raw_name} has rank 0 (empty matrices); the file is damaged")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise CheckpointError(f"{path}: {raw_name} holds NaN or infinite weights; the file is damaged (or was saved from a diverged run)")
         if "alpha" in parts:
-            scale = float(parts["alpha"]) / rank
+            alpha = parts["alpha"]
+            if alpha.numel() != 1 or not torch.isfinite(alpha.float()).all():
+                raise CheckpointError(f"{path}: {raw_name}.alpha must be one finite number, got a tensor of shape {tuple(alpha.shape)}"
+                                      + ("" if alpha.numel() != 1 else f" holding {alpha.item()}"))
+            scale = float(alpha) / rank
         elif file_scale is not None:
             scale = file_scale
         else:
@@ -286,6 +294,8 @@ def _resolve(raw: str, linears: dict, kohya: dict) -> str | None:
 
 def load_lora(model: nn.Module, path: str | Path, strength: float = 1.0, dtype: torch.dtype | None = None) -> LoRASet:
     """Read a LoRA file and attach it to ``model`` with ``strength`` (0 gives the base output)."""
+    if not math.isfinite(strength):
+        raise ValueError(f"{path}: LoRA strength {strength} is not a finite number (1.0 is the trained effect, 0 none)")
     entries, metadata = read_lora(path, model)
     params = next(model.parameters())
     dtype = dtype or params.dtype

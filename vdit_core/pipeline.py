@@ -15,6 +15,7 @@ is drawn in the same order and layout as the reference (the family's ``noise_per
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,10 @@ import torch
 import torch.nn as nn
 
 from . import families
+from .attention import resolve_backend
 from .checkpoint import CheckpointError, parse_dtype
 from .guidance import CFGDenoiser
+from .memory import available_bytes, fmt_bytes
 from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise, prior_sample
 from .vae.common import VideoVAE, frames_to_pixels, image_tensor, pixels_to_frames
 
@@ -33,6 +36,26 @@ from .vae.common import VideoVAE, frames_to_pixels, image_tensor, pixels_to_fram
 def network_call(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """The bare network as samplers and the trainer call it: float32 output whatever its dtype."""
     return transformer(x, t, **cond).float()
+
+
+def check_request(num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                  steps: int | None = None, cfg: float | None = None, denoise: float = 1.0) -> None:
+    """Refuse nonsense numbers before any work (None means "the model's default"): counts and sizes
+    below 1, a guidance scale that is not a finite number >= 0, a denoise outside (0, 1]."""
+    for name, v, example in (("num_frames", num_frames, 49), ("height", height, 480), ("width", width, 720), ("steps", steps, 50)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name}={v!r}: must be a whole number of at least 1 (e.g. {example}); leave it unset for the model's default")
+    if cfg is not None and not (math.isfinite(cfg) and cfg >= 0):
+        raise ValueError(f"cfg={cfg}: the guidance scale must be a finite number >= 0 (1 turns guidance off; 6 is typical)")
+    if not (0.0 < denoise <= 1.0):
+        raise ValueError(f"denoise={denoise}: must be in (0, 1] (1: from pure noise)")
+
+
+def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Refuse inputs holding NaN or infinite values (they would silently give NaN frames)."""
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
 
 
 def batch_conditioning(cond: dict, batch: int) -> dict:
@@ -117,6 +140,62 @@ class Pipeline:
         if warning:
             warnings.warn(warning, stacklevel=3)
 
+    def memory_estimate(self, num_frames: int, height: int, width: int, batch: int = 1, guidance: bool = True) -> dict[str, int]:
+        """Rough bytes a generation needs beyond the loaded weights, by part: latents and sampler
+        state, the transformer's activations (the CFG pair in one batch), the VAE decode."""
+        shape = self.latent_shape(num_frames, height, width, batch)
+        out = {"latents": 8 * math.prod(shape) * 4}
+        seq = self.family.tokens(self.config, shape)
+        if seq is not None:
+            n, d = seq
+            item = torch.finfo(next(self.transformer.parameters()).dtype).bits // 8
+            out["transformer"] = (2 if guidance else 1) * batch * n * d * item * 12  # q, k, v, attention out, 4x MLP, residuals
+        if self.vae is not None:
+            out["vae decode"] = self.vae.decode_bytes(num_frames, height, width)
+        return out
+
+    def check_memory(self, num_frames: int, height: int, width: int, guidance: bool = True) -> None:
+        """Refuse a request whose estimate exceeds the device's free memory, saying the estimate
+        and the largest frame count and size (same aspect) that fit; ``check_memory=False`` in
+        the call (``--no-memory-check``) skips this for who knows better."""
+        free = available_bytes(self.device)
+        if free is None:
+            return
+        need = self.memory_estimate(num_frames, height, width, guidance=guidance)
+        if sum(need.values()) <= free:
+            return
+        fits = lambda f, h, w: sum(self.memory_estimate(f, h, w, guidance=guidance).values()) <= free  # noqa: E731
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in need.items())
+        hints = []
+        frames = [f for f in range(num_frames, 0, -1) if self.family.size_problem(f, height, width, self.config, self.spatial_scale) is None]
+        lo, hi = 0, len(frames)  # frames is descending; find the first (largest) that fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(frames[mid], height, width):
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo < len(frames):
+            hints.append(f"{frames[lo]} frames at {width}x{height}")
+        for scale in (0.75, 0.5, 0.35, 0.25, 0.125, 0.0625, 0.03125, 0.015625):
+            h, w = self._round_size(height * scale), self._round_size(width * scale)
+            if h and w and fits(num_frames, h, w):
+                hints.append(f"{w}x{h} at {num_frames} frames")
+                break
+        raise ValueError(
+            f"{num_frames} frames at {width}x{height} need about {fmt_bytes(sum(need.values()))} ({parts}) but "
+            f"{self.device.type} has {fmt_bytes(free)} free; what fits: {' or '.join(hints) or 'a smaller request'} "
+            "(check_memory=False / --no-memory-check tries anyway)"
+        )
+
+    def _round_size(self, v: float) -> int:
+        """The largest valid size at or below ``v`` (0 when none)."""
+        step = self.spatial_scale
+        for cand in range(int(v) // step * step, 0, -step):
+            if self.family.size_problem(self.default_size[0], cand, cand, None, self.spatial_scale) is None:
+                return cand
+        return 0
+
     # -- LoRA --------------------------------------------------------------------------------
     def load_lora(self, path, strength: float = 1.0):
         """Attach a LoRA file to the transformer (non-destructive; several stack)."""
@@ -200,13 +279,15 @@ class Pipeline:
         from those latents noised to the level of the first kept step.
         ``noise_source(sigma, sigma_next)`` feeds stochastic samplers.
         """
-        steps = steps or self.steps
+        steps = self.steps if steps is None else steps
         cfg = self.cfg if cfg is None else cfg
         sampler = sampler or self.sampler
+        check_request(steps=steps, cfg=cfg, denoise=denoise)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
-        if not 0.0 < denoise <= 1.0:
-            raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+        check_finite("noise", noise)
+        if init_latents is not None:
+            check_finite("the input latents", init_latents)
         sigmas = self.sigmas(steps, denoise, spacing)
         model = self.denoiser()
         if denoise < 1.0:
@@ -254,21 +335,31 @@ class Pipeline:
         dynamic_cfg: bool = False,
         progress: bool = True,
         vae_tiling=None,
+        check_memory: bool = True,
     ) -> torch.Tensor:
         """Generate a video; returns frames [F, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout).
 
+        ``num_frames``, ``height``, ``width``, ``steps``, ``cfg``: None takes the model's default.
         ``image``: the first frame for image-to-video models (IMAGE tensor or PIL image).
         ``video`` [F, H, W, 3] + ``denoise < 1``: video-to-video. ``noise`` [1, C, T, h, w]
         replaces the seeded initial noise (T padded as the family's transformer needs).
+        A request that cannot fit in the device's free memory is refused before anything is
+        allocated (``check_memory=False`` tries anyway).
         """
+        check_request(num_frames, height, width, steps, cfg, denoise)
         f0, h0, w0 = self.default_size
         if video is not None:
-            num_frames = num_frames or video.shape[0]
-            height, width = height or video.shape[1], width or video.shape[2]
+            check_finite("the input video", video)
+            num_frames = video.shape[0] if num_frames is None else num_frames
+            height = video.shape[1] if height is None else height
+            width = video.shape[2] if width is None else width
             if video.shape[0] != num_frames:
                 raise ValueError(f"video has {video.shape[0]} frames but num_frames={num_frames}")
-        num_frames, height, width = num_frames or f0, height or h0, width or w0
+        num_frames = f0 if num_frames is None else num_frames
+        height, width = (h0 if height is None else height), (w0 if width is None else width)
         self.check_size(num_frames, height, width)
+        if image is not None:
+            image = check_finite("the input image", image_tensor(image))
         if self.is_i2v and image is None:
             raise ValueError(f"{self.name} is an image-to-video model: pass `image` (the first frame)")
         if image is not None and not self.is_i2v:
@@ -280,9 +371,13 @@ class Pipeline:
             raise ValueError(f"video-to-video with {self.name} needs its {t} latent frames to fill the transformer's "
                              f"temporal patches ({t_pad}); pick a frame count that gives {t_pad} latent frames")
         shape = self.latent_shape(num_frames, height, width)
+        cfg_ = self.cfg if cfg is None else cfg
+        if check_memory:
+            self.check_memory(num_frames, height, width, guidance=cfg_ > 1.0)
+        if noise is not None:
+            check_finite("noise", noise)
         source = self.noise_source(seed, shape)
 
-        cfg_ = self.cfg if cfg is None else cfg
         cond = self.encode_prompt(prompt)
         uncond = self.encode_prompt(negative_prompt) if cfg_ > 1.0 else None
         if image is not None:
@@ -312,6 +407,20 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here; a one-line error (naming what is usable) otherwise."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {str(device)!r}: not a device name ({e}); use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {str(device)!r}: {why} (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA device(s) (0..{torch.cuda.device_count() - 1})")
+    return dev
+
+
 def load_pipeline(
     path: str | Path,
     device: str | torch.device | None = None,
@@ -327,8 +436,10 @@ def load_pipeline(
     (The bundled demo model's folder is ``vdit_core.demo.demo_model_path()``.)
     """
     path = Path(path)
-    device = torch.device(device or _default_device())
+    device = check_device(device or _default_device())
     dtype = parse_dtype(dtype)
+    if attention:
+        resolve_backend(attention, device, dtype)  # an unknown or unusable backend is refused before loading
     if not path.is_dir():
         raise CheckpointError(
             f"{path}: load_pipeline needs a model folder (model_index.json, transformer/, vae/, ...); "

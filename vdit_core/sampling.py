@@ -36,6 +36,7 @@ from tqdm.auto import trange
 from .schedules import FLOW, VE, NoiseForm
 
 NoiseSampler = Callable[[float, float], torch.Tensor]
+SEED_MAX = 2**64 - 1  # seeds are 64-bit (ComfyUI's seed widget range); larger or negative ones wrap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ class SeededNoise:
     sampler's ``noise_sampler(sigma, sigma_next)``.
 
     Args:
-        seed: base seed.
+        seed: base seed (any integer; wrapped into 0..SEED_MAX, so seed + b never overflows).
         shape: full batch shape [B, ...].
         permute: draw each sample in the order ``[shape[1:][i] for i in permute]`` and permute
             back, so that a seed reproduces the noise of an implementation with another layout.
@@ -84,7 +85,7 @@ class SeededNoise:
         self.device = torch.device(device)
         self.dtype = dtype
         self.permute = tuple(permute) if permute is not None else None
-        self.generators = [torch.Generator("cpu").manual_seed(int(seed) + b) for b in range(self.shape[0])]
+        self.generators = [torch.Generator("cpu").manual_seed((int(seed) + b) % (SEED_MAX + 1)) for b in range(self.shape[0])]
 
     def __call__(self, sigma: float | None = None, sigma_next: float | None = None) -> torch.Tensor:
         """The next draw of the batch shape (initial noise, then one per sampler request)."""

@@ -5,6 +5,7 @@ Frames travel as float tensors [F, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +27,61 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
+WRITABLE_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".webp")
+
+
+def check_video_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output path that cannot be written: an unknown format, a folder
+    that is a file or not writable, or (without ``overwrite``) an existing file."""
+    path = Path(path)
+    if path.suffix.lower() not in WRITABLE_SUFFIXES:
+        raise ValueError(f"{path}: unknown video format {path.suffix or '(none)'!r}; use one of {', '.join(WRITABLE_SUFFIXES)}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a file name such as {path / 'video.mp4'}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path}: exists; pass --overwrite to replace it, or choose another name")
+    parent = path.parent
+    while not parent.exists():  # the nearest existing folder is the one that must be writable
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{path}: the folder {parent} is not writable")
+    return path
+
+
 def write_video(path: str | Path, frames: torch.Tensor, fps: float = 8.0, quality: int = 8) -> Path:
-    """Write frames [F, H, W, 3] (float in [0, 1] or uint8) as mp4/webm/gif/webp by suffix."""
+    """Write frames [F, H, W, 3] (float in [0, 1] or uint8) as mp4/webm/gif/webp by suffix.
+
+    The video is written to a temporary file beside ``path``, read back, and only then renamed
+    over ``path``: an encoder error or a full disk raises and leaves an earlier file untouched.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in WRITABLE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported video format {suffix!r}; use .mp4, .webm, .gif or .webp")
+    data = to_uint8(frames)
+    if suffix in _CODECS and (data.shape[1] % 2 or data.shape[2] % 2):
+        raise ValueError(f"{suffix} needs even frame sizes, got {data.shape[2]}x{data.shape[1]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    try:
+        _encode(tmp, data, fps, quality, suffix)
+        _check_written(tmp, data)
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, ValueError) and str(e).startswith(str(tmp)):
+            raise ValueError(str(e).replace(str(tmp), str(path))) from None
+        raise ValueError(f"{path}: writing the video failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                         "nothing was written") from None
+    return path
+
+
+def _encode(path: Path, data: np.ndarray, fps: float, quality: int, suffix: str) -> None:
     import imageio.v2 as imageio
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_uint8(frames)
-    suffix = path.suffix.lower()
     if suffix in _CODECS:
-        if data.shape[1] % 2 or data.shape[2] % 2:
-            raise ValueError(f"{suffix} needs even frame sizes, got {data.shape[2]}x{data.shape[1]}")
         writer = imageio.get_writer(
             str(path), format="FFMPEG", mode="I", fps=fps, codec=_CODECS[suffix], quality=quality,
             macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error",
@@ -48,11 +93,24 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float = 8.0, qualit
             writer.close()
     elif suffix == ".gif":
         imageio.mimsave(str(path), list(data), duration=1000.0 / fps, loop=0)
-    elif suffix == ".webp":
+    else:  # .webp
         imageio.mimsave(str(path), list(data), duration=1000.0 / fps, loop=0, lossless=False, quality=90)
+
+
+def _check_written(path: Path, data: np.ndarray) -> None:
+    """The file decodes, and to frames of the written size (a failed encoder leaves an empty or
+    unreadable file)."""
+    if not path.exists() or path.stat().st_size == 0:
+        raise ValueError(f"{path}: the encoder wrote nothing")
+    if path.suffix.lower() in _CODECS:
+        h, w = read_video(path, max_frames=1)[0].shape[1:3]
     else:
-        raise ValueError(f"{path}: unsupported video format {suffix!r}; use .mp4, .webm, .gif or .webp")
-    return path
+        from PIL import Image
+
+        with Image.open(path) as im:
+            w, h = im.size
+    if (h, w) != tuple(data.shape[1:3]):
+        raise ValueError(f"{path}: reads back as {w}x{h}, not {data.shape[2]}x{data.shape[1]}")
 
 
 def read_video(path: str | Path, max_frames: int | None = None) -> tuple[torch.Tensor, float]:

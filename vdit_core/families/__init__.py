@@ -164,6 +164,11 @@ class Family:
         """A size that runs but was not trained (a warning), or None."""
         return None
 
+    def tokens(self, config, latent_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """(sequence length, hidden width) of one transformer pass over latents of this shape
+        (for memory estimates; None: unknown)."""
+        return None
+
     def latent_problem(self, config, latents: torch.Tensor) -> str | None:
         """Why latents [B, C, T, h, w] cannot be sampled by this model, or None."""
         c = self.latent_channels(config)

@@ -142,6 +142,11 @@ class CogVideoX(Family):
                     f"{trained}N+1 frames (e.g. {trained * 3 + 1}); other 4k+1 counts run but may look worse")
         return None
 
+    def tokens(self, config, latent_shape):
+        _, _, t, h, w = latent_shape
+        p, pt = config.patch_size, config.patch_size_t or 1
+        return config.max_text_seq_length + (t // pt) * (h // p) * (w // p), config.inner_dim
+
     def latent_problem(self, config, latents):
         problem = super().latent_problem(config, latents)
         pt = config.patch_size_t or 1

@@ -460,15 +460,14 @@ def save_transformer(model: CogVideoXTransformer, folder, dtype: torch.dtype | N
     above ``max_shard_bytes``): the diffusers layout, loadable by :func:`load_transformer`."""
     import json
     import os
+    import shutil
     from pathlib import Path
 
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in sd.items()}
-    (folder / "config.json").write_text(json.dumps(model.config.to_diffusers(), indent=2))
     shards, current, size = [], {}, 0
     for k, v in sd.items():
         nbytes = v.numel() * v.element_size()
@@ -477,17 +476,24 @@ def save_transformer(model: CogVideoXTransformer, folder, dtype: torch.dtype | N
             current, size = {}, 0
         current[k], size = v, size + nbytes
     shards.append(current)
-    for old in folder.glob("diffusion_pytorch_model*.safetensors*"):
-        old.unlink()
+    # the new set is written beside the folder and switched in whole: an earlier save stays intact until then
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(model.config.to_diffusers(), indent=2))
     if len(shards) == 1:
-        save_file(shards[0], str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": weight_map}
-    tmp = folder / "diffusion_pytorch_model.safetensors.index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, folder / "diffusion_pytorch_model.safetensors.index.json")
+        save_file(shards[0], str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": weight_map}
+        (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

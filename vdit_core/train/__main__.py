@@ -4,4 +4,7 @@ import sys
 
 from .trainer import main
 
-sys.exit(main())
+try:
+    sys.exit(main())
+except KeyboardInterrupt:  # main() has said where the last checkpoint is
+    sys.exit(130)

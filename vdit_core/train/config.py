@@ -63,6 +63,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: bool = False
+    overwrite: bool = False  # a new run may replace an earlier run's outputs in --output
     validation_prompts: list = field(default_factory=list)
     validation_every: int = 0  # 0: only at the end (when prompts are given)
     validation_steps: int = 25
@@ -86,6 +87,7 @@ _HELP = {
     "output": "output folder (checkpoints, LoRA/transformer, config.toml, logs)",
     "full": "full finetune (default: LoRA)",
     "resume": "continue from the newest complete checkpoint in the output folder",
+    "overwrite": "start a new run in an output folder that holds an earlier run, replacing its outputs (its latent cache is kept)",
     "config": "TOML file with any of these options (flags override it)",
     "validation_prompts": "prompt to sample during training (repeatable)",
 }
@@ -153,6 +155,8 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"strategy must be auto, ddp or fsdp, got {cfg.strategy!r}")
     if not 0 <= cfg.caption_dropout <= 1 or not 0 <= cfg.hflip <= 1:
         raise ValueError("caption_dropout and hflip are probabilities in [0, 1]")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
     for name in ("steps", "batch_size", "grad_accum", "lora_rank", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")

@@ -71,7 +71,11 @@ def scan(root: str | Path, report: Report) -> list[Sample]:
         if not caption_file.exists():
             report.skip(path, "missing caption (no same-name .txt file)")
             continue
-        caption = caption_file.read_text(encoding="utf-8").strip()
+        try:
+            caption = caption_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            report.skip(path, f"caption file {caption_file.name} is not UTF-8 text (byte {e.start}); save it as UTF-8")
+            continue
         if not caption:
             report.skip(path, "empty caption file")
             continue
@@ -87,7 +91,7 @@ def _from_metadata(root: Path, meta: Path, report: Report) -> list[Sample]:
                 rows = list(csv.DictReader(f))
         else:
             rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (json.JSONDecodeError, csv.Error) as e:
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
         raise ValueError(f"{meta}: cannot be parsed ({e})") from None
     samples = []
     for i, row in enumerate(rows):

@@ -31,7 +31,8 @@ from .. import families
 from ..checkpoint import CheckpointError, parse_dtype, read_json
 from ..families import Family
 from ..lora import LoRASet, inject_lora, save_lora
-from ..pipeline import Pipeline, network_call
+from ..attention import AttentionBackendError
+from ..pipeline import Pipeline, check_device, network_call
 from ..timesteps import logit_normal_sigmas, stratified_timesteps, uniform_timesteps
 from ..vae.common import sample_posterior
 from . import dist as vdist
@@ -101,9 +102,9 @@ class BatchPlan:
 # set-up
 
 
-def _setup_distributed(cfg: TrainConfig) -> torch.device:
+def _setup_distributed(cfg: TrainConfig, device: torch.device) -> torch.device:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    use_cuda = device.type == "cuda"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=cfg.dist_timeout_minutes)
@@ -136,19 +137,53 @@ def _checkpoints(out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
+        device = check_device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = _setup_distributed(cfg)
+    device = _setup_distributed(cfg, device)
     try:
         run(cfg, device)
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError, AttentionBackendError) as e:
         print(f"error (rank {vdist.rank()}): {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if vdist.is_main():
+            ckpts = _checkpoints(Path(cfg.output))
+            where = f"the newest checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+            print(f"\ninterrupted; {where}; run the same command with --resume to continue", file=sys.stderr)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+# what a run writes into --output (its latent cache, also there by default, may be reused by a new run)
+RUN_OUTPUTS = ("config.toml", "losses.jsonl", "checkpoints", "lora.safetensors", "lora_ema.safetensors", "transformer",
+               "transformer_ema", "validation", "tensorboard")
+
+
+def _claim_output(cfg: TrainConfig) -> None:
+    """A new run (no --resume) never writes over an earlier one: refused, or with --overwrite the
+    earlier run's outputs are removed first (its latent cache is kept). Runs before anything else."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out}: is a file, not a folder")
+    earlier = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked before rank 0 removes anything
+    if cfg.resume or not earlier:
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"--output {out}: holds an earlier run ({', '.join(earlier)}); pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another folder")
+    if vdist.is_main():
+        for name in earlier:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if dist.is_initialized():
+        dist.barrier()
 
 
 @dataclass
@@ -173,6 +208,7 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
     """Train as ``cfg`` says; returns a summary (final step, last loss)."""
     rank, world = vdist.rank(), vdist.world_size()
     out = Path(cfg.output)
+    _claim_output(cfg)
     mp_dtype = _mixed_precision(cfg, device)
     m = _load_model(cfg, device, mp_dtype)
     if not cfg.lora_targets:  # record the targets the run really uses
@@ -193,7 +229,7 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
     step = 0
     if resume_dir is not None:
         step = _load_training_state(resume_dir, module, optimizer, scheduler, scaler, ema, strategy, world)
-        _log(f"resumed from {resume_dir} at step {step}")
+        _log(f"resumed from {resume_dir} at step {step}: {_resume_settings(resume_dir, cfg, optimizer, scheduler)}")
 
     denoiser = m.family.denoiser(wrapped, m.defaults["schedule"])
     batches = BatchMaker(cfg, m, plan, cache, items, device)
@@ -293,6 +329,9 @@ def _prepare_data(cfg: TrainConfig, m: Model, device: torch.device) -> tuple[Lat
     report.usable = len(items)
     for line in report.lines():
         _log(line)
+    if not items:
+        why = f"all {len(report.skipped)} file(s) were skipped (reasons above)" if report.skipped else "it holds no videos or images with captions"
+        raise ValueError(f"--data {cfg.data}: no usable clips: {why}")
     return cache, items
 
 
@@ -501,21 +540,35 @@ def _save_checkpoint(out, step, module, optimizer, scheduler, scaler, ema, cfg, 
         rng = [_rng_state(device)]
     if not vdist.is_main():
         return
+    previous = _checkpoints(out)
+    last_good = previous[-1] if previous else None
+    bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+    if ema is not None:
+        bad += ["ema"] if not all(torch.isfinite(e).all() for e in ema) else []
+    if bad:  # never a checkpoint of exploded weights; the good ones stay (rotation runs only after a save)
+        _log(f"step {step}: not saving a checkpoint: {len(bad)} weight tensor(s) are not finite (e.g. {bad[0]}); "
+             f"the last good checkpoint is {last_good or 'none'}")
+        return
     root = out / "checkpoints"
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(opt_state, tmp / "optimizer.pt")
-    torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng}, tmp / "state.pt")
-    if ema is not None:
-        names = [n for n, p in module.named_parameters() if p.requires_grad]
-        save_file({n: e.detach().cpu().contiguous() for n, e in zip(names, ema)}, str(tmp / "ema.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "micro_batches": step * cfg.grad_accum, "world_size": world, "full": cfg.full}))
-    (tmp / "config.toml").write_text(to_toml(cfg.to_dict()))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(opt_state, tmp / "optimizer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng}, tmp / "state.pt")
+        if ema is not None:
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+            save_file({n: e.detach().cpu().contiguous() for n, e in zip(names, ema)}, str(tmp / "ema.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "micro_batches": step * cfg.grad_accum, "world_size": world, "full": cfg.full}))
+        (tmp / "config.toml").write_text(to_toml(cfg.to_dict()))
+    except (OSError, RuntimeError) as e:  # a full disk shows up as either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"step {step}: writing the checkpoint to {root} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"the previous checkpoint {last_good or '(none)'} is intact") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)  # atomic: a kill before this line leaves the previous checkpoint as the newest
@@ -534,9 +587,40 @@ def _load_weights(module: TrainModule, ckpt: Path, cfg: TrainConfig, device) -> 
     missing = [k for k, p in own.items() if p.requires_grad and k not in weights]
     if missing or any(k not in own for k in weights):
         raise ValueError(f"{ckpt}: its trainable weights do not fit this run (e.g. {missing[:2]}); was the LoRA rank or target set changed?")
+    wrong = [k for k, v in weights.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{ckpt}: its weights have other shapes than this run's (e.g. {k}: checkpoint {tuple(weights[k].shape)}, "
+                         f"this run {tuple(own[k].shape)}); was the LoRA rank changed? Resume with the checkpoint's settings "
+                         "or start a new run in another --output")
     with torch.no_grad():
         for k, v in weights.items():
             own[k].copy_(v.to(own[k].dtype))
+
+
+# what a resume takes from the checkpoint; every other setting comes from this run's command line
+RESUMED = "weights, optimizer moments, EMA, random state and data position"
+# settings whose change the resumed optimizer applies from the next step on
+OPTIMIZER_SETTINGS = ("lr", "adam_beta1", "adam_beta2", "adam_eps", "weight_decay")
+
+
+def _resume_settings(ckpt: Path, cfg: TrainConfig, optimizer, scheduler) -> str:
+    """Apply this run's optimizer settings to the resumed optimizer (the checkpoint's would
+    silently win otherwise) and say which settings differ from the checkpoint's run."""
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(lr=cfg.lr * factor(scheduler.last_epoch), initial_lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    try:
+        import tomllib
+
+        before = tomllib.loads((ckpt / "config.toml").read_text())
+    except (OSError, ValueError, ImportError):
+        before = {}
+    ignore = {"resume", "overwrite", "config"}
+    changed = [f"{k} {v!r} (was {before[k]!r})" for k, v in cfg.to_dict().items() if k in before and k not in ignore and before[k] != v]
+    return f"{RESUMED} from the checkpoint; everything else from this command" + (f": changed {', '.join(changed)}" if changed else "")
 
 
 def _load_training_state(ckpt, module, optimizer, scheduler, scaler, ema, strategy, world) -> int:
