@@ -6,7 +6,7 @@ import torch
 
 from vdit_core import families
 from vdit_core.lora import load_lora
-from vdit_core.pipeline import batch_conditioning
+from vdit_core.pipeline import batch_conditioning, check_finite
 from vdit_core.sampling import SAMPLERS, SEED_MAX, SeededNoise
 
 from . import comfy
@@ -101,18 +101,17 @@ class VDITSampler:
         problem = pipe.family.latent_problem(pipe.config, x)
         if problem:
             raise ValueError(f"{model.name}: {problem} (use VDIT Empty Latent or a VDIT VAE)")
-        device = model.managed.load()
-        cond = batch_conditioning({k: v.to(device) for k, v in positive["cond"].items()}, b)
-        uncond = batch_conditioning({k: v.to(device) for k, v in negative["cond"].items()}, b) if cfg > 1.0 else None
-        if pipe.is_i2v:
-            if image_latent is None:
-                raise ValueError(f"{model.name} is an image-to-video model: connect the first frame's latent to image_latent")
+        image = {}
+        if pipe.is_i2v:  # checked before anything is loaded
+            if image_latent is None or "vdit_vae" not in image_latent:
+                raise ValueError(f"{model.name} is an image-to-video model: connect the first frame's latent (from VDIT VAE Encode) to image_latent")
             info = image_latent["vdit_vae"]
             # the node's latents carry the VAE's own scaling; the family may condition on another
-            z = image_latent["samples"][:, :, :1].float() * (pipe.family.image_latent_scale(info) / info["scaling_factor"])
-            image = batch_conditioning({k: v.to(device) for k, v in pipe.family.image_conditioning(pipe.config, z, t).items()}, b)
-            cond = {**cond, **image}
-            uncond = {**uncond, **image} if uncond is not None else None
+            z = check_finite("the image latent", image_latent["samples"][:, :, :1].float())
+            image = pipe.family.image_conditioning(pipe.config, z * (pipe.family.image_latent_scale(info) / info["scaling_factor"]), t)
+        device = model.managed.load()
+        cond = batch_conditioning({k: v.to(device) for k, v in {**positive["cond"], **image}.items()}, b)
+        uncond = batch_conditioning({k: v.to(device) for k, v in {**negative["cond"], **image}.items()}, b) if cfg > 1.0 else None
         source = SeededNoise(seed, x.shape, device=device, permute=pipe.family.noise_permute)
         n_steps = len(pipe.sigmas(steps, denoise, None if schedule == "default" else schedule)) - 1
         progress = comfy.Progress(n_steps, desc="vdit sampling")

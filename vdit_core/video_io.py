@@ -34,10 +34,10 @@ def check_video_path(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse, before any work, an output path that cannot be written: an unknown format, a folder
     that is a file or not writable, or (without ``overwrite``) an existing file."""
     path = Path(path)
-    if path.suffix.lower() not in WRITABLE_SUFFIXES:
-        raise ValueError(f"{path}: unknown video format {path.suffix or '(none)'!r}; use one of {', '.join(WRITABLE_SUFFIXES)}")
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; give a file name such as {path / 'video.mp4'}")
+    if path.suffix.lower() not in WRITABLE_SUFFIXES:
+        raise ValueError(f"{path}: unknown video format {path.suffix or '(none)'!r}; use one of {', '.join(WRITABLE_SUFFIXES)}")
     if path.exists() and not overwrite:
         raise ValueError(f"{path}: exists; pass --overwrite to replace it, or choose another name")
     parent = path.parent

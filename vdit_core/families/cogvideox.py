@@ -137,10 +137,14 @@ class CogVideoX(Family):
 
     def size_warning(self, num_frames, height, width, config, spatial_scale):
         trained = 16 if config.is_v15 else 8
+        notes = []
         if (num_frames - 1) % trained:
-            return (f"num_frames={num_frames}: the CogVideoX{' 1.5' if config.is_v15 else ''} releases were trained on "
-                    f"{trained}N+1 frames (e.g. {trained * 3 + 1}); other 4k+1 counts run but may look worse")
-        return None
+            notes.append(f"num_frames={num_frames}: the CogVideoX{' 1.5' if config.is_v15 else ''} releases were trained on "
+                         f"{trained}N+1 frames (e.g. {trained * 3 + 1}); other 4k+1 counts run but may look worse")
+        if num_frames > 8 * config.sample_frames:  # runs, but for a long time and without coherence
+            notes.append(f"num_frames={num_frames} is {num_frames / config.sample_frames:.0f}x the {config.sample_frames} frames this "
+                         "model was trained on: expect an incoherent video, and attention time grows with the square of the length")
+        return "; ".join(notes) or None
 
     def tokens(self, config, latent_shape):
         _, _, t, h, w = latent_shape

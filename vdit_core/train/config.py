@@ -155,6 +155,8 @@ def check(cfg: TrainConfig) -> None:
         raise ValueError(f"strategy must be auto, ddp or fsdp, got {cfg.strategy!r}")
     if not 0 <= cfg.caption_dropout <= 1 or not 0 <= cfg.hflip <= 1:
         raise ValueError("caption_dropout and hflip are probabilities in [0, 1]")
+    if not 0 < cfg.lr < 1:  # also refuses NaN
+        raise ValueError(f"lr={cfg.lr}: must be a positive number below 1 (1e-4 is typical for LoRA, 1e-5 for a full finetune)")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --output and --overwrite replaces it: pass one of them")
     for name in ("steps", "batch_size", "grad_accum", "lora_rank", "keep_checkpoints"):

@@ -659,6 +659,11 @@ def _save_final(out, module, ema, cfg, strategy, m: Model) -> None:
         ema_weights = dict(zip(names, ema))
     if not vdist.is_main():
         return
+    bad = [k for k, v in {**weights, **(ema_weights or {})}.items() if not torch.isfinite(v).all()]
+    if bad:
+        ckpts = _checkpoints(out)
+        raise ValueError(f"the trained weights are not finite (e.g. {bad[0]}); nothing was written to {out} "
+                         f"(the last good checkpoint is {ckpts[-1] if ckpts else 'none'}); try a lower --lr")
     if cfg.full:
         # the layout it was loaded from, in the dtype of the original weights
         from safetensors import safe_open

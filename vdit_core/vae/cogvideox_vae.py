@@ -360,6 +360,9 @@ def convert_sat(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def infer_config(sd: dict[str, torch.Tensor], base: CogVideoXVAEConfig | None = None) -> CogVideoXVAEConfig:
     """Config read off diffusers-named VAE weights; the scaling factor comes from ``base``."""
+    for part in ("encoder.down_blocks.", "decoder.up_blocks."):
+        if not any(k.startswith(part) for k in sd):
+            raise ValueError(f"an incomplete CogVideoX VAE: it has no {part}* weights")
     try:
         n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))
         chans = tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight"].shape[0] for i in range(n))
