@@ -11,7 +11,7 @@ from vdit_core.sampling import SAMPLERS, SEED_MAX, SeededNoise
 
 from . import comfy
 
-SPACINGS = ["default", "trailing", "leading", "linspace", "karras", "exponential"]
+SPACINGS = ["default", "trailing", "leading", "linspace", "karras", "exponential", "linspace_round"]
 
 
 def check_size(width: int, height: int, frames: int) -> str | None:
@@ -81,7 +81,7 @@ class VDITSampler:
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
                 "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1}),
                 "sampler": (["default"] + list(SAMPLERS), {"default": "default", "tooltip": "default: the model's scheduler (DDIM for CogVideoX)"}),
-                "schedule": (SPACINGS, {"default": "default", "tooltip": "timestep spacing (default: the model's, trailing)"}),
+                "schedule": (SPACINGS, {"default": "default", "tooltip": "timestep spacing (default: what the model's release uses with the chosen sampler)"}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "below 1: video-to-video from the input latent"}),
             },
             "optional": {
@@ -113,7 +113,7 @@ class VDITSampler:
         cond = batch_conditioning({k: v.to(device) for k, v in {**positive["cond"], **image}.items()}, b)
         uncond = batch_conditioning({k: v.to(device) for k, v in {**negative["cond"], **image}.items()}, b) if cfg > 1.0 else None
         source = SeededNoise(seed, x.shape, device=device, permute=pipe.family.noise_permute)
-        n_steps = len(pipe.sigmas(steps, denoise, None if schedule == "default" else schedule)) - 1
+        n_steps = len(pipe.sigmas(steps, denoise, None if schedule == "default" else schedule, None if sampler == "default" else sampler)) - 1
         progress = comfy.Progress(n_steps, desc="vdit sampling")
         show = comfy.previews_enabled()
 

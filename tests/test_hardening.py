@@ -5,7 +5,6 @@ or handled without losing a file; never a traceback, a silent NaN or a server cr
 from __future__ import annotations
 
 import errno
-import json
 import math
 import shutil
 from pathlib import Path

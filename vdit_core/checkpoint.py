@@ -42,7 +42,7 @@ def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.fl
 
 def _unwrap(sd: dict) -> dict:
     """Training checkpoints nest the weights under model / module / state_dict."""
-    for key in ("state_dict", "module", "model"):
+    for key in ("state_dict", "module", "model", "ema"):  # "ema": Tencent's HunyuanDiT checkpoints
         while isinstance(sd, dict) and key in sd and isinstance(sd[key], dict) and not isinstance(sd[key], torch.Tensor):
             sd = sd[key]
     return sd

@@ -29,7 +29,7 @@ from .attention import resolve_backend
 from .checkpoint import CheckpointError, parse_dtype
 from .guidance import CFGDenoiser
 from .memory import available_bytes, fmt_bytes
-from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise, prior_sample
+from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise
 from .vae.common import VideoVAE, frames_to_pixels, image_tensor, pixels_to_frames
 
 
@@ -247,9 +247,11 @@ class Pipeline:
         """The model as a denoiser ``d(x, sigma, **cond) -> x0`` (the family's prediction type)."""
         return self.family.denoiser(self._net, self.schedule)
 
-    def sigmas(self, steps: int, denoise: float = 1.0, spacing: str | None = None) -> torch.Tensor:
+    def sigmas(self, steps: int, denoise: float = 1.0, spacing: str | None = None, sampler: str | None = None) -> torch.Tensor:
         """The run's sigmas; ``denoise < 1`` keeps the last ``int(steps * denoise)`` steps.
-        ``spacing``: a timestep or sigma spacing (default: the scheduler config's)."""
+        ``spacing``: a timestep or sigma spacing (default: the one the family's release uses
+        with ``sampler``, else the scheduler config's)."""
+        spacing = spacing or self.family.spacing(sampler or self.sampler)
         sigmas = self.schedule.get_sigmas(steps, spacing=spacing)
         if denoise < 1.0:
             kept = min(int(steps * denoise), steps)
@@ -288,7 +290,7 @@ class Pipeline:
         check_finite("noise", noise)
         if init_latents is not None:
             check_finite("the input latents", init_latents)
-        sigmas = self.sigmas(steps, denoise, spacing)
+        sigmas = self.sigmas(steps, denoise, spacing, sampler)
         model = self.denoiser()
         if denoise < 1.0:
             if init_latents is None:
@@ -297,7 +299,7 @@ class Pipeline:
                 return init_latents
             x = model.noise_form.add_noise(init_latents.float(), noise.float(), float(sigmas[0]))
         else:
-            x = prior_sample(noise.float(), sigmas[0])
+            x = model.prior(noise.float(), float(sigmas[0]))  # as the reference pipelines start
         if cfg > 1.0 and uncond is not None:
             model = CFGDenoiser(model, self.family.guidance_scale(cfg, steps, self.schedule, dynamic_cfg))
             extra = {"cond": cond, "uncond": uncond}
@@ -336,18 +338,23 @@ class Pipeline:
         progress: bool = True,
         vae_tiling=None,
         check_memory: bool = True,
+        conditioning: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Generate a video; returns frames [F, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout).
 
         ``num_frames``, ``height``, ``width``, ``steps``, ``cfg``: None takes the model's default.
         ``image``: the first frame for image-to-video models (IMAGE tensor or PIL image).
-        ``video`` [F, H, W, 3] + ``denoise < 1``: video-to-video. ``noise`` [1, C, T, h, w]
-        replaces the seeded initial noise (T padded as the family's transformer needs).
-        A request that cannot fit in the device's free memory is refused before anything is
+        ``video`` [F, H, W, 3] + ``denoise < 1``: video-to-video (for image models, ``image`` +
+        ``denoise < 1`` is image-to-image). ``noise`` [1, C, T, h, w] replaces the seeded initial
+        noise (T padded as the family's transformer needs). ``conditioning``: extra inputs of the
+        transformer for both CFG branches (HunyuanDiT v1.1: ``image_meta_size``, ``style``). A request that cannot fit in the device's free memory is refused before anything is
         allocated (``check_memory=False`` tries anyway).
         """
         check_request(num_frames, height, width, steps, cfg, denoise)
         f0, h0, w0 = self.default_size
+        if image is not None and not self.is_i2v and denoise < 1.0 and video is None:
+            video = image_tensor(image)  # image-to-image: the image is a one-frame video
+            image = None
         if video is not None:
             check_finite("the input video", video)
             num_frames = video.shape[0] if num_frames is None else num_frames
@@ -378,8 +385,9 @@ class Pipeline:
             check_finite("noise", noise)
         source = self.noise_source(seed, shape)
 
-        cond = self.encode_prompt(prompt)
-        uncond = self.encode_prompt(negative_prompt) if cfg_ > 1.0 else None
+        extra = {k: v.to(self.device) for k, v in (conditioning or {}).items()}
+        cond = {**self.encode_prompt(prompt), **extra}
+        uncond = {**self.encode_prompt(negative_prompt), **extra} if cfg_ > 1.0 else None
         if image is not None:
             image_cond = self.encode_image(image, height, width, t_pad, source)
             cond = {**cond, **image_cond}

@@ -100,6 +100,13 @@ class DiscreteDenoiser:
         out, _ = self._net(x * _bcast(c_in, x), sigma, cond)
         return self.to_x0(x, out, sigma)
 
+    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The start of a full denoise at ``sigma``: the unit noise taken as the VP sample there
+        (as the reference DDPM pipelines start), i.e. ``noise * sqrt(1 + sigma^2)`` in VE
+        coordinates; at an infinite sigma the noise itself (the ``x / sigma`` convention)."""
+        s = float(sigma)
+        return noise.clone() if math.isinf(s) else noise * math.sqrt(1 + s * s)
+
     def to_x0(self, x: torch.Tensor, out: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -323,6 +330,10 @@ class FlowPrediction:
         sigma = _as_sigma(sigma, x.shape[0], x.device)
         v = self._net(x, sigma, cond)
         return x + self.sign * v * _bcast(sigma, x)
+
+    def prior(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The start of a full denoise: ``noise * sigma`` (the noise itself at sigma = 1)."""
+        return noise * float(sigma)
 
     def target(self, x0, noise, sigma):
         return (x0 - noise) if self.sign > 0 else (noise - x0)

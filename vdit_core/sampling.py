@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import trange
 
-from .schedules import FLOW, VE, NoiseForm
+from .schedules import FLOW, VE, NoiseForm  # noqa: F401  (FLOW and VE re-exported: samplers and tests use them from here)
 
 NoiseSampler = Callable[[float, float], torch.Tensor]
 SEED_MAX = 2**64 - 1  # seeds are 64-bit (ComfyUI's seed widget range); larger or negative ones wrap

@@ -24,8 +24,8 @@ from typing import Callable, Literal
 
 import torch
 
-Spacing = Literal["trailing", "leading", "linspace", "karras", "exponential"]
-SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace", "karras", "exponential")
+Spacing = Literal["trailing", "leading", "linspace", "linspace_round", "karras", "exponential"]
+SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace", "linspace_round", "karras", "exponential")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +256,8 @@ class DiscreteSchedule:
         ``trailing``: round(arange(T, 0, -T/n)) - 1 (starts at T-1; CogVideoX).
         ``leading``: arange(n) * (T // n), reversed, plus ``steps_offset``.
         ``linspace``: linspace(0, T-1, n), reversed (fractional, as diffusers' Euler schedulers).
+        ``linspace_round``: round(linspace(0, T-1, n+1)), reversed, without t = 0 (diffusers'
+        DPM-Solver with "linspace": 5 steps are 999, 799, 599, 400, 200).
         """
         spacing = spacing or (self.config.timestep_spacing if self.config else "leading")
         offset = steps_offset if steps_offset is not None else (self.config.steps_offset if self.config else 0)
@@ -268,8 +270,10 @@ class DiscreteSchedule:
             ts = (torch.arange(n, dtype=torch.float64) * (T // n)).round().flip(0) + offset
         elif spacing == "linspace":
             ts = torch.linspace(0, T - 1, n, dtype=torch.float64).flip(0)
+        elif spacing == "linspace_round":  # n+1 rounded points, t = 0 dropped (diffusers' DPM-Solver "linspace")
+            ts = torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
         else:
-            raise ValueError(f"unknown timestep spacing {spacing!r}; expected trailing, leading or linspace")
+            raise ValueError(f"unknown timestep spacing {spacing!r}; expected trailing, leading, linspace or linspace_round")
         return ts
 
     def get_sigmas(self, n: int, spacing: str | None = None, shift: float | None = None) -> torch.Tensor:

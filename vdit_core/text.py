@@ -144,3 +144,82 @@ def load_t5(
 ) -> T5TextEncoder:
     """T5 encoder weights (folder or single file) + tokenizer folder -> :class:`T5TextEncoder`."""
     return T5TextEncoder(load_t5_model(text_encoder, dtype, device), load_tokenizer(tokenizer), max_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# HunyuanDiT: a bilingual CLIP (a BERT) and mT5, each with its attention mask
+
+
+def _tokenize(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_attention_mask=True, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+class DualTextEncoder:
+    """HunyuanDiT's two text encoders: ``encode(prompts)`` -> {``context`` [B, 77, 1024],
+    ``context_mask``, ``context_t5`` [B, 256, 2048], ``context_t5_mask``}; each encoder runs with
+    its attention mask, as the release does."""
+
+    def __init__(self, clip, clip_tokenizer, t5, t5_tokenizer, clip_length: int = 77, t5_length: int = 256):
+        import torch.nn as nn
+
+        self.model = nn.ModuleDict({"clip": clip.eval().requires_grad_(False), "t5": t5.eval().requires_grad_(False)})
+        self.tokenizers = (clip_tokenizer, t5_tokenizer)
+        self.lengths = (clip_length, t5_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "DualTextEncoder":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str]) -> dict[str, torch.Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        out = {}
+        for key, model, tok, length in (("context", self.model["clip"], self.tokenizers[0], self.lengths[0]),
+                                        ("context_t5", self.model["t5"], self.tokenizers[1], self.lengths[1])):
+            ids, mask = _tokenize(tok, prompts, length)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            out[key] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            out[key + "_mask"] = mask
+        return out
+
+
+def load_bert(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A ``BertModel`` (HunyuanDiT's bilingual CLIP text tower) from a transformers folder."""
+    from transformers import BertConfig, BertModel
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: expected a BERT text encoder folder (config.json + weights)")
+    sd = load_state_dict(path, dtype=dtype)
+    sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    model = BertModel(BertConfig.from_dict(read_json(path / "config.json")), add_pooling_layer="pooler.dense.weight" in sd)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
+    if missing:
+        raise CheckpointError(f"{path}: expected a BERT text encoder, but this looks like {describe_keys(sd)}: {len(missing)} missing (e.g. {missing[:3]})")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def describe_keys(sd) -> str:
+    from .checkpoint import describe
+
+    return describe(sd.keys())
+
+
+def load_dual(folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> DualTextEncoder:
+    """HunyuanDiT's text encoders from a diffusers folder: ``text_encoder/`` + ``tokenizer/`` (the
+    BERT) and ``text_encoder_2/`` + ``tokenizer_2/`` (mT5)."""
+    folder = Path(folder)
+    return DualTextEncoder(
+        load_bert(folder / "text_encoder", dtype, device), load_tokenizer(folder / "tokenizer"),
+        load_t5_model(folder / "text_encoder_2", dtype, device), load_tokenizer(folder / "tokenizer_2"),
+    )

@@ -126,6 +126,11 @@ class Family:
         of a model: from its folder's configs where there are some, else the release's."""
         raise NotImplementedError
 
+    def spacing(self, sampler: str) -> str | None:
+        """The timestep spacing the release's own inference uses with ``sampler`` (None: the
+        schedule's default)."""
+        return None
+
     def denoiser(self, net: Callable, schedule):
         """The network as a denoiser ``d(x, sigma, **cond) -> x0`` (it owns the training loss)."""
         raise NotImplementedError
@@ -212,8 +217,6 @@ FAMILIES: dict[str, Family] = {}
 # formats no registered family loads: named in errors so users learn what they picked
 OTHER_SIGNATURES: tuple[Signature, ...] = (
     Signature("an Open-Sora STDiT3 transformer", lambda k: "fps_embedder.mlp.0.weight" in k or any(x.startswith("temporal_blocks.") for x in k)),
-    Signature("a HunyuanDiT transformer", lambda k: "mlp_t5.0.weight" in k or "text_embedder.linear_1.weight" in k and any("attn2" in x for x in k)),
-    Signature("a 2D image VAE (Stable Diffusion family)", lambda k: any(x.startswith("decoder.up_blocks.") for x in k) and not any("conv_y" in x for x in k)),
     Signature("a LoRA", lambda k: any(".lora_" in x or "lora_down" in x or "lora_A" in x for x in k), part="lora"),
     Signature("a UNet (Stable Diffusion family)", lambda k: any(x.startswith("model.diffusion_model.input_blocks.") or x.startswith("input_blocks.") for x in k)),
 )
@@ -306,7 +309,7 @@ def vae_variants() -> list[str]:
     return [v for f in FAMILIES.values() for v in f.vae_variants]
 
 
-from . import cogvideox  # noqa: E402  (registers itself)
+from . import cogvideox, hunyuandit  # noqa: E402  (each registers itself, in this order)
 
 __all__ = ["folder_defaults", "SCHEDULER_SAMPLERS", "Family", "Signature", "FAMILIES", "register", "unregister", "detect", "describe", "get", "for_folder", "for_file",
-           "for_transformer", "vae_variants", "multiple_problem", "neighbours", "cogvideox"]
+           "for_transformer", "vae_variants", "multiple_problem", "neighbours", "cogvideox", "hunyuandit"]

@@ -206,7 +206,7 @@ class Model:
 
 def run(cfg: TrainConfig, device: torch.device) -> dict:
     """Train as ``cfg`` says; returns a summary (final step, last loss)."""
-    rank, world = vdist.rank(), vdist.world_size()
+    world = vdist.world_size()
     out = Path(cfg.output)
     _claim_output(cfg)
     mp_dtype = _mixed_precision(cfg, device)

@@ -1,0 +1,142 @@
+"""HunyuanDiT (Tencent) v1.1 and v1.2: text-to-image and image-to-image.
+
+Facts: an image is a one-frame video (latents [B, 4, 1, H/8, W/8]); sizes a multiple of 16, the
+ten released resolutions trained (others warn); v-prediction with a learned variance range on a
+DDPM scaled_linear schedule (beta_end 0.02 for v1.2, 0.03 for v1.1); each sampler spaced as
+HunyuanDiT's own inference does (DDPM and DDIM "leading" with steps_offset 1, DPM-Solver++ 2M
+"linspace"); DDPM, 100 steps, cfg 6 by default; a BERT and mT5 with their masks; v1.1's
+image-size and style conditioning (original 1024x1024, target the requested size, crop 0, 0,
+style 0: overridable through ``conditioning=``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..models import hunyuan_dit as model
+from ..prediction import VPrediction
+from ..schedules import DiscreteSchedule, DiscreteScheduleConfig
+from ..text import load_dual
+from ..vae import kl2d
+from . import Family, Signature, folder_defaults, multiple_problem, register
+
+# (width, height) of the released training resolutions
+RESOLUTIONS = ((1024, 1024), (1280, 1280), (1024, 768), (1152, 864), (1280, 960), (768, 1024), (864, 1152), (960, 1280),
+               (1280, 768), (768, 1280))
+SAMPLER_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace_round"}  # hydit/constants.py's SAMPLER_FACTORY
+LORA_TARGETS = r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+
+def release_schedule(config: model.HunyuanDiTConfig) -> DiscreteScheduleConfig:
+    """HunyuanDiT's training schedule: scaled_linear 0.00085..0.02 (v1.1: 0.03), leading + 1."""
+    end = 0.03 if config.use_style_cond_and_image_meta_size else 0.02
+    return DiscreteScheduleConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=end, timestep_spacing="leading", steps_offset=1)
+
+
+class HunyuanDiT(Family):
+    name = "hunyuandit"
+    label = "HunyuanDiT"
+    signatures = (
+        Signature("a HunyuanDiT transformer (diffusers layout)", model.is_diffusers_state_dict, "hunyuandit", "transformer"),
+        Signature("a HunyuanDiT transformer (Tencent's original layout)", lambda k: model.is_original_state_dict(model._strip(k)),
+                  "hunyuandit", "transformer", "original"),
+        Signature("a 2D image VAE (Stable Diffusion family)", kl2d.is_diffusers_state_dict, "hunyuandit", "vae"),
+    )
+    pipeline_classes = ("HunyuanDiTPipeline",)
+    vae_variants = ()
+    lora_targets = LORA_TARGETS
+
+    def owns(self, transformer):
+        return isinstance(transformer, model.HunyuanDiT)
+
+    def load_transformer(self, path, dtype, device):
+        return model.load_transformer(path, dtype=dtype, device=device)
+
+    def load_vae(self, path, dtype, device, variant=None):
+        if variant:
+            raise ValueError(f"variant {variant!r}: HunyuanDiT's VAE has no variants (its scaling factor is SDXL's 0.13025)")
+        return kl2d.load_vae(path, dtype=dtype, device=device)
+
+    def load_text_encoder(self, path, dtype, device, tokenizer=None, max_length=0):
+        if tokenizer is not None or not Path(path).is_dir():
+            raise CheckpointError(f"{path}: HunyuanDiT's two text encoders load from its model folder "
+                                  "(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/), not from a single file")
+        return load_dual(path, dtype or torch.float32, device)
+
+    def save_transformer(self, transformer, folder, dtype, state_dict=None):
+        model.save_transformer(transformer, folder, dtype=dtype, state_dict=state_dict)
+
+    def preset_name(self, config):
+        return model.preset_name(config)
+
+    # -- sampling ------------------------------------------------------------------------------
+    def sampling_defaults(self, folder, config):
+        raw, sampler, extra = folder_defaults(folder)
+        if raw is not None:
+            if raw.get("prediction_type", "v_prediction") != "v_prediction":
+                raise CheckpointError(f"{folder}: HunyuanDiT is v-prediction, its scheduler config says {raw.get('prediction_type')!r}")
+            # HunyuanDiT's inference offsets "leading" timesteps by 1 whatever the scheduler class says
+            schedule_config = dataclasses.replace(DiscreteScheduleConfig.from_diffusers(raw), steps_offset=1)
+        else:
+            schedule_config, sampler = release_schedule(config), "ddpm"
+        return {
+            "schedule": DiscreteSchedule.from_config(schedule_config),
+            "sampler": extra.get("sampler", sampler),
+            "steps": int(extra.get("steps", 100)),
+            "cfg": float(extra.get("cfg", 6.0)),
+            "vae_scale": config.vae_scale,
+        }
+
+    def spacing(self, sampler):
+        return SAMPLER_SPACING.get(sampler)
+
+    def denoiser(self, net, schedule):
+        return VPrediction(net, schedule, learned_variance=True)
+
+    def encode_text(self, text_encoder, prompt):
+        return text_encoder.encode(prompt)
+
+    # -- geometry ------------------------------------------------------------------------------
+    def fps(self, config):
+        return 1
+
+    def latent_channels(self, config):
+        return config.in_channels
+
+    def default_size(self, config, spatial_scale):
+        return 1, config.sample_size * spatial_scale, config.sample_size * spatial_scale
+
+    def latent_frames(self, config, num_frames):
+        return 1, 1
+
+    def size_problem(self, num_frames, height, width, config=None, spatial_scale=8, frames_label="num_frames"):
+        if num_frames != 1:
+            return f"{frames_label}={num_frames}: HunyuanDiT makes images; nearest valid: 1"
+        step = spatial_scale * (config.patch_size if config is not None else 2)
+        return multiple_problem("height", height, step) or multiple_problem("width", width, step)
+
+    def size_warning(self, num_frames, height, width, config, spatial_scale):
+        if (width, height) not in RESOLUTIONS:
+            near = min(RESOLUTIONS, key=lambda r: abs(math.log(r[0] / r[1]) - math.log(width / height)) + abs(r[0] * r[1] - width * height) / 2**21)
+            return (f"{width}x{height}: HunyuanDiT was trained at ten resolutions (e.g. {near[0]}x{near[1]}, the nearest in "
+                    "shape); other sizes run but may look worse")
+        return None
+
+    def tokens(self, config, latent_shape):
+        _, _, _, h, w = latent_shape
+        return (h // config.patch_size) * (w // config.patch_size), config.inner_dim
+
+    def vae_info(self, vae_config):
+        return {"scaling_factor": kl2d.KL2DConfig.from_diffusers(vae_config).scaling_factor}
+
+    def blocks(self, transformer):
+        return transformer.blocks
+
+
+FAMILY = register(HunyuanDiT())
+
