@@ -52,17 +52,23 @@ class VDITEmptyLatent:
         return ({"samples": samples, "vdit_frames": frames},)
 
 
-def _preview(denoised: torch.Tensor, scale: int):
-    """A cheap look at the current x0 estimate: the middle latent frame's first three channels
-    (the last repeated when there are fewer: ComfyUI encodes previews as RGB JPEGs), each
-    stretched to 0..255 (no VAE involved)."""
+def _preview(denoised: torch.Tensor, scale: int, latent_rgb=None):
+    """A cheap look at the current x0 estimate, as an RGB image (ComfyUI sends previews as JPEG):
+    the middle latent frame through the family's latent -> RGB projection when it has one, else
+    its first three channels (the last repeated when there are fewer), each stretched to 0..255."""
     from PIL import Image
 
-    x = denoised[0, :3, denoised.shape[2] // 2].float()
-    x = torch.cat([x, x[-1:].expand(3 - x.shape[0], -1, -1)])  # [3, h, w]
-    lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
-    x = ((x - lo) / (hi - lo).clamp(min=1e-6) * 255).byte().permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(x)
+    z = denoised[0, :, denoised.shape[2] // 2].float()  # [C, h, w]
+    if latent_rgb is not None and len(latent_rgb[0]) == z.shape[0]:
+        factors, bias = (torch.tensor(v, dtype=torch.float32, device=z.device) for v in latent_rgb)
+        rgb = torch.einsum("chw,cr->rhw", z, factors) + bias[:, None, None]  # [3, h, w] in about [-1, 1]
+        x = ((rgb + 1) / 2).clamp(0, 1) * 255
+    else:
+        x = z[:3]
+        x = torch.cat([x, x[-1:].expand(3 - x.shape[0], -1, -1)])  # [3, h, w]
+        lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp(min=1e-6) * 255
+    img = Image.fromarray(x.round().byte().permute(1, 2, 0).cpu().numpy())
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
@@ -119,7 +125,7 @@ class VDITSampler:
 
         def callback(info):
             comfy.check_interrupt()  # cancel stops within one step
-            progress.update(1, _preview(info["denoised"], pipe.spatial_scale) if show else None)
+            progress.update(1, _preview(info["denoised"], pipe.spatial_scale, pipe.family.latent_rgb) if show else None)
 
         handles = [load_lora(pipe.transformer, path, strength) for path, strength in model.loras]
         try:

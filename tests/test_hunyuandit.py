@@ -154,3 +154,62 @@ def to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             k = k.replace(a, b)
         out[k] = v
     return out
+
+
+def test_cli_writes_a_png_and_does_image_to_image(tmp_path, capsys):
+    from vdit_core.generate import main
+    from vdit_core.video_io import read_image
+
+    _, folder = reference(tmp_path, "v1.2", "ddim")
+    out = tmp_path / "x.png"
+    common = ["--model", str(folder), "--prompt", "a red circle", "--height", "64", "--width", "48", "--steps", "2"]
+    assert main([*common, "--frames", "1", "--out", str(out)]) == 0
+    assert read_image(out).shape == (64, 48, 3) and "a 48x64 image" in capsys.readouterr().out
+    assert main([*common, "--image", str(out), "--denoise", "0.5", "--out", str(tmp_path / "y.png")]) == 0
+    assert read_image(tmp_path / "y.png").shape == (64, 48, 3)
+    assert main([*common, "--frames", "9", "--out", str(tmp_path / "z.png")]) == 2
+    assert "an image holds one frame" in capsys.readouterr().err
+
+
+def test_lora_and_full_training_on_images(tmp_path):
+    from PIL import Image
+
+    from vdit_core.lora import load_lora
+    from vdit_core.train.trainer import main
+
+    _, folder = reference(tmp_path, "v1.1", "ddim")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (caption, colour) in enumerate([("a red circle", (230, 30, 30)), ("a blue square", (30, 30, 230))]):
+        Image.new("RGB", (48, 64), colour).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(caption)
+    common = ["--model", str(folder), "--data", str(data), "--frames", "1", "--height", "64", "--width", "48",
+              "--cache-dir", str(tmp_path / "cache"), "--steps", "3", "--min-snr-gamma", "5"]
+    assert main([*common, "--output", str(tmp_path / "lora"), "--lora-rank", "4", "--lr", "1e-2"]) == 0
+    pipe = load_pipeline(folder, device="cpu")
+    kw = dict(prompt="a red circle", height=64, width=48, steps=3, seed=0, progress=False)
+    base = pipe(**kw)
+    handle = load_lora(pipe.transformer, tmp_path / "lora" / "lora.safetensors")
+    assert (pipe(**kw) - base).abs().max() > 1e-4  # attention (self and cross) and FFN adapters
+    assert any(".attn2." in name for name, _ in handle.items())
+    handle.strength = 0.0
+    assert torch.equal(pipe(**kw), base)
+    handle.detach()
+    assert main([*common, "--output", str(tmp_path / "full"), "--full", "--lr", "1e-4"]) == 0
+    tuned = hunyuan_dit.load_transformer(tmp_path / "full" / "transformer")
+    assert tuned.config == pipe.transformer.config
+
+
+def test_previews_use_the_sdxl_latent_to_rgb_factors():
+    from test_package import load_pack
+
+    from vdit_core.families import get
+
+    preview = __import__(f"{load_pack().__name__}.nodes.sampling", fromlist=["x"])._preview
+    factors, bias = get("hunyuandit").latent_rgb
+    img = preview(torch.zeros(1, 4, 1, 2, 3), 8, (factors, bias))  # a zero latent shows the bias colour
+    assert img.size == (24, 16) and img.getpixel((0, 0)) == tuple(round((b + 1) / 2 * 255) for b in bias)
+    z = torch.zeros(1, 4, 1, 2, 3)
+    z[:, 0] = 1.0  # the first channel alone: its row of factors
+    assert img.mode == "RGB" and preview(z, 1, (factors, bias)).getpixel((0, 0)) == tuple(
+        round(min(max((f + b + 1) / 2, 0), 1) * 255) for f, b in zip(factors[0], bias))

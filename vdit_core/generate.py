@@ -1,9 +1,11 @@
-"""Command line text/image-to-video.
+"""Command line text/image-to-video (and, for image models, text/image-to-image).
 
     python -m vdit_core.generate --prompt "a blue square moving up" --out demo.mp4
     python -m vdit_core.generate --model path/to/CogVideoX-5b --prompt "..." --dtype bf16 --out out.mp4
+    python -m vdit_core.generate --model path/to/HunyuanDiT-v1.2-Diffusers --prompt "..." --frames 1 --out x.png
 
-Without ``--model`` the bundled demo model is used. Writes an mp4 at the model's frame rate.
+Without ``--model`` the bundled demo model is used. Writes a video at the model's frame rate, or
+a PNG/JPEG when ``--out`` names one (one frame).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="sampler (default: the model's scheduler); see vdit_core.sampling.SAMPLERS")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic CFG schedule (recommended with cogvideox_dpm)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image", default=None, help="first frame for image-to-video models")
+    p.add_argument("--image", default=None, help="first frame for image-to-video models; the input image for image-to-image (with --denoise)")
+    p.add_argument("--denoise", type=float, default=1.0, help="below 1: image-to-image from --image (image models), keeping that much of the run")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--attention", default=None, help="attention backend: auto, sdpa, xformers, flash_attn, sageattention")
-    p.add_argument("--out", required=True, help="output video path (.mp4, .webm, .gif, .webp)")
+    p.add_argument("--out", required=True, help="output path: a video (.mp4, .webm, .gif, .webp) or, for one frame, an image (.png, .jpg)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (without it an existing file is never touched)")
     p.add_argument("--no-memory-check", action="store_true", help="run even when the request looks larger than the free memory")
     return p
@@ -45,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .demo import demo_model_path
     from .pipeline import check_request, load_pipeline
-    from .video_io import check_video_path, read_image, write_video
+    from .video_io import WRITABLE_IMAGE_SUFFIXES, check_video_path, read_image, write_output
 
     try:
         t0 = time.perf_counter()
         # everything a user typed is checked before the model loads: minutes of work never end in a refusal
-        check_request(args.frames, args.height, args.width, args.steps, args.cfg)
+        check_request(args.frames, args.height, args.width, args.steps, args.cfg, args.denoise)
         check_video_path(args.out, overwrite=args.overwrite)
+        if Path(args.out).suffix.lower() in WRITABLE_IMAGE_SUFFIXES and args.frames not in (None, 1):
+            raise ValueError(f"{args.out}: an image holds one frame; --frames is {args.frames} (use .mp4, or --frames 1)")
         image = read_image(args.image) if args.image else None
         model = args.model or demo_model_path()  # no --model: the bundled demo
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype, attention=args.attention)
@@ -67,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             image=image,
             dynamic_cfg=args.dynamic_cfg,
+            denoise=args.denoise,
             check_memory=not args.no_memory_check,
         )
-        path = write_video(args.out, frames, fps=pipe.fps)
+        path = write_output(args.out, frames, fps=pipe.fps)
     except (ValueError, CheckpointError, FileNotFoundError, AttentionBackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
     f, h, w, _ = frames.shape
-    print(f"wrote {path} ({f} frames, {w}x{h}, {pipe.fps} fps) in {time.perf_counter() - t0:.1f} s")
+    what = f"a {w}x{h} image" if path.suffix.lower() in WRITABLE_IMAGE_SUFFIXES else f"{f} frames, {w}x{h}, {pipe.fps} fps"
+    print(f"wrote {path} ({what}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

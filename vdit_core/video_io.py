@@ -28,6 +28,7 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 WRITABLE_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".webp")
+WRITABLE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # one frame: images
 
 
 def check_video_path(path: str | Path, overwrite: bool = False) -> Path:
@@ -36,8 +37,9 @@ def check_video_path(path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; give a file name such as {path / 'video.mp4'}")
-    if path.suffix.lower() not in WRITABLE_SUFFIXES:
-        raise ValueError(f"{path}: unknown video format {path.suffix or '(none)'!r}; use one of {', '.join(WRITABLE_SUFFIXES)}")
+    if path.suffix.lower() not in WRITABLE_SUFFIXES + WRITABLE_IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: unknown video format {path.suffix or '(none)'!r}; use one of "
+                         f"{', '.join(WRITABLE_SUFFIXES)} (or {', '.join(WRITABLE_IMAGE_SUFFIXES)} for one frame)")
     if path.exists() and not overwrite:
         raise ValueError(f"{path}: exists; pass --overwrite to replace it, or choose another name")
     parent = path.parent
@@ -75,6 +77,32 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float = 8.0, qualit
             raise ValueError(str(e).replace(str(tmp), str(path))) from None
         raise ValueError(f"{path}: writing the video failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                          "nothing was written") from None
+    return path
+
+
+def write_output(path: str | Path, frames: torch.Tensor, fps: float = 8.0) -> Path:
+    """Frames [F, H, W, 3] as a video, or one frame as an image when ``path`` names an image format."""
+    path = Path(path)
+    if path.suffix.lower() not in WRITABLE_IMAGE_SUFFIXES:
+        return write_video(path, frames, fps)
+    if frames.shape[0] != 1:
+        raise ValueError(f"{path}: an image holds one frame, got {frames.shape[0]}; use .mp4 for a video")
+    return write_image(path, frames[0])
+
+
+def write_image(path: str | Path, frame: torch.Tensor) -> Path:
+    """One frame [H, W, 3] as png/jpg, through a temporary file beside ``path`` (then renamed)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    try:
+        Image.fromarray(to_uint8(frame)[0]).save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{path}: writing the image failed ({type(e).__name__}: {e}); nothing was written") from None
     return path
 
 

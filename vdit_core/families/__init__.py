@@ -92,6 +92,8 @@ class Family:
     vae_variants: tuple[str, ...] = ()  # presets a single VAE file may be read as (the VAE loader's "variant")
     lora_targets: str = ""  # regex over module names: the Linears a LoRA adapts by default
     noise_permute: tuple[int, ...] | None = None  # the reference's per-sample noise layout (seed parity)
+    # latent -> RGB in [-1, 1] for previews: (a [C][3] matrix, a bias of 3) over model-space latents, or None
+    latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None
 
     # -- detection -------------------------------------------------------------------------------
     def recognises_folder(self, folder: Path) -> bool:
