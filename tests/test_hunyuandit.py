@@ -213,3 +213,32 @@ def test_previews_use_the_sdxl_latent_to_rgb_factors():
     z[:, 0] = 1.0  # the first channel alone: its row of factors
     assert img.mode == "RGB" and preview(z, 1, (factors, bias)).getpixel((0, 0)) == tuple(
         round(min(max((f + b + 1) / 2, 0), 1) * 255) for f, b in zip(factors[0], bias))
+
+
+def test_the_nodes_serve_hunyuandit(tmp_path):
+    import shutil
+
+    from test_package import load_pack
+
+    pack = load_pack()
+    nodes, comfy = pack.NODE_CLASS_MAPPINGS, __import__(f"{pack.__name__}.nodes.comfy", fromlist=["x"])
+    _, folder = reference(tmp_path, "v1.1", "ddim")
+    shutil.copytree(folder, tmp_path / "models" / "vdit" / "hunyuan")
+    comfy.set_paths(models=tmp_path / "models", output=tmp_path / "output")
+    model = nodes["VDITModelLoader"]().load("hunyuan/", "default", "auto")[0]
+    te = nodes["VDITTextEncoderLoader"]().load("hunyuan/", "default", 0)[0]
+    vae = nodes["VDITVAELoader"]().load("hunyuan/", "default", "auto")[0]
+    pos = nodes["VDITTextEncode"]().encode(te, "a red circle")[0]
+    neg = nodes["VDITTextEncode"]().encode(te, "")[0]
+    assert set(pos["cond"]) == {"context", "context_mask", "context_t5", "context_t5_mask"}
+    latent = nodes["VDITEmptyLatent"]().generate(model, 48, 64, 1, 1)[0]
+    assert latent["samples"].shape == (1, 4, 1, 8, 6)
+    kw = dict(seed=3, steps=5, cfg=6.0, sampler="default", schedule="default")
+    out = nodes["VDITSampler"]().sample(model, pos, neg, latent, denoise=1.0, **kw)[0]
+    image = nodes["VDITVAEDecode"]().decode(vae, out, 2, "auto", 0, 0)[0]
+    expected = load_pipeline(folder, device="cpu")(prompt="a red circle", height=64, width=48, steps=5, cfg=6.0, seed=3, progress=False)
+    assert image.shape == (1, 64, 48, 3) and (image - expected).abs().max() < 1e-5
+    # image-to-image: encode, partial denoise
+    z = nodes["VDITVAEEncode"]().encode(vae, torch.rand(1, 64, 48, 3), 8, "auto", 0, 0)[0]
+    again = nodes["VDITSampler"]().sample(model, pos, neg, z, denoise=0.6, **kw)[0]
+    assert nodes["VDITVAEDecode"]().decode(vae, again, 2, "auto", 0, 0)[0].shape == (1, 64, 48, 3)

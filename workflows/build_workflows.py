@@ -24,6 +24,7 @@ CORE = {
     "LoadVideo": {"inputs": [("file", "WIDGET")], "outputs": ["VIDEO"], "ui_extra": ["image"]},
     "GetVideoComponents": {"inputs": [("video", "VIDEO")], "outputs": ["IMAGE", "AUDIO", "FLOAT"], "ui_extra": []},
     "ImageFromBatch": {"inputs": [("image", "IMAGE"), ("batch_index", "WIDGET"), ("length", "WIDGET")], "outputs": ["IMAGE"], "ui_extra": []},
+    "SaveImage": {"inputs": [("images", "IMAGE"), ("filename_prefix", "WIDGET")], "outputs": [], "ui_extra": []},
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
@@ -213,6 +214,37 @@ def video_to_video(nodes) -> Graph:
     return g
 
 
+HUNYUAN_NOTE = (
+    "Files: put the diffusers-format HunyuanDiT folder (Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers, or v1.1) into "
+    "ComfyUI/models/vdit/HunyuanDiT-v1.2-Diffusers (model_index.json, transformer/, vae/, text_encoder/ + tokenizer/ "
+    "(the bilingual CLIP), text_encoder_2/ + tokenizer_2/ (mT5), scheduler/). A transformer file from Tencent's own "
+    "release (t2i/model/pytorch_model_ema.pt) also loads in VDIT Model Loader from models/diffusion_models. "
+    "Trained sizes: 1024x1024, 1280x1280, 1024x768, 1152x864, 1280x960, their transposes, 1280x768, 768x1280; "
+    "frames = 1 (an image). Prompts in English or Chinese."
+)
+
+
+def hunyuandit(nodes, image_to_image: bool) -> Graph:
+    g = Graph(nodes)
+    folder = "HunyuanDiT-v1.2-Diffusers/"
+    g.note(HUNYUAN_NOTE + (" Load the image to vary; lower denoise keeps more of it." if image_to_image else ""))
+    m = g.add("VDITModelLoader", model=folder, weight_dtype="default", attention="auto")
+    te = g.add("VDITTextEncoderLoader", text_encoder=folder, dtype="default", max_length=0)
+    vae = g.add("VDITVAELoader", vae=folder, dtype="default", variant="auto")
+    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="a cute cat sitting on a windowsill, watercolour")
+    neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="blurry, low quality, deformed")
+    if image_to_image:
+        img = g.add("LoadImage", image="input.png")
+        lat = g.add("VDITVAEEncode", "Encode the image", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
+    else:
+        lat = g.add("VDITEmptyLatent", model=(m, 0), width=1024, height=1024, frames=1, batch_size=1)
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
+              sampler="default", schedule="default", denoise=0.6 if image_to_image else 1.0, dynamic_cfg=False)
+    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
+    g.add("SaveImage", images=(d, 0), filename_prefix="vdit/hunyuandit_i2i" if image_to_image else "vdit/hunyuandit")
+    return g
+
+
 def all_workflows(nodes) -> dict[str, Graph]:
     return {
         "demo_text_to_video": text_to_video(
@@ -238,6 +270,8 @@ def all_workflows(nodes) -> dict[str, Graph]:
             sampler="cogvideox_dpm", dynamic_cfg=True, lora="my_cogvideox_lora.safetensors", prefix="vdit/lora"),
         "cogvideox_5b_image_to_video": image_to_video(nodes),
         "cogvideox_5b_video_to_video": video_to_video(nodes),
+        "hunyuandit_text_to_image": hunyuandit(nodes, image_to_image=False),
+        "hunyuandit_image_to_image": hunyuandit(nodes, image_to_image=True),
     }
 
 
