@@ -242,3 +242,22 @@ def test_the_nodes_serve_hunyuandit(tmp_path):
     z = nodes["VDITVAEEncode"]().encode(vae, torch.rand(1, 64, 48, 3), 8, "auto", 0, 0)[0]
     again = nodes["VDITSampler"]().sample(model, pos, neg, z, denoise=0.6, **kw)[0]
     assert nodes["VDITVAEDecode"]().decode(vae, again, 2, "auto", 0, 0)[0].shape == (1, 64, 48, 3)
+
+
+def test_mismatched_and_truncated_files_say_what_they_are(tmp_path):
+    import json
+    import shutil
+
+    _, folder = reference(tmp_path, "v1.1", "ddim")
+    wrong = tmp_path / "v11_weights_v12_config"
+    shutil.copytree(folder / "transformer", wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**cfg, "use_style_cond_and_image_meta_size": False}))
+    with pytest.raises(CheckpointError, match=r"expected a HunyuanDiT transformer .*but this looks like an incomplete or other-sized "
+                                              r"HunyuanDiT transformer .*unexpected .*style_embedder"):
+        hunyuan_dit.load_transformer(wrong)
+    data = (folder / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors.*truncated"):
+        hunyuan_dit.load_transformer(cut)
