@@ -261,3 +261,41 @@ def test_mismatched_and_truncated_files_say_what_they_are(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"cut\.safetensors.*truncated"):
         hunyuan_dit.load_transformer(cut)
+
+
+def test_tencent_format_loras_load_onto_the_split_projections(tmp_path):
+    from safetensors.torch import save_file
+
+    from vdit_core.lora import load_lora
+
+    _, folder = reference(tmp_path, "v1.2", "ddim")
+    model = hunyuan_dit.load_transformer(folder / "transformer")
+    g = torch.Generator().manual_seed(0)
+    ours, tencent = {}, {}
+    inner = model.config.inner_dim
+    for i in range(model.config.num_layers):
+        a = torch.randn(4, inner, generator=g)
+        bs = {x: torch.randn(inner, 4, generator=g) * 0.1 for x in "qkv"}
+        for x in "qkv":
+            ours[f"diffusion_model.blocks.{i}.attn1.to_{x}.lora_A.weight"] = a.clone()  # safetensors stores no shared tensors
+            ours[f"diffusion_model.blocks.{i}.attn1.to_{x}.lora_B.weight"] = bs[x]
+        tencent[f"base_model.model.blocks.{i}.attn1.Wqkv.lora_A.weight"] = a
+        tencent[f"base_model.model.blocks.{i}.attn1.Wqkv.lora_B.weight"] = torch.cat([bs[x] for x in "qkv"])
+        fc1_a, fc1_b = torch.randn(4, inner, generator=g), torch.randn(model.config.ff_inner_dim, 4, generator=g) * 0.1
+        ours[f"diffusion_model.blocks.{i}.ff.net.0.proj.lora_A.weight"] = fc1_a
+        ours[f"diffusion_model.blocks.{i}.ff.net.0.proj.lora_B.weight"] = fc1_b
+        tencent[f"base_model.model.blocks.{i}.mlp.fc1.lora_A.weight"] = fc1_a.clone()
+        tencent[f"base_model.model.blocks.{i}.mlp.fc1.lora_B.weight"] = fc1_b.clone()
+    save_file(ours, str(tmp_path / "ours.safetensors"))
+    save_file(tencent, str(tmp_path / "tencent.safetensors"))
+    x = torch.randn(1, 4, 1, 8, 6, generator=g)
+    args = (x, torch.tensor([500.0]), torch.randn(1, 77, 16, generator=g), torch.ones(1, 77), torch.randn(1, 256, 16, generator=g), torch.ones(1, 256))
+    with torch.no_grad():
+        base = model(*args)
+        h = load_lora(model, tmp_path / "ours.safetensors")
+        expected = model(*args)
+        h.detach()
+        h = load_lora(model, tmp_path / "tencent.safetensors")
+        got = model(*args)
+        h.detach()
+    assert (expected - base).abs().max() > 1e-3 and (got - expected).abs().max() < 1e-6

@@ -233,27 +233,23 @@ def read_lora(path: str | Path, model: nn.Module) -> tuple[dict[str, tuple[torch
     if not pairs:
         raise CheckpointError(f"{path}: expected a LoRA, but this looks like {describe(sd.keys())}")
 
+    split_map = _family_split(model)
     out, unmatched = {}, []
     for raw_name, parts in pairs.items():
         name = _resolve(raw_name, linears, kohya)
-        if name is None:
+        targets = [name] if name is not None else split_map(_strip_prefix(raw_name))
+        if not targets:
             unmatched.append(raw_name)
             continue
         if "A" not in parts or "B" not in parts:
             raise CheckpointError(f"{path}: {raw_name} has only one of its two LoRA matrices")
-        a, b = parts["A"].float(), parts["B"].float()
-        if a.ndim != 2 or b.ndim != 2:
+        a, b_all = parts["A"].float(), parts["B"].float()
+        if a.ndim != 2 or b_all.ndim != 2:
             raise CheckpointError(f"{path}: {raw_name} is a convolution LoRA ({tuple(a.shape)}); only Linear layers are supported")
-        lin = linears[name]
-        if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features or a.shape[0] != b.shape[1]:
-            raise CheckpointError(
-                f"{path}: {raw_name} has shapes A{tuple(a.shape)} B{tuple(b.shape)} but {name} in this model is "
-                f"{lin.in_features} -> {lin.out_features}: a LoRA for another model"
-            )
         rank = a.shape[0]
         if rank == 0:
             raise CheckpointError(f"{path}: {raw_name} has rank 0 (empty matrices); the file is damaged")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not (torch.isfinite(a).all() and torch.isfinite(b_all).all()):
             raise CheckpointError(f"{path}: {raw_name} holds NaN or infinite weights; the file is damaged (or was saved from a diverged run)")
         if "alpha" in parts:
             alpha = parts["alpha"]
@@ -265,7 +261,23 @@ def read_lora(path: str | Path, model: nn.Module) -> tuple[dict[str, tuple[torch
             scale = file_scale
         else:
             scale = 1.0
-        out[name] = (a, b, scale)
+        row = 0
+        for target in targets:  # a fused projection of an original layout feeds several of ours, row by row
+            if target not in linears:
+                unmatched.append(raw_name)
+                break
+            lin = linears[target]
+            b = b_all if len(targets) == 1 else b_all[row : row + lin.out_features]
+            row += lin.out_features
+            if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features or a.shape[0] != b.shape[1]:
+                raise CheckpointError(
+                    f"{path}: {raw_name} has shapes A{tuple(a.shape)} B{tuple(b_all.shape)} but {target} in this model is "
+                    f"{lin.in_features} -> {lin.out_features}: a LoRA for another model"
+                )
+            out[target] = (a, b, scale)
+        else:
+            if len(targets) > 1 and row != b_all.shape[0]:
+                raise CheckpointError(f"{path}: {raw_name} has {b_all.shape[0]} output rows; the modules it stands for have {row}")
     if unmatched:
         example = ", ".join(unmatched[:3])
         found = "none" if not out else f"{len(out)} of {len(pairs)}"
@@ -274,6 +286,24 @@ def read_lora(path: str | Path, model: nn.Module) -> tuple[dict[str, tuple[torch
             f"{type(model).__name__} (e.g. {example}); {found} matched"
         )
     return out, metadata
+
+
+def _strip_prefix(raw: str) -> str:
+    for p in PREFIXES:
+        if raw.startswith(p):
+            return raw[len(p):]
+    return raw
+
+
+def _family_split(model: nn.Module):
+    """The model family's map from an official module name (a fused projection, say) to
+    [(our module, rows)], or a map that knows nothing for models of no family."""
+    from .families import for_transformer
+
+    try:
+        return for_transformer(model).lora_modules
+    except ValueError:
+        return lambda name: []
 
 
 def _resolve(raw: str, linears: dict, kohya: dict) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -136,6 +137,17 @@ class HunyuanDiT(Family):
 
     def vae_info(self, vae_config):
         return {"scaling_factor": kl2d.KL2DConfig.from_diffusers(vae_config).scaling_factor}
+
+    def lora_modules(self, name):
+        """Tencent's LoRAs adapt the original modules: the fused ``Wqkv`` and ``kv_proj`` feed our
+        split projections (rows in q, k, v order), the others are renamed."""
+        m = re.fullmatch(r"blocks\.(\d+)\.attn([12])\.(Wqkv|kv_proj)", name)
+        if m:
+            return [f"blocks.{m[1]}.attn{m[2]}.to_{x}" for x in ("qkv" if m[3] == "Wqkv" else "kv")]
+        if name.startswith("final_layer.adaLN"):  # (its rows are reordered, not renamed; no LoRA adapts it)
+            return []
+        target = next(iter(model.convert_original({name + ".weight": torch.zeros(0)}))).removesuffix(".weight")
+        return [target] if target != name else []
 
     def blocks(self, transformer):
         return transformer.blocks
