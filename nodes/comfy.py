@@ -111,14 +111,14 @@ def output_target(filename_prefix: str) -> tuple[Path, str, str]:
     return folder, folder.relative_to(out).as_posix() if folder != out else "", prefix
 
 
-def t5_tokenizer_dir() -> Path | None:
-    """ComfyUI's own T5 tokenizer files, when running inside ComfyUI."""
+def tokenizer_root() -> Path | None:
+    """ComfyUI's folder of tokenizers (``t5_tokenizer``, ``hydit_clip_tokenizer``, ...), when
+    running inside ComfyUI: single text-encoder files find their tokenizer there."""
     if not IN_COMFY:
         return None
     import comfy.text_encoders
 
-    p = Path(comfy.text_encoders.__file__).parent / "t5_tokenizer"
-    return p if p.exists() else None
+    return Path(comfy.text_encoders.__file__).parent
 
 
 # ----------------------------------------------------------------------------------------------

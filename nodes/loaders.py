@@ -19,9 +19,14 @@ DTYPES = ["default", "fp32", "fp16", "bf16"]
 ATTENTION = ["auto", "sdpa", "xformers", "flash_attn", "sageattention"]
 
 
+CHECKPOINTS = "checkpoints: "  # how files of models/checkpoints (a whole model in one file) are offered
+
+
 def sources(kind: str) -> list[str]:
-    """Combo entries: the demo, model folders (shown with a trailing slash), weight files."""
-    return [DEMO] + [f"{name}/" for name in comfy.list_model_folders()] + comfy.list_files(kind)
+    """Combo entries: the demo, model folders (shown with a trailing slash), weight files, and
+    single-file checkpoints from models/checkpoints (every loader takes its part of one)."""
+    return ([DEMO] + [f"{name}/" for name in comfy.list_model_folders()] + comfy.list_files(kind)
+            + [CHECKPOINTS + name for name in comfy.list_files("checkpoints")])
 
 
 def resolve(choice: str, kind: str) -> tuple[Path, bool]:
@@ -30,6 +35,8 @@ def resolve(choice: str, kind: str) -> tuple[Path, bool]:
         return demo_model_path(), True
     if choice.endswith("/"):
         return comfy.full_path("vdit", choice.rstrip("/")), True
+    if choice.startswith(CHECKPOINTS):
+        return comfy.full_path("checkpoints", choice[len(CHECKPOINTS):]), False
     return comfy.full_path(kind, choice), False
 
 
@@ -89,10 +96,10 @@ class VDITTextEncoderLoader:
             encoder = family.load_text_encoder(path, dtype_, "cpu", max_length=max_length)
         else:
             family = families.for_file(path, "text_encoder")
-            tokenizer = path.parent / "tokenizer" if (path.parent / "tokenizer").is_dir() else comfy.t5_tokenizer_dir()
+            tokenizer = path.parent / "tokenizer" if (path.parent / "tokenizer").is_dir() else comfy.tokenizer_root()
             if tokenizer is None:
-                raise ValueError(f"{path}: a single T5 file needs a tokenizer: run inside ComfyUI (its T5 tokenizer is used) "
-                                 f"or put a tokenizer/ folder next to the file")
+                raise ValueError(f"{path}: a single text encoder file needs a tokenizer: run inside ComfyUI (its tokenizers "
+                                 f"are used) or put a tokenizer/ folder next to the file")
             encoder = family.load_text_encoder(path, dtype_, "cpu", tokenizer=tokenizer, max_length=max_length)
         return (TextEncoderHandle(encoder, comfy.Managed(encoder.model, "text"), text_encoder.rstrip("/"), family),)
 

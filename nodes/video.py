@@ -23,6 +23,15 @@ class VDITSaveVideo:
 
     RETURN_TYPES = ()
     FUNCTION = "save"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix):
+        """A prefix that would leave the output folder is refused before the graph runs."""
+        try:
+            comfy.output_target(filename_prefix)
+        except ValueError as e:
+            return str(e)
+        return True
     OUTPUT_NODE = True
     CATEGORY = "vdit"
 

@@ -57,9 +57,11 @@ def test_save_video_refuses_prefixes_that_leave_the_output_folder(tmp_path, pref
     comfy.set_paths(output=tmp_path / "output")
     (tmp_path / "output").mkdir()
     before = _files(tmp_path)
+    assert "inside ComfyUI's output folder only" in NODES["VDITSaveVideo"].VALIDATE_INPUTS(prefix)  # refused before the graph runs
     with pytest.raises(ValueError, match="inside ComfyUI's output folder only"):
         NODES["VDITSaveVideo"]().save(torch.rand(5, 32, 48, 3), 8.0, prefix, "mp4")
     assert _files(tmp_path) == before and not Path("/tmp/vdit_escape").exists()
+    assert NODES["VDITSaveVideo"].VALIDATE_INPUTS("vdit/sub/clip") is True
     ui = NODES["VDITSaveVideo"]().save(torch.rand(5, 32, 48, 3), 8.0, "vdit/sub/clip", "mp4")["ui"]["images"][0]
     assert ui["subfolder"] == "vdit/sub" and (tmp_path / "output" / "vdit" / "sub" / ui["filename"]).exists()
 

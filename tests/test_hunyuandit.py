@@ -26,7 +26,8 @@ def tiny_bert(root):
     vocab = root / "bert_vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     torch.manual_seed(2)
-    model = BertModel(BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    # heads of 64 channels, as the released BERT (a single-file checkpoint has no config to say otherwise)
+    model = BertModel(BertConfig(vocab_size=5 + len(WORDS), hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
                                  intermediate_size=32, max_position_embeddings=80), add_pooling_layer=False).eval()
     return model, BertTokenizerFast(vocab_file=str(vocab), model_max_length=77)
 
@@ -38,13 +39,13 @@ def reference(root, version: str, scheduler: str):
     torch.manual_seed(0)
     transformer = diffusers.HunyuanDiT2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, hidden_size=16, num_layers=4, mlp_ratio=2.5,
-        cross_attention_dim=16, cross_attention_dim_t5=tiny.TEXT_DIM, pooled_projection_dim=8, text_len=77, text_len_t5=256,
+        cross_attention_dim=64, cross_attention_dim_t5=tiny.TEXT_DIM, pooled_projection_dim=8, text_len=77, text_len_t5=256,
         sample_size=4, use_style_cond_and_image_meta_size=version == "v1.1",
     ).eval()
     with torch.no_grad():  # diffusers initialises the padding randomly, but some tensors with zeros: make all count
         for p in transformer.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                                   sample_size=32, scaling_factor=0.13025).eval()
     beta_end = 0.03 if version == "v1.1" else 0.02
@@ -289,7 +290,7 @@ def test_tencent_format_loras_load_onto_the_split_projections(tmp_path):
     save_file(ours, str(tmp_path / "ours.safetensors"))
     save_file(tencent, str(tmp_path / "tencent.safetensors"))
     x = torch.randn(1, 4, 1, 8, 6, generator=g)
-    args = (x, torch.tensor([500.0]), torch.randn(1, 77, 16, generator=g), torch.ones(1, 77), torch.randn(1, 256, 16, generator=g), torch.ones(1, 256))
+    args = (x, torch.tensor([500.0]), torch.randn(1, 77, 64, generator=g), torch.ones(1, 77), torch.randn(1, 256, 16, generator=g), torch.ones(1, 256))
     with torch.no_grad():
         base = model(*args)
         h = load_lora(model, tmp_path / "ours.safetensors")
@@ -299,3 +300,73 @@ def test_tencent_format_loras_load_onto_the_split_projections(tmp_path):
         got = model(*args)
         h.detach()
     assert (expected - base).abs().max() > 1e-3 and (got - expected).abs().max() < 1e-6
+
+
+def to_ldm_vae(sd: dict[str, torch.Tensor], n_up: int = 4) -> dict[str, torch.Tensor]:
+    """diffusers VAE names -> the original LDM names ComfyUI saves (the inverse of kl2d.convert_ldm)."""
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", k)
+        if m:
+            out[f"{m[1]}.mid.attn_1.{attn[m[2]]}.{m[3]}"] = v[:, :, None, None] if m[3] == "weight" and m[2] != "group_norm" else v
+            continue
+        k = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m_: f"{m_[1]}.mid.block_{int(m_[2]) + 1}.", k)
+        m = re.match(r"decoder\.up_blocks\.(\d+)\.", k)
+        if m:
+            k = f"decoder.up.{n_up - 1 - int(m[1])}." + k[m.end():]
+        k = k.replace("encoder.down_blocks.", "encoder.down.").replace(".resnets.", ".block.").replace(".conv_shortcut.", ".nin_shortcut.")
+        k = k.replace(".downsamplers.0.", ".downsample.").replace(".upsamplers.0.", ".upsample.").replace(".conv_norm_out.", ".norm_out.")
+        out[k] = v
+    return out
+
+
+def test_comfyuis_single_file_checkpoint_loads_every_part(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vdit_core import families
+    from vdit_core.text import load_dual
+
+    _, folder = reference(tmp_path, "v1.1", "ddim")
+    sd = {f"model.{k}": v for k, v in to_original(hunyuan_dit.load_transformer(folder / "transformer").state_dict()).items()}
+    sd.update({f"vae.{k}": v for k, v in to_ldm_vae(load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))).items()})
+    sd.update({f"text_encoders.hydit_clip.transformer.bert.{k}": v for k, v in load_file(str(folder / "text_encoder" / "model.safetensors")).items()})
+    sd.update({f"text_encoders.mt5xl.transformer.{k}": v for k, v in load_file(str(folder / "text_encoder_2" / "model.safetensors")).items()})
+    spiece = tiny.tokenizer_dir(str(tmp_path)) / "spiece.model"  # the sentencepiece model tokenizer_2 was made from
+    sd["text_encoders.mt5xl.spiece_model"] = torch.tensor(list(spiece.read_bytes()), dtype=torch.uint8)
+    ckpt = tmp_path / "hunyuan_dit_1.1.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt))
+
+    family = families.for_file(ckpt, "vae")
+    assert family.name == "hunyuandit" and families.describe(sd).startswith("a HunyuanDiT checkpoint")
+    ref = load_pipeline(folder, device="cpu")
+    tf = family.load_transformer(ckpt, torch.float32, "cpu")
+    assert all(torch.equal(tf.state_dict()[k], v) for k, v in ref.transformer.state_dict().items())
+    vae = family.load_vae(ckpt, torch.float32, "cpu")
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in ref.vae.state_dict().items())
+    te = family.load_text_encoder(ckpt, torch.float32, "cpu", tokenizer=folder / "tokenizer")
+    want = load_dual(folder).encode("a red circle")
+    got = te.encode("a red circle")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # the loader nodes offer it from models/checkpoints, each taking its part
+    import shutil
+
+    from test_package import load_pack
+
+    pack = load_pack()
+    nodes, comfy = pack.NODE_CLASS_MAPPINGS, __import__(f"{pack.__name__}.nodes.comfy", fromlist=["x"])
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    shutil.move(str(ckpt), tmp_path / "models" / "checkpoints" / ckpt.name)
+    shutil.copytree(folder / "tokenizer", tmp_path / "models" / "checkpoints" / "tokenizer")  # ComfyUI has its own
+    comfy.set_paths(models=tmp_path / "models", output=tmp_path / "output")
+    choice = f"checkpoints: {ckpt.name}"
+    assert choice in nodes["VDITModelLoader"].INPUT_TYPES()["required"]["model"][0]
+    model = nodes["VDITModelLoader"]().load(choice, "default", "auto")[0]
+    te = nodes["VDITTextEncoderLoader"]().load(choice, "default", 0)[0]
+    vae = nodes["VDITVAELoader"]().load(choice, "default", "auto")[0]
+    pos, neg = (nodes["VDITTextEncode"]().encode(te, t)[0] for t in ("a red circle", ""))
+    latent = nodes["VDITEmptyLatent"]().generate(model, 48, 64, 1, 1)[0]
+    out = nodes["VDITSampler"]().sample(model, pos, neg, latent, seed=1, steps=3, cfg=6.0, sampler="ddim", schedule="default", denoise=1.0)[0]
+    image = nodes["VDITVAEDecode"]().decode(vae, out, 2, "auto", 0, 0)[0]
+    expected = ref(prompt="a red circle", height=64, width=48, steps=3, cfg=6.0, sampler="ddim", seed=1, progress=False)
+    assert (image - expected).abs().max() < 1e-5

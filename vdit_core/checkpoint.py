@@ -91,7 +91,8 @@ def safetensors_keys(path: str | Path) -> list[str]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return list(f.keys())
     except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated "
+                              f"(size {Path(path).stat().st_size} bytes) or of another format") from None
 
 
 def read_pickle(path: Path, dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
@@ -142,6 +143,25 @@ def weight_files(path: str | Path) -> list[Path]:
             raise CheckpointError(f"{path}: shard(s) listed in the index are missing: {missing}")
         return files
     return [path]
+
+
+def read_part(path: str | Path, prefixes: tuple[str, ...], dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor] | None:
+    """The tensors of one part of a combined single-file checkpoint (ComfyUI's: ``model.``,
+    ``vae.``, ``text_encoders.<name>.``): those under the first of ``prefixes`` that any key has,
+    with it stripped; None when no key has one. safetensors files read only that part."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    keys = safetensors_keys(path) if path.suffix == ".safetensors" else list(load_state_dict(path).keys())
+    prefix = next((p for p in prefixes if any(k.startswith(p) for k in keys)), None)
+    if prefix is None:
+        return None
+    wanted = [k for k in keys if k.startswith(prefix)]
+    if path.suffix == ".safetensors":
+        sd = read_safetensors(path, dtype, device, keys=wanted)
+    else:
+        sd = {k: v for k, v in load_state_dict(path, dtype, device).items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in sd.items()}
 
 
 def load_state_dict(path: str | Path, dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
@@ -231,13 +251,15 @@ def load_model(
     config=None,
     convert: tuple[Callable, Callable] | None = None,
     label: Callable[[object], str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Load one model of a family: read the weights (file, shards or folder) in ``dtype``; turn an
     official non-diffusers layout into diffusers names (``convert = (is_it, conversion)``);
     take the config from ``config``, a folder's config.json, or the weights; build on the meta
-    device and assign. Errors name the file, what it looks like and what was expected."""
+    device and assign. Errors name the file, what it looks like and what was expected.
+    ``state_dict``: weights already read from ``path`` (one part of a combined checkpoint)."""
     path = Path(path)
-    sd = load_state_dict(path, dtype=dtype, device=device)
+    sd = load_state_dict(path, dtype=dtype, device=device) if state_dict is None else state_dict
     if convert is not None and convert[0](sd.keys()):
         sd = convert[1](sd)
     elif not recognise(sd.keys()):

@@ -192,16 +192,32 @@ class DualTextEncoder:
         return out
 
 
-def load_bert(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A ``BertModel`` (HunyuanDiT's bilingual CLIP text tower) from a transformers folder."""
+def _bert_config_from_weights(sd: dict[str, torch.Tensor]):
+    from transformers import BertConfig
+
+    try:
+        vocab, hidden = sd["embeddings.word_embeddings.weight"].shape
+        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
+        return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                          intermediate_size=sd["encoder.layer.0.intermediate.dense.weight"].shape[0],
+                          max_position_embeddings=sd["embeddings.position_embeddings.weight"].shape[0],
+                          type_vocab_size=sd["embeddings.token_type_embeddings.weight"].shape[0])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"not a BERT encoder (missing {e})") from None
+
+
+def load_bert(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", state_dict: dict | None = None):
+    """A ``BertModel`` (HunyuanDiT's bilingual CLIP text tower) from a transformers folder, or
+    from ``state_dict`` (a checkpoint's part; the config is read off the weights, heads of 64)."""
     from transformers import BertConfig, BertModel
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if state_dict is None and not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: expected a BERT text encoder folder (config.json + weights)")
-    sd = load_state_dict(path, dtype=dtype)
-    sd = {k.removeprefix("bert."): v for k, v in sd.items()}
-    model = BertModel(BertConfig.from_dict(read_json(path / "config.json")), add_pooling_layer="pooler.dense.weight" in sd)
+    sd = load_state_dict(path, dtype=dtype) if state_dict is None else state_dict
+    sd = {k.removeprefix("bert."): v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    config = BertConfig.from_dict(read_json(path / "config.json")) if state_dict is None else _bert_config_from_weights(sd)
+    model = BertModel(config, add_pooling_layer="pooler.dense.weight" in sd)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
     if missing:
@@ -213,6 +229,42 @@ def describe_keys(sd) -> str:
     from .checkpoint import describe
 
     return describe(sd.keys())
+
+
+CHECKPOINT_CLIP, CHECKPOINT_T5 = "text_encoders.hydit_clip.transformer.", "text_encoders.mt5xl.transformer."
+CHECKPOINT_SPIECE = "text_encoders.mt5xl.spiece_model"  # the mT5 tokenizer, embedded as bytes
+
+
+def load_dual_checkpoint(path: str | Path, bert_tokenizer: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> DualTextEncoder:
+    """HunyuanDiT's text encoders from ComfyUI's single-file checkpoint (BERT and mT5 weights, the
+    mT5 tokenizer embedded); the BERT tokenizer from ``bert_tokenizer`` (a folder with vocab.txt:
+    ComfyUI's ``hydit_clip_tokenizer``)."""
+    import tempfile
+
+    from .checkpoint import read_part
+
+    path = Path(path)
+    clip, t5 = read_part(path, (CHECKPOINT_CLIP,), dtype, device), read_part(path, (CHECKPOINT_T5,), dtype, device)
+    if clip is None or t5 is None:
+        raise CheckpointError(f"{path}: expected HunyuanDiT's text encoders ({CHECKPOINT_CLIP}*, {CHECKPOINT_T5}*), "
+                              f"found {'neither' if clip is None and t5 is None else 'only one'}")
+    spiece = read_part(path, (CHECKPOINT_SPIECE,))
+    if not spiece:
+        raise CheckpointError(f"{path}: has no embedded mT5 tokenizer ({CHECKPOINT_SPIECE})")
+    with tempfile.TemporaryDirectory() as tmp:  # a tokenizer folder as transformers reads one (it keeps nothing open)
+        (Path(tmp) / "spiece.model").write_bytes(bytes(next(iter(spiece.values())).to(torch.uint8).tolist()))
+        (Path(tmp) / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "legacy": true}')
+        t5_tokenizer = load_tokenizer(tmp)
+    sd = {k: v for k, v in t5.items() if not k.startswith("decoder.") and k != "lm_head.weight"}
+    sd.setdefault("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
+    from transformers import T5EncoderModel
+
+    t5_model = build_on_meta(lambda: T5EncoderModel(_t5_config_from_weights(sd)))
+    assign_state_dict(t5_model, sd, f"{path} ({CHECKPOINT_T5})", "an mT5 encoder")
+    t5_model.encoder.embed_tokens = t5_model.shared
+    return DualTextEncoder(load_bert(path, dtype, device, state_dict=clip), load_tokenizer(bert_tokenizer),
+                           t5_model.to(device).eval(), t5_tokenizer)
 
 
 def load_dual(folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> DualTextEncoder:

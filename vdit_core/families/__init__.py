@@ -29,7 +29,7 @@ class Signature:
     label: str  # what it looks like, in words: "a CogVideoX VAE (diffusers layout)"
     test: Callable[[set[str]], bool]
     family: str | None = None  # the registered family that loads it (None: a format we only name)
-    part: str | None = None  # "transformer", "vae", "text_encoder" or "lora"
+    part: str | None = None  # "transformer", "vae", "text_encoder", "lora", or "checkpoint" (all of a model in one file)
     layout: str = "diffusers"  # "diffusers" or an official layout converted at load ("sat", ...)
 
 
@@ -112,7 +112,9 @@ class Family:
         raise NotImplementedError
 
     def load_text_encoder(self, path: Path, dtype: torch.dtype | None, device, tokenizer: Path | None = None, max_length: int = 0):
-        """A text encoder from a model folder (``tokenizer`` None) or a weight file + tokenizer folder."""
+        """A text encoder from a model folder (``tokenizer`` None) or a weight file + a tokenizer
+        folder (the tokenizer itself, or a folder of tokenizers such as ComfyUI's text_encoders
+        package, where the family finds its own)."""
         raise NotImplementedError
 
     def save_transformer(self, transformer: nn.Module, folder: Path, dtype: torch.dtype | None, state_dict: dict | None = None) -> None:
@@ -296,8 +298,8 @@ def file_keys(path: str | Path) -> set[str]:
 def for_file(path: str | Path, part: str) -> Family:
     """The family whose ``part`` this weight file is; a one-line error naming what it looks like."""
     keys = file_keys(path)
-    for s in signatures():
-        if s.part == part and s.family is not None and s.test(keys):
+    for s in signatures():  # a combined checkpoint holds every part
+        if s.part in (part, "checkpoint") and s.family is not None and s.test(keys):
             return FAMILIES[s.family]
     wanted = {"transformer": "a diffusion transformer", "vae": "a VAE", "text_encoder": "a text encoder"}.get(part, part)
     raise CheckpointError(f"{path}: expected {wanted} of a supported family ({', '.join(f.label for f in FAMILIES.values())}), but this looks like {describe(keys)}")

@@ -67,6 +67,8 @@ class CogVideoX(Family):
             cfg = path / "transformer" / "config.json"
             length = max_length or (read_json(cfg).get("max_text_seq_length", TEXT_LENGTH) if cfg.exists() else TEXT_LENGTH)
             return load_t5(path / "text_encoder", path / "tokenizer", dtype=dtype, device=device, max_length=length)
+        if (Path(tokenizer) / "t5_tokenizer").is_dir():  # a folder of tokenizers (ComfyUI's): T5's
+            tokenizer = Path(tokenizer) / "t5_tokenizer"
         return load_t5(path, tokenizer, dtype=dtype, device=device, max_length=max_length or TEXT_LENGTH)
 
     def save_transformer(self, transformer, folder, dtype, state_dict=None):

@@ -22,7 +22,7 @@ from ..checkpoint import CheckpointError
 from ..models import hunyuan_dit as model
 from ..prediction import VPrediction
 from ..schedules import DiscreteSchedule, DiscreteScheduleConfig
-from ..text import load_dual
+from ..text import load_dual, load_dual_checkpoint
 from ..vae import kl2d
 from . import Family, Signature, folder_defaults, multiple_problem, register
 
@@ -46,7 +46,10 @@ class HunyuanDiT(Family):
         Signature("a HunyuanDiT transformer (diffusers layout)", model.is_diffusers_state_dict, "hunyuandit", "transformer"),
         Signature("a HunyuanDiT transformer (Tencent's original layout)", lambda k: model.is_original_state_dict(model._strip(k)),
                   "hunyuandit", "transformer", "original"),
+        Signature("a HunyuanDiT checkpoint (ComfyUI's single file: transformer, text encoders, VAE)", model.is_checkpoint,
+                  "hunyuandit", "checkpoint", "comfyui"),
         Signature("a 2D image VAE (Stable Diffusion family)", kl2d.is_diffusers_state_dict, "hunyuandit", "vae"),
+        Signature("a 2D image VAE (Stable Diffusion family, original names)", kl2d.is_ldm_state_dict, "hunyuandit", "vae", "ldm"),
     )
     pipeline_classes = ("HunyuanDiTPipeline",)
     vae_variants = ()
@@ -67,10 +70,17 @@ class HunyuanDiT(Family):
         return kl2d.load_vae(path, dtype=dtype, device=device)
 
     def load_text_encoder(self, path, dtype, device, tokenizer=None, max_length=0):
-        if tokenizer is not None or not Path(path).is_dir():
-            raise CheckpointError(f"{path}: HunyuanDiT's two text encoders load from its model folder "
-                                  "(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/), not from a single file")
-        return load_dual(path, dtype or torch.float32, device)
+        path = Path(path)
+        if path.is_dir():
+            return load_dual(path, dtype or torch.float32, device)
+        # ComfyUI's single file: both encoders and the mT5 tokenizer inside; the BERT tokenizer is ComfyUI's own
+        bert_tokenizer = Path(tokenizer) / "hydit_clip_tokenizer" if tokenizer is not None else None
+        if bert_tokenizer is None or not bert_tokenizer.is_dir():
+            bert_tokenizer = tokenizer
+        if bert_tokenizer is None:
+            raise CheckpointError(f"{path}: HunyuanDiT's single file needs the BERT tokenizer: run inside ComfyUI (its "
+                                  "hydit_clip_tokenizer is used) or put a tokenizer/ folder (vocab.txt) next to the file")
+        return load_dual_checkpoint(path, bert_tokenizer, dtype or torch.float32, device)
 
     def save_transformer(self, transformer, folder, dtype, state_dict=None):
         model.save_transformer(transformer, folder, dtype=dtype, state_dict=state_dict)

@@ -320,6 +320,15 @@ class HunyuanDiT(nn.Module):
 # checkpoints: detection and Tencent's original layout
 
 
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "model.")  # the transformer in ComfyUI's single-file checkpoint
+
+
+def is_checkpoint(keys) -> bool:
+    """ComfyUI's single HunyuanDiT file: the transformer (original names) under ``model.``,
+    ``vae.``, and both text encoders under ``text_encoders.``."""
+    return any(k.startswith(("model.mlp_t5.", "model.diffusion_model.mlp_t5.")) for k in keys)
+
+
 def is_diffusers_state_dict(keys) -> bool:
     return "text_embedder.linear_1.weight" in keys and any(k.startswith("blocks.") and ".attn2." in k for k in keys)
 
@@ -417,11 +426,13 @@ def _unwrap_ema(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_transformer(path, dtype: torch.dtype | None = torch.float32, device="cpu", config: HunyuanDiTConfig | None = None) -> HunyuanDiT:
     """A HunyuanDiT transformer from a diffusers folder, a safetensors file with diffusers or
-    original names, or Tencent's ``pytorch_model_ema.pt`` (read with ``weights_only=True``)."""
-    from ..checkpoint import load_model
+    original names, Tencent's ``pytorch_model_ema.pt`` (read with ``weights_only=True``), or the
+    ``model.`` part of ComfyUI's single-file checkpoint."""
+    from ..checkpoint import load_model, read_part
 
     return load_model(
-        path, build=HunyuanDiT, expected="a HunyuanDiT transformer", recognise=is_diffusers_state_dict,
+        path, state_dict=read_part(path, CHECKPOINT_PREFIXES, dtype, device), build=HunyuanDiT, expected="a HunyuanDiT transformer",
+        recognise=is_diffusers_state_dict,
         from_json=HunyuanDiTConfig.from_diffusers, infer_config=infer_config, dtype=dtype, device=device, config=config,
         convert=(lambda k: is_original_state_dict(_strip(k)), lambda sd: convert_original(_unwrap_ema(sd))),
         label=lambda c: f"a HunyuanDiT transformer ({preset_name(c) or 'custom config'})",

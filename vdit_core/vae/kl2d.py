@@ -8,6 +8,8 @@ batch ``chunk_frames`` at a time, so memory is bounded by one micro-batch.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -231,6 +233,35 @@ def is_diffusers_state_dict(keys) -> bool:
     return any(k.startswith("decoder.up_blocks.") for k in keys) and "decoder.conv_in.weight" in keys and not any("conv_y" in k for k in keys)
 
 
+def is_ldm_state_dict(keys) -> bool:
+    """The same VAE in the original (LDM / ComfyUI) names: ``encoder.down.0.block.0``, ``mid.attn_1``."""
+    return any(k.startswith("decoder.up.") for k in keys) and "decoder.conv_in.weight" in keys and not any("conv_y" in k for k in keys)
+
+
+def convert_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LDM-named SD VAE weights -> diffusers names (decoder stages numbered from the bottom there;
+    the mid-block attention's 1x1 convolutions become linear layers)."""
+    n_up = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up."))
+    attn = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+    out = {}
+    for key, value in sd.items():
+        k = key
+        m = re.match(r"decoder\.up\.(\d+)\.", k)
+        if m:
+            k = f"decoder.up_blocks.{n_up - 1 - int(m[1])}." + k[m.end():]
+        k = k.replace("encoder.down.", "encoder.down_blocks.").replace(".block.", ".resnets.")
+        k = k.replace(".downsample.", ".downsamplers.0.").replace(".upsample.", ".upsamplers.0.").replace(".nin_shortcut.", ".conv_shortcut.")
+        k = re.sub(r"^(encoder|decoder)\.mid\.block_([12])\.", lambda m_: f"{m_[1]}.mid_block.resnets.{int(m_[2]) - 1}.", k)
+        m = re.match(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", k)
+        if m:
+            k = f"{m[1]}.mid_block.attentions.0.{attn[m[2]]}.{m[3]}"
+            if m[3] == "weight" and value.ndim == 4:
+                value = value[:, :, 0, 0]
+        k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", k)
+        out[k] = value
+    return out
+
+
 def infer_config(sd: dict[str, torch.Tensor], base: KL2DConfig | None = None) -> KL2DConfig:
     """Architecture read off the weights; the scaling factor (and groups) come from ``base`` (SDXL's)."""
     try:
@@ -241,19 +272,21 @@ def infer_config(sd: dict[str, torch.Tensor], base: KL2DConfig | None = None) ->
     except (KeyError, ValueError) as e:
         raise ValueError(f"not a whole 2D VAE (missing {e})") from None
     base = base or PRESETS["sdxl"]
-    return dataclasses.replace(base, in_channels=sd["encoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
+    groups = base.norm_num_groups if not any(c % base.norm_num_groups for c in chans) else math.gcd(*chans)  # (tiny test VAEs)
+    return dataclasses.replace(base, norm_num_groups=groups, in_channels=sd["encoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
                                block_out_channels=chans, layers_per_block=layers, latent_channels=latent,
                                use_quant_conv="quant_conv.weight" in sd, use_post_quant_conv="post_quant_conv.weight" in sd)
 
 
 def load_vae(path, dtype: torch.dtype | None = torch.float32, device="cpu", config: KL2DConfig | None = None,
              base: KL2DConfig | None = None) -> KL2DVAE:
-    """A 2D KL VAE from a diffusers folder or a single safetensors file (scaling factor from the
-    folder's config.json, else from ``base``: SDXL's 0.13025)."""
-    from ..checkpoint import load_model
+    """A 2D KL VAE from a diffusers folder, a single safetensors file (diffusers or LDM names), or
+    the ``vae.`` / ``first_stage_model.`` part of a combined checkpoint; the scaling factor comes
+    from the folder's config.json, else from ``base`` (SDXL's 0.13025)."""
+    from ..checkpoint import load_model, read_part
 
     return load_model(
-        path, build=KL2DVAE, expected="a 2D image VAE", recognise=is_diffusers_state_dict,
-        from_json=KL2DConfig.from_diffusers, infer_config=lambda sd: infer_config(sd, base), dtype=dtype, device=device,
-        config=config,
+        path, state_dict=read_part(path, ("vae.", "first_stage_model."), dtype, device), build=KL2DVAE, expected="a 2D image VAE",
+        recognise=is_diffusers_state_dict, from_json=KL2DConfig.from_diffusers, infer_config=lambda sd: infer_config(sd, base),
+        dtype=dtype, device=device, config=config, convert=(is_ldm_state_dict, convert_ldm),
     )
