@@ -32,6 +32,8 @@ class VDITEmptyLatent:
             "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16}),
             "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+        }, "optional": {
+            "resolution": (["custom"] + families.resolution_choices(), {"default": "custom", "tooltip": "a size a release was trained at (replaces width and height); custom: the width and height above"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -42,7 +44,9 @@ class VDITEmptyLatent:
     def VALIDATE_INPUTS(cls, width, height, frames):
         return check_size(width, height, frames) or True
 
-    def generate(self, model, width, height, frames, batch_size):
+    def generate(self, model, width, height, frames, batch_size, resolution="custom"):
+        if resolution != "custom":
+            width, height = (int(v) for v in resolution.rsplit(" ", 1)[1].split("x"))
         problem = check_size(width, height, frames)
         if problem:
             raise ValueError(problem)

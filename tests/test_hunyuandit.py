@@ -234,6 +234,9 @@ def test_the_nodes_serve_hunyuandit(tmp_path):
     assert set(pos["cond"]) == {"context", "context_mask", "context_t5", "context_t5_mask"}
     latent = nodes["VDITEmptyLatent"]().generate(model, 48, 64, 1, 1)[0]
     assert latent["samples"].shape == (1, 4, 1, 8, 6)
+    assert "HunyuanDiT 1280x768" in nodes["VDITEmptyLatent"].INPUT_TYPES()["optional"]["resolution"][0]
+    preset = nodes["VDITEmptyLatent"]().generate(model, 48, 64, 1, 1, "HunyuanDiT 1280x768")[0]  # replaces width and height
+    assert preset["samples"].shape == (1, 4, 1, 96, 160)
     kw = dict(seed=3, steps=5, cfg=6.0, sampler="default", schedule="default")
     out = nodes["VDITSampler"]().sample(model, pos, neg, latent, denoise=1.0, **kw)[0]
     image = nodes["VDITVAEDecode"]().decode(vae, out, 2, "auto", 0, 0)[0]

@@ -158,7 +158,7 @@ def text_to_video(nodes, model: str, note: str, width: int, height: int, frames:
         m = g.add("VDITLoraApply", model=(m, 0), lora_name=lora, strength=1.0)
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text=prompt)
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text=negative)
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1)
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1, resolution="custom")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=steps, cfg=cfg,
               sampler=sampler, schedule="default", denoise=1.0, dynamic_cfg=dynamic_cfg)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
@@ -185,7 +185,7 @@ def image_to_video(nodes) -> Graph:
     enc = g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the scene slowly comes to life, gentle camera motion")
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=720, height=480, frames=49, batch_size=1)
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=720, height=480, frames=49, batch_size=1, resolution="custom")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
               sampler="cogvideox_dpm", schedule="default", denoise=1.0, image_latent=(enc, 0), dynamic_cfg=True)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
@@ -237,7 +237,7 @@ def hunyuandit(nodes, image_to_image: bool) -> Graph:
         img = g.add("LoadImage", image="input.png")
         lat = g.add("VDITVAEEncode", "Encode the image", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
     else:
-        lat = g.add("VDITEmptyLatent", model=(m, 0), width=1024, height=1024, frames=1, batch_size=1)
+        lat = g.add("VDITEmptyLatent", model=(m, 0), width=1024, height=1024, frames=1, batch_size=1, resolution="HunyuanDiT 1024x1024")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
               sampler="default", schedule="default", denoise=0.6 if image_to_image else 1.0, dynamic_cfg=False)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)

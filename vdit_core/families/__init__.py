@@ -91,6 +91,7 @@ class Family:
     pipeline_classes: tuple[str, ...] = ()  # model_index.json ``_class_name`` values of its folders
     vae_variants: tuple[str, ...] = ()  # presets a single VAE file may be read as (the VAE loader's "variant")
     lora_targets: str = ""  # regex over module names: the Linears a LoRA adapts by default
+    resolutions: tuple[tuple[int, int], ...] = ()  # (width, height) the releases were trained at (offered by the nodes)
     noise_permute: tuple[int, ...] | None = None  # the reference's per-sample noise layout (seed parity)
     # latent -> RGB in [-1, 1] for previews: (a [C][3] matrix, a bias of 3) over model-space latents, or None
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None
@@ -313,6 +314,11 @@ def for_transformer(transformer: nn.Module) -> Family:
     raise ValueError(f"{type(transformer).__name__} belongs to no registered model family")
 
 
+def resolution_choices() -> list[str]:
+    """Every family's trained sizes, as the Empty Latent node offers them: "HunyuanDiT 1024x768"."""
+    return [f"{f.label} {w}x{h}" for f in FAMILIES.values() for w, h in f.resolutions]
+
+
 def vae_variants() -> list[str]:
     """Every family's VAE presets (the VAE loader node's choices)."""
     return [v for f in FAMILIES.values() for v in f.vae_variants]
@@ -321,4 +327,4 @@ def vae_variants() -> list[str]:
 from . import cogvideox, hunyuandit  # noqa: E402  (each registers itself, in this order)
 
 __all__ = ["folder_defaults", "SCHEDULER_SAMPLERS", "Family", "Signature", "FAMILIES", "register", "unregister", "detect", "describe", "get", "for_folder", "for_file",
-           "for_transformer", "vae_variants", "multiple_problem", "neighbours", "cogvideox", "hunyuandit"]
+           "for_transformer", "vae_variants", "resolution_choices", "multiple_problem", "neighbours", "cogvideox", "hunyuandit"]

@@ -47,6 +47,7 @@ class CogVideoX(Family):
     pipeline_classes = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
     vae_variants = tuple(vae.PRESETS)
     lora_targets = LORA_TARGETS
+    resolutions = ((720, 480), (480, 720), (1360, 768), (768, 1360))  # 1.0 (and the demo's 64x64 is its own); 1.5
     noise_permute = (1, 0, 2, 3)  # the reference draws latents as [T, C, H, W] per sample
 
     # -- detection and loading -----------------------------------------------------------------
