@@ -61,6 +61,8 @@ class VDITModelLoader:
 
     RETURN_TYPES = ("VDIT_MODEL",)
     FUNCTION = "load"
+    DESCRIPTION = ("Loads a video or image diffusion transformer (DiT): CogVideoX text/image-to-video, HunyuanDiT text-to-image, "
+                   "or the bundled demo. The model family is detected from the folder or the weights.")
     CATEGORY = "vdit"
 
     def load(self, model, weight_dtype, attention):
@@ -79,13 +81,14 @@ class VDITTextEncoderLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": (sources("text_encoders"), {"default": DEMO}),
-            "dtype": (DTYPES, {"default": "default"}),
+            "text_encoder": (sources("text_encoders"), {"default": DEMO, "tooltip": "a model folder in models/vdit (its text encoder(s) and tokenizers), a file in models/text_encoders, a whole-model file from models/checkpoints, or the bundled demo"}),
+            "dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype (fp32 on a CPU)"}),
             "max_length": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "tokens per prompt; 0: the model folder's (226 for CogVideoX)"}),
         }}
 
     RETURN_TYPES = ("VDIT_TEXT_ENCODER",)
     FUNCTION = "load"
+    DESCRIPTION = "Loads the text encoder(s) of a model: T5 for CogVideoX, the bilingual CLIP (BERT) and mT5 for HunyuanDiT."
     CATEGORY = "vdit"
 
     def load(self, text_encoder, dtype, max_length):
@@ -110,13 +113,14 @@ class VDITVAELoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": (sources("vae"), {"default": DEMO}),
-            "dtype": (DTYPES, {"default": "default"}),
+            "vae": (sources("vae"), {"default": DEMO, "tooltip": "a model folder in models/vdit, a file in models/vae, a whole-model file from models/checkpoints, or the bundled demo"}),
+            "dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype (fp32 on a CPU)"}),
             "variant": (["auto"] + families.vae_variants(), {"default": "auto", "tooltip": "sets the latent scaling of a single file (auto: the 5B family's 0.7)"}),
         }}
 
     RETURN_TYPES = ("VDIT_VAE",)
     FUNCTION = "load"
+    DESCRIPTION = "Loads a model's VAE: CogVideoX's 3D causal video VAE, or the SDXL-style image VAE of HunyuanDiT."
     CATEGORY = "vdit"
 
     def load(self, vae, dtype, variant):

@@ -14,13 +14,14 @@ class VDITLoraApply:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("VDIT_MODEL",),
-            "lora_name": (comfy.list_files("loras"),),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+            "model": ("VDIT_MODEL", {"tooltip": "the model to add the LoRA to (it is left unchanged)"}),
+            "lora_name": (comfy.list_files("loras"), {"tooltip": "a LoRA file in models/loras (ours, ComfyUI, diffusers/PEFT, kohya, Tencent's HunyuanDiT)"}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "1: the trained effect; 0: none; negative values invert it"}),
         }}
 
     RETURN_TYPES = ("VDIT_MODEL",)
     FUNCTION = "apply"
+    DESCRIPTION = "Applies a LoRA to a video/image DiT model while sampling; chain several to stack them. The loaded model is never changed."
     CATEGORY = "vdit"
 
     def apply(self, model, lora_name, strength):

@@ -27,17 +27,18 @@ class VDITEmptyLatent:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("VDIT_MODEL",),
-            "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16}),
-            "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+            "model": ("VDIT_MODEL", {"tooltip": "the model the latents are shaped for (channels, frame padding)"}),
+            "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16, "tooltip": "pixels; a multiple of 16"}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "pixels; a multiple of 16"}),
+            "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4, "tooltip": "video frames: 4k+1 for CogVideoX (49 trained); 1 for images (HunyuanDiT)"}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "videos made at once; sample b uses seed + b"}),
         }, "optional": {
             "resolution": (["custom"] + families.resolution_choices(), {"default": "custom", "tooltip": "a size a release was trained at (replaces width and height); custom: the width and height above"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "generate"
+    DESCRIPTION = "Empty latents for text-to-video or text-to-image with a video DiT: the size and frame count checked against the model."
     CATEGORY = "vdit"
 
     @classmethod
@@ -83,13 +84,13 @@ class VDITSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("VDIT_MODEL",),
-                "positive": ("VDIT_CONDITIONING",),
-                "negative": ("VDIT_CONDITIONING",),
-                "latent": ("LATENT",),
-                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-                "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1}),
+                "model": ("VDIT_MODEL", {"tooltip": "the diffusion transformer (with any LoRAs applied)"}),
+                "positive": ("VDIT_CONDITIONING", {"tooltip": "what the video or image should show (VDIT Text Encode)"}),
+                "negative": ("VDIT_CONDITIONING", {"tooltip": "what it should not show; used when cfg > 1"}),
+                "latent": ("LATENT", {"tooltip": "VDIT Empty Latent, or encoded frames (VDIT VAE Encode) with denoise below 1"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True, "tooltip": "the noise seed; the same seed gives the same result"}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "sampling steps (CogVideoX releases: 50; HunyuanDiT: 50-100)"}),
+                "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "classifier-free guidance: how strongly to follow the prompt (6 is typical; 1 turns it off)"}),
                 "sampler": (["default"] + list(SAMPLERS), {"default": "default", "tooltip": "default: the model's scheduler (DDIM for CogVideoX)"}),
                 "schedule": (SPACINGS, {"default": "default", "tooltip": "timestep spacing (default: what the model's release uses with the chosen sampler)"}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "below 1: video-to-video from the input latent"}),
@@ -102,6 +103,8 @@ class VDITSampler:
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
+    DESCRIPTION = ("The video sampler: denoises latents with a video diffusion transformer (CogVideoX text-to-video, "
+                   "image-to-video, video-to-video; HunyuanDiT text-to-image, image-to-image), with live previews.")
     CATEGORY = "vdit"
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, denoise, image_latent=None, dynamic_cfg=False):

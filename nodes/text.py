@@ -13,12 +13,13 @@ class VDITTextEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": ("VDIT_TEXT_ENCODER",),
-            "text": ("STRING", {"multiline": True, "default": ""}),
+            "text_encoder": ("VDIT_TEXT_ENCODER", {"tooltip": "from VDIT Text Encoder Loader"}),
+            "text": ("STRING", {"multiline": True, "default": "", "tooltip": "the prompt (HunyuanDiT also reads Chinese)"}),
         }}
 
     RETURN_TYPES = ("VDIT_CONDITIONING",)
     FUNCTION = "encode"
+    DESCRIPTION = "Encodes a prompt for a video/image DiT (text to video, text to image); use one node for the positive and one for the negative prompt."
     CATEGORY = "vdit"
 
     def encode(self, text_encoder, text):

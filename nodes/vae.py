@@ -44,14 +44,15 @@ class VDITVAEEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": ("VDIT_VAE",),
-            "pixels": ("IMAGE",),
+            "vae": ("VDIT_VAE", {"tooltip": "from VDIT VAE Loader"}),
+            "pixels": ("IMAGE", {"tooltip": "frames to encode (4k+1 for CogVideoX's VAE, or 1: a first frame or an image)"}),
             "chunk_frames": ("INT", {"default": 8, "min": 4, "max": 256, "step": 4, "tooltip": "frames encoded at a time (memory)"}),
             **_tile_inputs(),
         }}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "encode"
+    DESCRIPTION = "Encodes frames or an image into latents with a video/image DiT's VAE: the first frame for image-to-video, a clip for video-to-video."
     CATEGORY = "vdit"
 
     def encode(self, vae, pixels, chunk_frames, tiling, tile_height, tile_width):
@@ -74,14 +75,15 @@ class VDITVAEDecode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": ("VDIT_VAE",),
-            "samples": ("LATENT",),
+            "vae": ("VDIT_VAE", {"tooltip": "from VDIT VAE Loader"}),
+            "samples": ("LATENT", {"tooltip": "latents from VDIT Sampler or VDIT VAE Encode"}),
             "chunk_frames": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "latent frames decoded at a time (memory)"}),
             **_tile_inputs(),
         }}
 
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
+    DESCRIPTION = "Decodes latents into video frames (or an image), chunk by chunk in time, tiled when memory runs short."
     CATEGORY = "vdit"
 
     def decode(self, vae, samples, chunk_frames, tiling, tile_height, tile_width):

@@ -15,14 +15,15 @@ class VDITSaveVideo:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "images": ("IMAGE",),
-            "fps": ("FLOAT", {"default": 8.0, "min": 0.1, "max": 120.0, "step": 0.1}),
-            "filename_prefix": ("STRING", {"default": "vdit/video"}),
-            "format": (FORMATS, {"default": "mp4"}),
+            "images": ("IMAGE", {"tooltip": "the video's frames"}),
+            "fps": ("FLOAT", {"default": 8.0, "min": 0.1, "max": 120.0, "step": 0.1, "tooltip": "frames per second (CogVideoX 1.0: 8; 1.5: 16)"}),
+            "filename_prefix": ("STRING", {"default": "vdit/video", "tooltip": "folder/name inside ComfyUI's output folder; a number is appended"}),
+            "format": (FORMATS, {"default": "mp4", "tooltip": "mp4 (H.264) plays everywhere; webm, animated webp and gif too"}),
         }}
 
     RETURN_TYPES = ()
     FUNCTION = "save"
+    DESCRIPTION = "Saves frames as a video (mp4, webm, webp, gif) in the output folder and shows it: the end of a text-to-video graph."
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix):

@@ -197,3 +197,14 @@ def test_missing_files_and_single_file_tokenizer_errors(models_dir):
     enc = NODES["VDITTextEncoderLoader"]().load("t5.safetensors", "default", 0)[0]
     assert enc.encoder.max_length == 226 and enc.encoder.encode("x").shape[-1] == tiny.TEXT_DIM
     np.testing.assert_equal(enc.name, "t5.safetensors")
+
+
+def test_every_node_explains_itself_and_every_input_has_a_tooltip():
+    for name, cls in NODES.items():
+        assert isinstance(getattr(cls, "DESCRIPTION", None), str) and len(cls.DESCRIPTION) > 20, name
+        for section in cls.INPUT_TYPES().values():
+            for key, value in section.items():
+                assert len(value) == 2 and value[1].get("tooltip"), (name, key)
+    text = " ".join(cls.DESCRIPTION.lower() for cls in NODES.values())  # what ComfyUI's node search indexes
+    for words in ("cogvideox", "video sampler", "text-to-video", "text to video", "hunyuandit"):
+        assert words in text, words
