@@ -223,16 +223,18 @@ class HunyuanDiTBlock(nn.Module):
 
 
 def rope_2d(head_dim: int, h: int, w: int, base: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """HunyuanDiT's 2D RoPE tables [h*w, head_dim]: the token grid spread over the region it
-    would cover resized and centre-cropped into a ``base x base`` grid; the first half of the
-    channels rotate with the column, the second with the row."""
+    """HunyuanDiT's 2D RoPE tables [h*w, head_dim]: the token grid spread evenly over the region
+    it would cover resized and centre-cropped into a ``base x base`` grid (``start + (stop -
+    start) * i / n``, as Tencent's code does; diffusers' formula differs when the crop does not
+    start at 0, i.e. for non-square sizes); the first half of the channels rotate with the
+    column, the second with the row."""
     if h / w > 1:
         rh, rw = base, int(round(base / h * w))
     else:
         rw, rh = base, int(round(base / w * h))
     top, left = int(round((base - rh) / 2.0)), int(round((base - rw) / 2.0))
-    ys = torch.linspace(top, (top + rh) * (h - 1) / h, h, dtype=torch.float32)
-    xs = torch.linspace(left, (left + rw) * (w - 1) / w, w, dtype=torch.float32)
+    ys = top + rh * torch.arange(h, dtype=torch.float32) / h
+    xs = left + rw * torch.arange(w, dtype=torch.float32) / w
     cx, sx = rope_1d(head_dim // 2, xs[None].expand(h, w).reshape(-1))
     cy, sy = rope_1d(head_dim // 2, ys[:, None].expand(h, w).reshape(-1))
     return torch.cat([cx, cy], dim=1), torch.cat([sx, sy], dim=1)
@@ -244,8 +246,8 @@ class HunyuanDiT(nn.Module):
     ``forward(x, timestep, context, context_mask, context_t5, context_t5_mask, image_meta_size=None,
     style=None)``: latents ``x`` [B, 4, 1, H, W] (an image is a one-frame video), float timesteps
     [B], CLIP states [B, 77, 1024] and mT5 states [B, 256, 2048] with their masks [B, L]. v1.1
-    also takes ``image_meta_size`` [B, 6] (original H, W, target H, W, crop top, left; default
-    1024, 1024, the latent size in pixels, 0, 0) and ``style`` [B] (default 0). Returns
+    also takes ``image_meta_size`` [B, 6] (default, as Tencent's inference: 1024, 1024, the image's
+    width and height, 0, 0) and ``style`` [B] (default 0). Returns
     [B, 8, 1, H, W]: the v-prediction in the first 4 channels, the variance range in the rest.
     """
 
@@ -272,10 +274,10 @@ class HunyuanDiT(nn.Module):
             block.attn1.backend = block.attn2.backend = backend
 
     def default_meta(self, batch: int, h: int, w: int, device) -> torch.Tensor:
-        """v1.1's image-size conditioning for a latent grid: original 1024x1024, target the
-        generated size, crop (0, 0)."""
+        """v1.1's image-size conditioning for a latent grid, as Tencent's inference builds it:
+        original 1024x1024, target (width, height) of the generated image, crop (0, 0)."""
         s = self.config.vae_scale
-        return torch.tensor([[1024, 1024, h * s, w * s, 0, 0]], dtype=torch.float32, device=device).expand(batch, 6)
+        return torch.tensor([[1024, 1024, w * s, h * s, 0, 0]], dtype=torch.float32, device=device).expand(batch, 6)
 
     def forward(self, x, timestep, context, context_mask, context_t5, context_t5_mask, image_meta_size=None, style=None):
         cfg = self.config
