@@ -129,6 +129,12 @@ def test_original_layout_converts_to_the_same_model(tmp_path):
     again = hunyuan_dit.load_transformer(path)
     assert set(again.state_dict()) == set(ours.state_dict())
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
+    # the official file in place of the folder's transformer
+    kw = dict(prompt="a red circle", height=64, width=48, steps=2, seed=0, progress=False)
+    assert torch.equal(load_pipeline(folder, transformer=path)(**kw), load_pipeline(folder)(**kw))
+    _, cog = tiny.reference_pipeline(tmp_path, "5b", "ddim")
+    with pytest.raises(CheckpointError, match="a CogVideoX transformer cannot run in .*a HunyuanDiT model folder"):
+        load_pipeline(folder, transformer=cog / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 def test_image_to_image_and_bad_input(tmp_path):
@@ -196,6 +202,9 @@ def test_cli_writes_a_png_and_does_image_to_image(tmp_path, capsys):
     assert read_image(tmp_path / "y.png").shape == (64, 48, 3)
     assert main([*common, "--frames", "9", "--out", str(tmp_path / "z.png")]) == 2
     assert "an image holds one frame" in capsys.readouterr().err
+    common[common.index("--height"):common.index("--height") + 4] = ["--resolution", "768x1280"]  # a trained size, by name
+    assert main([*common, "--out", str(tmp_path / "r.png")]) == 0
+    assert read_image(tmp_path / "r.png").shape == (1280, 768, 3)
 
 
 def test_lora_and_full_training_on_images(tmp_path):
@@ -399,3 +408,28 @@ def test_comfyuis_single_file_checkpoint_loads_every_part(tmp_path):
     image = nodes["VDITVAEDecode"]().decode(vae, out, 2, "auto", 0, 0)[0]
     expected = ref(prompt="a red circle", height=64, width=48, steps=3, cfg=6.0, sampler="ddim", seed=1, progress=False)
     assert (image - expected).abs().max() < 1e-5
+
+
+def test_caption_dropout_is_per_encoder():
+    from types import SimpleNamespace
+
+    from vdit_core.families import get
+    from vdit_core.schedules import DiscreteSchedule, DiscreteScheduleConfig
+    from vdit_core.train.config import TrainConfig
+    from vdit_core.train.trainer import BatchMaker, BatchPlan, Model
+
+    texts = {"": 0.0, "a red circle": 1.0}
+    cache = SimpleNamespace(
+        spec=SimpleNamespace(vae_config={"scaling_factor": 0.13025}),
+        text=lambda p: {"context": torch.full((77, 4), texts[p]), "context_mask": torch.ones(77, dtype=torch.long),
+                        "context_t5": torch.full((256, 4), texts[p]), "context_t5_mask": torch.ones(256, dtype=torch.long)},
+        load_latents=lambda item: {"moments": torch.zeros(8, 1, 8, 6)},
+    )
+    items = [{"bucket": [1, 64, 48], "caption": "a red circle"}]
+    m = Model(get("hunyuandit"), SimpleNamespace(config=None), {"schedule": DiscreteSchedule.from_config(DiscreteScheduleConfig())}, None)
+    maker = BatchMaker(TrainConfig(caption_dropout=0.5), m, BatchPlan(items, 1, 0), cache, items, torch.device("cpu"))
+    seen = set()
+    for k in range(64):
+        cond = maker.make(k)[0]["cond"]
+        seen.add((bool(cond["context"].any()), bool(cond["context_t5"].any())))
+    assert seen == {(True, True), (True, False), (False, True), (False, False)}  # each encoder's caption dropped on its own

@@ -16,6 +16,13 @@ import time
 from pathlib import Path
 
 
+def _resolutions() -> list[str]:
+    """Every family's trained sizes as WxH."""
+    from .families import FAMILIES
+
+    return list(dict.fromkeys(f"{w}x{h}" for f in FAMILIES.values() for w, h in f.resolutions))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vdit_core.generate",
@@ -25,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="what the video shows")
     p.add_argument("--negative-prompt", default="", help="what it should not show")
     p.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: the model's)")
+    p.add_argument("--resolution", default=None, choices=_resolutions(), metavar="WxH",
+                   help="a size a release was trained at (sets --width and --height): " + ", ".join(_resolutions()))
     p.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 16")
     p.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
@@ -45,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.resolution:
+        args.width, args.height = (int(v) for v in args.resolution.split("x"))
     from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
     from .demo import demo_model_path

@@ -436,11 +436,14 @@ def load_pipeline(
     vae_dtype: str | torch.dtype | None = None,
     text_encoder_dtype: str | torch.dtype | None = None,
     attention: str | None = None,
+    transformer: str | Path | None = None,
 ) -> Pipeline:
     """Load a model folder of any family (a diffusers-format folder: ``model_index.json``,
     ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``).
 
     The family is detected from the folder; the sampler defaults come from its scheduler config.
+    ``transformer``: a transformer file or folder to use instead of the folder's own (an official
+    checkpoint, a finetune), checked to be of the folder's family.
     (The bundled demo model's folder is ``vdit_core.demo.demo_model_path()``.)
     """
     path = Path(path)
@@ -454,7 +457,10 @@ def load_pipeline(
             "for a single transformer or VAE file use vdit_core.load_transformer / load_vae"
         )
     family = families.for_folder(path)
-    transformer = family.load_transformer(path / "transformer", dtype=dtype, device=device)
+    if transformer is not None and not Path(transformer).is_dir() and families.for_file(transformer, "transformer") is not family:
+        raise CheckpointError(f"{transformer}: a {families.for_file(transformer, 'transformer').label} transformer cannot run in "
+                              f"{path}, a {family.label} model folder")
+    transformer = family.load_transformer(Path(transformer) if transformer is not None else path / "transformer", dtype=dtype, device=device)
     if attention:
         transformer.set_attention_backend(attention)
     vae = family.load_vae(path / "vae", dtype=parse_dtype(vae_dtype, dtype), device=device)

@@ -92,6 +92,7 @@ class Family:
     vae_variants: tuple[str, ...] = ()  # presets a single VAE file may be read as (the VAE loader's "variant")
     lora_targets: str = ""  # regex over module names: the Linears a LoRA adapts by default
     resolutions: tuple[tuple[int, int], ...] = ()  # (width, height) the releases were trained at (offered by the nodes)
+    caption_groups: tuple[tuple[str, ...], ...] = ()  # conditioning keys that caption dropout replaces together (default: all)
     noise_permute: tuple[int, ...] | None = None  # the reference's per-sample noise layout (seed parity)
     # latent -> RGB in [-1, 1] for previews: (a [C][3] matrix, a bias of 3) over model-space latents, or None
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None

@@ -55,6 +55,7 @@ class HunyuanDiT(Family):
     vae_variants = ()
     lora_targets = LORA_TARGETS
     resolutions = RESOLUTIONS
+    caption_groups = (("context", "context_mask"), ("context_t5", "context_t5_mask"))  # each encoder dropped on its own
     # the SDXL VAE's published latent -> RGB factors (ComfyUI's latent_formats.SDXL)
     latent_rgb = (((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
                   (0.1084, -0.0175, -0.0011))

@@ -457,13 +457,17 @@ class BatchMaker:
             item = self.items[idx[gi]]
             g = torch.Generator().manual_seed(_mix(cfg.seed, 2, k, gi))
             flip = cfg.hflip > 0 and torch.rand((), generator=g).item() < cfg.hflip
-            drop = torch.rand((), generator=g).item() < cfg.caption_dropout
+            groups = family.caption_groups or (tuple(self.empty),)  # dropped independently (HunyuanDiT: per encoder)
+            drops = [torch.rand((), generator=g).item() < cfg.caption_dropout for _ in groups]
             tensors = cache.load_latents(item)
             x0 = sample_posterior(tensors["moments_flip" if flip else "moments"], dim=0, generator=g) * self.vae_info["scaling_factor"]
             x0 = family.pad_latents(mcfg, x0[None])[0]  # [C, T, h, w]
             x0s.append(x0)
             noises.append(torch.randn(x0.shape, generator=g))
-            cond = dict(self.empty) if drop else {k_: v.to(self.device) for k_, v in cache.text(item["caption"]).items()}
+            cond = {k_: v.to(self.device) for k_, v in cache.text(item["caption"]).items()}
+            for group, drop in zip(groups, drops):
+                if drop:  # the empty prompt's conditioning, so CFG keeps working
+                    cond.update({k_: self.empty[k_] for k_ in group})
             if "image_moments" in tensors:
                 img = sample_posterior(tensors["image_moments_flip" if flip else "image_moments"], dim=0, generator=g)
                 img = img * family.image_latent_scale(self.vae_info)
