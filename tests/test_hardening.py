@@ -188,7 +188,7 @@ def test_a_failing_encoder_leaves_the_earlier_video_and_no_partial_file(tmp_path
     assert path.read_bytes() == before and _files(tmp_path) == {"clip.mp4"}
 
 
-def test_cli_checks_its_output_before_loading_the_model(tmp_path, capsys, folders):
+def test_cli_checks_its_output_before_loading_the_model(tmp_path, capsys, folders, monkeypatch):
     missing_model = str(tmp_path / "no-such-model")  # an output problem is reported first: nothing was loaded
     (tmp_path / "afile").write_text("x")
     cases = [(tmp_path / "x.avi2", "unknown video format"), (tmp_path / "afile" / "x.mp4", "is a file, not a folder"),
@@ -196,6 +196,12 @@ def test_cli_checks_its_output_before_loading_the_model(tmp_path, capsys, folder
     for out, message in cases:
         assert generate(["--model", missing_model, "--prompt", "x", "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
+    import vdit_core.video_io as vio
+
+    with monkeypatch.context() as mp:  # (root may write anywhere, so a read-only folder is simulated)
+        mp.setattr(vio.os, "access", lambda p, mode: False)
+        assert generate(["--model", missing_model, "--prompt", "x", "--out", str(tmp_path / "ro" / "x.mp4")]) == 2
+        assert f"the folder {tmp_path} is not writable" in capsys.readouterr().err
     existing = write_video(tmp_path / "old.mp4", torch.rand(5, 32, 48, 3))
     before = existing.read_bytes()
     assert generate(["--model", missing_model, "--prompt", "x", "--out", str(existing)]) == 2
