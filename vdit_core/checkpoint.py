@@ -280,3 +280,53 @@ def load_model(
                               stacklevel=3)
     model = build_on_meta(lambda: build(config))
     return assign_state_dict(model, sd, str(path), label(config) if label else expected).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# writing models
+
+
+def save_diffusers_folder(folder: str | Path, config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                          max_shard_bytes: int = 5 * 2**30) -> None:
+    """``config.json`` + ``diffusion_pytorch_model.safetensors`` (sharded with an index JSON above
+    ``max_shard_bytes``): the diffusers layout. The new set is written beside ``folder`` and
+    switched in whole, so an earlier save stays intact until the new one is complete."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state_dict.items()}
+    shards, current, size = [], {}, 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k], size = v, size + nbytes
+    shards.append(current)
+    tmp, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": weight_map}
+            (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+

@@ -457,47 +457,9 @@ def load_transformer(
 
 def save_transformer(model: CogVideoXTransformer, folder, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30, state_dict: dict | None = None) -> None:
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (sharded with an index JSON
-    above ``max_shard_bytes``): the diffusers layout, loadable by :func:`load_transformer`."""
-    import json
-    import os
-    import shutil
-    from pathlib import Path
+    above ``max_shard_bytes``): the diffusers layout, loadable by :func:`load_transformer`;
+    switched in whole over an earlier save."""
+    from ..checkpoint import save_diffusers_folder
 
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    sd = state_dict if state_dict is not None else model.state_dict()
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in sd.items()}
-    shards, current, size = [], {}, 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k], size = v, size + nbytes
-    shards.append(current)
-    # the new set is written beside the folder and switched in whole: an earlier save stays intact until then
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        (tmp / "config.json").write_text(json.dumps(model.config.to_diffusers(), indent=2))
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": weight_map}
-            (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    save_diffusers_folder(folder, model.config.to_diffusers(), state_dict if state_dict is not None else model.state_dict(), dtype,
+                          max_shard_bytes)

@@ -446,32 +446,11 @@ def _strip(keys) -> set[str]:
 
 
 def save_transformer(model: HunyuanDiT, folder, dtype: torch.dtype | None = None, state_dict: dict | None = None) -> None:
-    """``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers layout), written
-    beside the folder and switched in whole."""
-    import json
-    import os
-    import shutil
-    from pathlib import Path
+    """``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers layout), switched in
+    whole over an earlier save."""
+    from ..checkpoint import save_diffusers_folder
 
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    sd = state_dict if state_dict is not None else model.state_dict()
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in sd.items()}
-    tmp, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        (tmp / "config.json").write_text(json.dumps(model.config.to_diffusers(), indent=2))
-        save_file(sd, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    save_diffusers_folder(folder, model.config.to_diffusers(), state_dict if state_dict is not None else model.state_dict(), dtype)
 
 
 __all__ = ["HunyuanDiT", "HunyuanDiTConfig", "PRESETS", "load_transformer", "save_transformer", "convert_original"]
