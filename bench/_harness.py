@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -59,3 +60,13 @@ def run_worker(script: str, args: list[str]) -> dict:
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.3f}" if b > 0 else "n/a"
+
+
+def weights_root(name: str, size: str, spec: dict) -> Path:
+    """Where a benchmark keeps the random weights it made for ``spec`` (made once, reused)."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"vdit_bench_{name}_{size}_{key}"
+

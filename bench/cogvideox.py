@@ -12,15 +12,13 @@ slicing on, ours chunked with its defaults). Every case runs in a fresh process.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import measure, ratio, run_worker  # noqa: E402
+from _harness import measure, ratio, run_worker, weights_root  # noqa: E402
 
 SIZES = {
     # transformer, VAE channels, (frames, height, width) of the transformer/sampling cases
@@ -47,8 +45,7 @@ def setup(size: str) -> Path:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
     spec = SIZES[size]
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(tempfile.gettempdir()) / f"vdit_bench_cogvideox_{size}_{key}"
+    root = weights_root("cogvideox", size, spec)
     if (root / "done").exists():
         return root
     torch.manual_seed(0)

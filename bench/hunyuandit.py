@@ -12,16 +12,14 @@ with CFG, VAE decode).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import measure, ratio, run_worker  # noqa: E402
+from _harness import measure, ratio, run_worker, weights_root  # noqa: E402
 
 SIZES = {
     # transformer, VAE channels, text encoder widths
@@ -45,8 +43,7 @@ def setup(size: str) -> Path:
     from vdit_core.demo.build import make_tokenizer
 
     spec = SIZES[size]
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(tempfile.gettempdir()) / f"vdit_bench_hunyuandit_{size}_{key}"
+    root = weights_root("hunyuandit", size, spec)
     if (root / "done").exists():
         return root
     root.mkdir(parents=True, exist_ok=True)
