@@ -70,7 +70,7 @@ class VDITModelLoader:
         family = families.for_folder(path) if folder else families.for_file(path, "transformer")
         transformer = family.load_transformer(path / "transformer" if folder else path, dtype=_dtype(weight_dtype, "diffusion"), device="cpu")
         transformer.set_attention_backend(None if attention == "auto" else attention)
-        defaults = family.sampling_defaults(path if folder else None, transformer.config)
+        defaults = family.model_defaults(path if folder else None, transformer.config)
         return (ModelHandle(transformer, comfy.Managed(transformer, "diffusion"), defaults, model.rstrip("/"), family),)
 
 

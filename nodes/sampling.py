@@ -132,7 +132,7 @@ class VDITSampler:
 
         def callback(info):
             comfy.check_interrupt()  # cancel stops within one step
-            progress.update(1, _preview(info["denoised"], pipe.spatial_scale, pipe.family.latent_rgb) if show else None)
+            progress.update(1, _preview(info["denoised"], pipe.spatial_scale, pipe.latent_rgb) if show else None)
 
         handles = [load_lora(pipe.transformer, path, strength) for path, strength in model.loras]
         try:

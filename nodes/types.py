@@ -19,7 +19,7 @@ class ModelHandle:
 
     transformer: object
     managed: Managed
-    defaults: dict  # schedule, sampler, steps, cfg, vae_scale
+    defaults: dict  # schedule, sampler, steps, cfg, vae_scale, latent_rgb
     name: str
     family: Family
     loras: tuple = ()  # ((path, strength), ...): applied during sampling, never merged

@@ -142,3 +142,27 @@ def test_generate_cli_uses_the_demo_by_default(tmp_path, capsys):
     assert frames.shape == (17, 64, 64, 3) and fps == 8
     a = analyse(frames)
     assert (a.colour, a.motion) == ("blue", "up")  # the shape: see test_shipped_weights_meet_the_shape_goal
+
+
+@shipped
+def test_sampler_previews_show_the_prompts_colour_and_place():
+    """The node's preview of the last step (the shipped latent -> RGB factors, fitted to the demo VAE
+    by vdit_core.demo.fit_preview): the shape stands out from the background in the prompt's colour."""
+    from test_package import load_pack
+
+    from vdit_core.pipeline import load_pipeline
+
+    preview = __import__(f"{load_pack().__name__}.nodes.sampling", fromlist=["x"])._preview
+    pipe = load_pipeline(MODEL_DIR, device="cpu")
+    assert pipe.latent_rgb is not None and len(pipe.latent_rgb[0]) == 2
+    for prompt, check in (("a red circle moving right", lambda r, g, b: r > g and r > b),
+                          ("a blue square moving up", lambda r, g, b: b > r and b > g),
+                          ("a yellow circle moving down", lambda r, g, b: r > b and g > b)):
+        last = {}
+        pipe(prompt=prompt, seed=0, progress=False, callback=lambda info: last.update(x=info["denoised"]))
+        img = torch.from_numpy(__import__("numpy").asarray(preview(last["x"], 8, pipe.latent_rgb))).float().reshape(-1, 3)  # [H*W, 3]
+        brightness = img.sum(1)
+        shape = img[brightness > brightness.mean() + brightness.std()]
+        background = img[brightness <= brightness.median()]
+        assert len(shape) >= 128 and shape.sum(1).mean() > 2 * background.sum(1).mean(), prompt
+        assert check(*shape.mean(0).tolist()), (prompt, shape.mean(0).tolist())

@@ -81,6 +81,7 @@ class Pipeline:
     name: str = ""
     vae_scale: int = 8  # pixels per latent cell when no VAE is loaded (the folder's VAE config says)
     family: families.Family | None = None
+    latent_rgb: tuple | None = None  # latent -> RGB preview factors (default: the family's)
 
     def __post_init__(self):
         if self.family is None:
@@ -88,6 +89,7 @@ class Pipeline:
                 raise ValueError("a pipeline without a transformer needs its family")
             self.family = families.for_transformer(self.transformer)
         self.name = self.name or self.family.name
+        self.latent_rgb = self.latent_rgb or self.family.latent_rgb
 
     # -- facts about the model (the family's) ---------------------------------------------------
     @property
@@ -467,4 +469,4 @@ def load_pipeline(
     text_encoder = family.load_text_encoder(path, dtype=parse_dtype(text_encoder_dtype, dtype), device=device)
     name = families.folder_defaults(path)[2].get("name", path.name)
     return Pipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, name=name, family=family,
-                    **family.sampling_defaults(path, transformer.config))
+                    **family.model_defaults(path, transformer.config))

@@ -170,7 +170,13 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
     if not (model / "transformer" / "config.json").exists():
         torch.manual_seed(seed)
         save_transformer(CogVideoXTransformer(DEMO_TRANSFORMER), model / "transformer")
-    defaults = {"steps": 30, "cfg": 5.0}
+    from .fit_preview import fit
+
+    preview_rng = random.Random(seed + 2)
+    preview_clips = torch.stack([render(c, preview_rng) for c in ALL_COMBOS for _ in range(4)])
+    factors, bias, rms = fit(vae, preview_clips)  # the sampler's previews: latent -> RGB, fitted to this VAE
+    log(f"preview factors fitted (RMS error {rms:.3f} on [-1, 1])")
+    defaults = {"steps": 30, "cfg": 5.0, "latent_rgb": [factors, bias]}
     write_model_folder(model, defaults)
     from ..train.trainer import main as train_main
 

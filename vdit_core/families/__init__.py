@@ -132,6 +132,11 @@ class Family:
         of a model: from its folder's configs where there are some, else the release's."""
         raise NotImplementedError
 
+    def model_defaults(self, folder: Path | None, config) -> dict:
+        """:meth:`sampling_defaults` plus what a model folder may add for previews
+        (``_vdit_defaults.latent_rgb``: latent -> RGB factors fitted to its own VAE)."""
+        return {**self.sampling_defaults(folder, config), "latent_rgb": folder_defaults(folder)[2].get("latent_rgb")}
+
     def spacing(self, sampler: str) -> str | None:
         """The timestep spacing the release's own inference uses with ``sampler`` (None: the
         schedule's default)."""

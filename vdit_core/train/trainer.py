@@ -285,7 +285,7 @@ def _load_model(cfg: TrainConfig, device: torch.device, mp_dtype: torch.dtype | 
     family = families.for_folder(folder)
     base_dtype = torch.float32 if cfg.full or mp_dtype is None else mp_dtype  # fp32 master weights when trained
     transformer = family.load_transformer(folder / "transformer", dtype=base_dtype, device=device)
-    return Model(family, transformer, family.sampling_defaults(folder, transformer.config), folder)
+    return Model(family, transformer, family.model_defaults(folder, transformer.config), folder)
 
 
 def _prepare_data(cfg: TrainConfig, m: Model, device: torch.device) -> tuple[LatentCache, list[dict]]:
