@@ -308,11 +308,7 @@ def _family_split(model: nn.Module):
 
 def _resolve(raw: str, linears: dict, kohya: dict) -> str | None:
     """The model's module name for a LoRA key stem."""
-    name = raw
-    for p in PREFIXES:
-        if name.startswith(p):
-            name = name[len(p):]
-            break
+    name = _strip_prefix(raw)
     if name in linears:
         return name
     if name.startswith("lora_unet_"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, assign_state_dict, build_on_meta, load_state_dict, read_json
+from .checkpoint import CheckpointError, assign_state_dict, build_on_meta, describe, load_state_dict, read_json
 
 
 class T5TextEncoder:
@@ -84,13 +84,14 @@ def _t5_config_from_weights(sd: dict[str, torch.Tensor]):
     )
 
 
-def load_t5_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A ``T5EncoderModel`` from a transformers folder (config.json + weights) or a single
-    safetensors file with transformers key names (as ComfyUI users keep in models/text_encoders)."""
+def load_t5_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", state_dict: dict | None = None):
+    """A ``T5EncoderModel`` (also mT5) from a transformers folder (config.json + weights), a single
+    safetensors file with transformers key names (as ComfyUI users keep in models/text_encoders),
+    or ``state_dict``: the encoder's part of a combined checkpoint at ``path``."""
     from transformers import T5Config, T5EncoderModel
 
     path = Path(path)
-    sd = load_state_dict(path, dtype=dtype, device=device)
+    sd = load_state_dict(path, dtype=dtype, device=device) if state_dict is None else state_dict
     sd = {k: v for k, v in sd.items() if not k.startswith("decoder.") and k != "lm_head.weight"}  # full T5 files
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
@@ -221,14 +222,8 @@ def load_bert(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
     if missing:
-        raise CheckpointError(f"{path}: expected a BERT text encoder, but this looks like {describe_keys(sd)}: {len(missing)} missing (e.g. {missing[:3]})")
+        raise CheckpointError(f"{path}: expected a BERT text encoder, but this looks like {describe(sd.keys())}: {len(missing)} missing (e.g. {missing[:3]})")
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def describe_keys(sd) -> str:
-    from .checkpoint import describe
-
-    return describe(sd.keys())
 
 
 CHECKPOINT_CLIP, CHECKPOINT_T5 = "text_encoders.hydit_clip.transformer.", "text_encoders.mt5xl.transformer."
@@ -255,16 +250,8 @@ def load_dual_checkpoint(path: str | Path, bert_tokenizer: str | Path, dtype: to
         (Path(tmp) / "spiece.model").write_bytes(bytes(next(iter(spiece.values())).to(torch.uint8).tolist()))
         (Path(tmp) / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "legacy": true}')
         t5_tokenizer = load_tokenizer(tmp)
-    sd = {k: v for k, v in t5.items() if not k.startswith("decoder.") and k != "lm_head.weight"}
-    sd.setdefault("shared.weight", sd.get("encoder.embed_tokens.weight"))
-    sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
-    from transformers import T5EncoderModel
-
-    t5_model = build_on_meta(lambda: T5EncoderModel(_t5_config_from_weights(sd)))
-    assign_state_dict(t5_model, sd, f"{path} ({CHECKPOINT_T5})", "an mT5 encoder")
-    t5_model.encoder.embed_tokens = t5_model.shared
     return DualTextEncoder(load_bert(path, dtype, device, state_dict=clip), load_tokenizer(bert_tokenizer),
-                           t5_model.to(device).eval(), t5_tokenizer)
+                           load_t5_model(path, dtype, device, state_dict=t5), t5_tokenizer)
 
 
 def load_dual(folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> DualTextEncoder:

@@ -284,18 +284,6 @@ class CogVideoXVAE(VideoVAE):
         self.quant_conv = nn.Conv3d(2 * c, 2 * c, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv3d(c, c, 1) if config.use_post_quant_conv else None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.encoder.conv_in.conv.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.conv_in.conv.weight.device
-
-    @device.setter
-    def device(self, value) -> None:
-        """Ignored: the weights say where the model is (ComfyUI's model manager assigns this)."""
-
     def info(self) -> dict:
         return {"scaling_factor": self.config.scaling_factor, "invert_scale_latents": self.config.invert_scale_latents}
 

@@ -184,7 +184,7 @@ class VideoVAE(nn.Module):
     def decode_bytes(self, num_frames: int, height: int, width: int, chunk_frames: int = 2) -> int:
         """A rough upper estimate of decoding's peak memory: a chunk's widest full-resolution
         activations (a few live at once) plus the decoded frames."""
-        widest = max(getattr(self.config, "block_out_channels", (128,))[:1])
+        widest = getattr(self.config, "block_out_channels", (128,))[0]  # the full-resolution stage's width
         chunk = min(num_frames, chunk_frames * self.temporal_compression)
         item = torch.finfo(self.dtype).bits // 8
         return 6 * chunk * height * width * widest * item + 2 * num_frames * 3 * height * width * 4
