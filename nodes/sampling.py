@@ -28,12 +28,13 @@ class VDITEmptyLatent:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("VDIT_MODEL", {"tooltip": "the model the latents are shaped for (channels, frame padding)"}),
-            "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16, "tooltip": "pixels; a multiple of 16"}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "pixels; a multiple of 16"}),
-            "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 4, "tooltip": "video frames: 4k+1 for CogVideoX (49 trained); 1 for images (HunyuanDiT)"}),
+            "width": ("INT", {"default": 720, "min": 8, "max": 4096, "step": 8, "tooltip": "pixels; a multiple of 16 (CogVideoX, HunyuanDiT) or 8 (Open-Sora)"}),
+            "height": ("INT", {"default": 480, "min": 8, "max": 4096, "step": 8, "tooltip": "pixels; a multiple of 16 (CogVideoX, HunyuanDiT) or 8 (Open-Sora)"}),
+            "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 1, "tooltip": "video frames: 4k+1 for CogVideoX (49 trained); 1 for images (HunyuanDiT); 17k or 17k+4m+1 for Open-Sora (51 = 2 s)"}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "videos made at once; sample b uses seed + b"}),
         }, "optional": {
             "resolution": (["custom"] + families.resolution_choices(), {"default": "custom", "tooltip": "a size a release was trained at (replaces width and height); custom: the width and height above"}),
+            "duration": (["custom"] + families.duration_choices(), {"default": "custom", "tooltip": "a release's named length (replaces frames); custom: the frames above"}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -45,9 +46,11 @@ class VDITEmptyLatent:
     def VALIDATE_INPUTS(cls, width, height, frames):
         return check_size(width, height, frames) or True
 
-    def generate(self, model, width, height, frames, batch_size, resolution="custom"):
+    def generate(self, model, width, height, frames, batch_size, resolution="custom", duration="custom"):
         if resolution != "custom":
             width, height = (int(v) for v in resolution.rsplit(" ", 1)[1].split("x"))
+        if duration != "custom":
+            frames = int(duration.rsplit("(", 1)[1].split()[0])
         problem = check_size(width, height, frames)
         if problem:
             raise ValueError(problem)
@@ -89,14 +92,14 @@ class VDITSampler:
                 "negative": ("VDIT_CONDITIONING", {"tooltip": "what it should not show; used when cfg > 1"}),
                 "latent": ("LATENT", {"tooltip": "VDIT Empty Latent, or encoded frames (VDIT VAE Encode) with denoise below 1"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True, "tooltip": "the noise seed; the same seed gives the same result"}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "sampling steps (CogVideoX releases: 50; HunyuanDiT: 50-100)"}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "sampling steps (CogVideoX releases: 50; HunyuanDiT: 50-100; Open-Sora: 30)"}),
                 "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "classifier-free guidance: how strongly to follow the prompt (6 is typical; 1 turns it off)"}),
-                "sampler": (["default"] + list(SAMPLERS), {"default": "default", "tooltip": "default: the model's scheduler (DDIM for CogVideoX)"}),
+                "sampler": (["default"] + list(SAMPLERS), {"default": "default", "tooltip": "default: the model's scheduler (DDIM for CogVideoX, DDPM for HunyuanDiT, flow Euler for Open-Sora)"}),
                 "schedule": (SPACINGS, {"default": "default", "tooltip": "timestep spacing (default: what the model's release uses with the chosen sampler)"}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "below 1: video-to-video from the input latent"}),
             },
             "optional": {
-                "image_latent": ("LATENT", {"tooltip": "image-to-video models: the first frame, from VDIT VAE Encode"}),
+                "image_latent": ("LATENT", {"tooltip": "image-to-video: the first frame, from VDIT VAE Encode (CogVideoX I2V needs it; Open-Sora takes it optionally, or an encoded clip to continue: its last 17 frames start the video)"}),
                 "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "CogVideoX's dynamic guidance (recommended with cogvideox_dpm)"}),
             },
         }
@@ -104,7 +107,8 @@ class VDITSampler:
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
     DESCRIPTION = ("The video sampler: denoises latents with a video diffusion transformer (CogVideoX text-to-video, "
-                   "image-to-video, video-to-video; HunyuanDiT text-to-image, image-to-image), with live previews.")
+                   "image-to-video, video-to-video; HunyuanDiT text-to-image, image-to-image; Open-Sora text-to-video, "
+                   "image-to-video, video extension, video-to-video), with live previews.")
     CATEGORY = "vdit"
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, denoise, image_latent=None, dynamic_cfg=False):
@@ -115,13 +119,20 @@ class VDITSampler:
         if problem:
             raise ValueError(f"{model.name}: {problem} (use VDIT Empty Latent or a VDIT VAE)")
         image = {}
-        if pipe.is_i2v:  # checked before anything is loaded
-            if image_latent is None or "vdit_vae" not in image_latent:
-                raise ValueError(f"{model.name} is an image-to-video model: connect the first frame's latent (from VDIT VAE Encode) to image_latent")
+        if pipe.is_i2v and (image_latent is None or "vdit_vae" not in image_latent):  # checked before anything is loaded
+            raise ValueError(f"{model.name} is an image-to-video model: connect the first frame's latent (from VDIT VAE Encode) to image_latent")
+        if image_latent is not None and not pipe.family.takes_image(pipe.config):
+            raise ValueError(f"{model.name} takes no image: disconnect image_latent (for video-to-video, connect the encoded clip to latent with denoise below 1)")
+        if image_latent is not None:
+            if "vdit_vae" not in image_latent:
+                raise ValueError("image_latent: connect the output of VDIT VAE Encode (it carries the VAE's scaling)")
             info = image_latent["vdit_vae"]
             # the node's latents carry the VAE's own scaling; the family may condition on another
-            z = check_finite("the image latent", image_latent["samples"][:, :, :1].float())
-            image = pipe.family.image_conditioning(pipe.config, z * (pipe.family.image_latent_scale(info) / info["scaling_factor"]), t)
+            z = check_finite("the image latent", image_latent["samples"].float()) * (pipe.family.image_latent_scale(info) / info["scaling_factor"])
+            if z.shape[2] > 1 and pipe.family.extends_videos:  # an encoded clip: continue it
+                image = pipe.family.video_conditioning(pipe.config, z, t)
+            else:
+                image = pipe.family.image_conditioning(pipe.config, z[:, :, :1], t)
         device = model.managed.load()
         cond = batch_conditioning({k: v.to(device) for k, v in {**positive["cond"], **image}.items()}, b)
         uncond = batch_conditioning({k: v.to(device) for k, v in {**negative["cond"], **image}.items()}, b) if cfg > 1.0 else None

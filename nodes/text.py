@@ -14,7 +14,7 @@ class VDITTextEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "text_encoder": ("VDIT_TEXT_ENCODER", {"tooltip": "from VDIT Text Encoder Loader"}),
-            "text": ("STRING", {"multiline": True, "default": "", "tooltip": "the prompt (HunyuanDiT also reads Chinese)"}),
+            "text": ("STRING", {"multiline": True, "default": "", "tooltip": "the prompt (HunyuanDiT also reads Chinese). Open-Sora: ' aesthetic score: 6.5.' is appended unless the text names a score itself; an empty text is its learned null caption (the usual negative)"}),
         }}
 
     RETURN_TYPES = ("VDIT_CONDITIONING",)

@@ -287,9 +287,9 @@ def load_model(
 
 
 def save_diffusers_folder(folder: str | Path, config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                          max_shard_bytes: int = 5 * 2**30) -> None:
+                          max_shard_bytes: int = 5 * 2**30, weights_name: str = "diffusion_pytorch_model") -> None:
     """``config.json`` + ``diffusion_pytorch_model.safetensors`` (sharded with an index JSON above
-    ``max_shard_bytes``): the diffusers layout. The new set is written beside ``folder`` and
+    ``max_shard_bytes``): the diffusers layout (``weights_name="model"``: transformers'). The new set is written beside ``folder`` and
     switched in whole, so an earlier save stays intact until the new one is complete."""
     import os
     import shutil
@@ -312,15 +312,15 @@ def save_diffusers_folder(folder: str | Path, config: dict, state_dict: dict[str
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+            save_file(shards[0], str(tmp / f"{weights_name}.safetensors"), metadata={"format": "pt"})
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
-                name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                name = f"{weights_name}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
                 weight_map.update({k: name for k in shard})
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())}, "weight_map": weight_map}
-            (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / f"{weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

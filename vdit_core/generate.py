@@ -17,10 +17,17 @@ from pathlib import Path
 
 
 def _resolutions() -> list[str]:
-    """Every family's trained sizes as WxH."""
+    """Every family's trained sizes as WxH, then the releases' size names."""
     from .families import FAMILIES
 
-    return list(dict.fromkeys(f"{w}x{h}" for f in FAMILIES.values() for w, h in f.resolutions))
+    return list(dict.fromkeys([f"{w}x{h}" for f in FAMILIES.values() for w, h in f.resolutions]
+                              + [n for f in FAMILIES.values() for n in f.named_resolutions]))
+
+
+def _durations() -> list[str]:
+    from .families import FAMILIES
+
+    return [f"{n} ({k} frames)" for f in FAMILIES.values() for n, k in f.durations.items()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (CogVideoX: the diffusers layout); default: the bundled demo model")
     p.add_argument("--prompt", required=True, help="what the video shows")
     p.add_argument("--negative-prompt", default="", help="what it should not show")
-    p.add_argument("--frames", type=int, default=None, help="number of frames, 4k+1 (default: the model's)")
-    p.add_argument("--resolution", default=None, choices=_resolutions(), metavar="WxH",
-                   help="a size a release was trained at (sets --width and --height): " + ", ".join(_resolutions()))
+    p.add_argument("--frames", type=int, default=None, help="number of frames: 4k+1 for CogVideoX, 17k or 17k+4m+1 for Open-Sora (default: the model's)")
+    p.add_argument("--duration", default=None, help="a release's named length (sets --frames): " + ", ".join(_durations()))
+    p.add_argument("--resolution", default=None, metavar="WxH|NAME",
+                   help="a size a release was trained at (sets --width and --height): " + ", ".join(_resolutions()) + " (a name alone, e.g. 240p, is its 16:9)")
     p.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 16")
     p.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
@@ -42,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic CFG schedule (recommended with cogvideox_dpm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", default=None, help="first frame for image-to-video models; the input image for image-to-image (with --denoise)")
-    p.add_argument("--denoise", type=float, default=1.0, help="below 1: image-to-image from --image (image models), keeping that much of the run")
+    p.add_argument("--video", default=None, help="an input video: video-to-video with --denoise below 1; with denoise 1, Open-Sora continues it (the new clip starts with its last 17 frames)")
+    p.add_argument("--denoise", type=float, default=1.0, help="below 1: image-to-image from --image (image models) or video-to-video from --video, keeping that much of the run")
+    p.add_argument("--fps", type=float, default=None, help="frames per second of the output (and Open-Sora's fps conditioning; default: the model's)")
+    p.add_argument("--aesthetic-score", default=None, help="Open-Sora: the aesthetic score appended to the prompt (default 6.5; 'none' to leave it out)")
+    p.add_argument("--motion-score", type=float, default=None, help="Open-Sora: a motion score appended to the prompt (off by default)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--attention", default=None, help="attention backend: auto, sdpa, xformers, flash_attn, sageattention")
@@ -54,24 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.resolution:
-        args.width, args.height = (int(v) for v in args.resolution.split("x"))
     from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
     from .demo import demo_model_path
     from .pipeline import check_request, load_pipeline
-    from .video_io import WRITABLE_IMAGE_SUFFIXES, check_video_path, read_image, write_output
+    from .families import parse_duration, parse_resolution
+    from .video_io import WRITABLE_IMAGE_SUFFIXES, check_video_path, read_image, read_video, write_output
 
     try:
         t0 = time.perf_counter()
+        if args.resolution:
+            args.width, args.height = parse_resolution(args.resolution)
+        if args.duration:
+            args.frames = parse_duration(args.duration.split(" (")[0])
+        if args.fps is not None and not (args.fps > 0):
+            raise ValueError(f"--fps {args.fps}: must be a positive number (e.g. 24)")
+        options = {}
+        if args.aesthetic_score is not None:
+            options["aesthetic_score"] = None if args.aesthetic_score.lower() == "none" else _number("--aesthetic-score", args.aesthetic_score)
+        if args.motion_score is not None:
+            options["motion_score"] = args.motion_score
         # everything a user typed is checked before the model loads: minutes of work never end in a refusal
         check_request(args.frames, args.height, args.width, args.steps, args.cfg, args.denoise)
         check_video_path(args.out, overwrite=args.overwrite)
         if Path(args.out).suffix.lower() in WRITABLE_IMAGE_SUFFIXES and args.frames not in (None, 1):
             raise ValueError(f"{args.out}: an image holds one frame; --frames is {args.frames} (use .mp4, or --frames 1)")
         image = read_image(args.image) if args.image else None
+        video = read_video(args.video)[0] if args.video else None
         model = args.model or demo_model_path()  # no --model: the bundled demo
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype, attention=args.attention)
+        pipe.check_options(options)
         frames = pipe(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
@@ -83,11 +107,15 @@ def main(argv: list[str] | None = None) -> int:
             sampler=args.sampler,
             seed=args.seed,
             image=image,
+            video=video,
             dynamic_cfg=args.dynamic_cfg,
             denoise=args.denoise,
             check_memory=not args.no_memory_check,
+            fps=args.fps,
+            **options,
         )
-        path = write_output(args.out, frames, fps=pipe.fps)
+        fps = args.fps or pipe.fps
+        path = write_output(args.out, frames, fps=fps)
     except (ValueError, CheckpointError, FileNotFoundError, AttentionBackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -95,9 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
     f, h, w, _ = frames.shape
-    what = f"a {w}x{h} image" if path.suffix.lower() in WRITABLE_IMAGE_SUFFIXES else f"{f} frames, {w}x{h}, {pipe.fps} fps"
+    what = f"a {w}x{h} image" if path.suffix.lower() in WRITABLE_IMAGE_SUFFIXES else f"{f} frames, {w}x{h}, {fps:g} fps"
     print(f"wrote {path} ({what}) in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _number(flag: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected a number (e.g. 6.5) or none") from None
 
 
 if __name__ == "__main__":

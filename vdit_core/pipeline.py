@@ -212,11 +212,19 @@ class Pipeline:
         unload_loras(self.transformer)
 
     # -- conditioning ------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[str]) -> dict[str, torch.Tensor]:
-        """The conditioning dict of a prompt (hidden states, masks), as the transformer takes it."""
+    def encode_prompt(self, prompt: str | list[str], **options) -> dict[str, torch.Tensor]:
+        """The conditioning dict of a prompt (hidden states, masks), as the transformer takes it;
+        ``options``: the family's prompt options (Open-Sora: ``aesthetic_score``, ``motion_score``)."""
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder loaded")
-        return self.family.encode_text(self.text_encoder, prompt)
+        self.check_options(options)
+        return self.family.encode_text(self.text_encoder, prompt, **options)
+
+    def check_options(self, options: dict) -> None:
+        unknown = sorted(set(options) - set(self.family.prompt_options))
+        if unknown:
+            known = ", ".join(self.family.prompt_options) or "none"
+            raise ValueError(f"{', '.join(unknown)}: not an option of {self.family.label} models (their prompt options: {known})")
 
     def noise_source(self, seed: int, latent_shape: tuple[int, ...]) -> SeededNoise:
         """The run's noise stream, drawing latents in the reference layout."""
@@ -249,12 +257,17 @@ class Pipeline:
         """The model as a denoiser ``d(x, sigma, **cond) -> x0`` (the family's prediction type)."""
         return self.family.denoiser(self._net, self.schedule)
 
-    def sigmas(self, steps: int, denoise: float = 1.0, spacing: str | None = None, sampler: str | None = None) -> torch.Tensor:
+    def sigmas(self, steps: int, denoise: float = 1.0, spacing: str | None = None, sampler: str | None = None,
+               latent_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The run's sigmas; ``denoise < 1`` keeps the last ``int(steps * denoise)`` steps.
         ``spacing``: a timestep or sigma spacing (default: the one the family's release uses
-        with ``sampler``, else the scheduler config's)."""
+        with ``sampler``, else the scheduler config's). ``latent_shape``: the latents' (for
+        families whose schedule shifts with resolution and length)."""
         spacing = spacing or self.family.spacing(sampler or self.sampler)
-        sigmas = self.schedule.get_sigmas(steps, spacing=spacing)
+        if latent_shape is not None:
+            sigmas = self.family.sigmas(self.schedule, steps, spacing, tuple(latent_shape), self.spatial_scale)
+        else:
+            sigmas = self.schedule.get_sigmas(steps, spacing=spacing)
         if denoise < 1.0:
             kept = min(int(steps * denoise), steps)
             sigmas = sigmas[steps - kept :]
@@ -275,13 +288,15 @@ class Pipeline:
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
         spacing: str | None = None,
+        fps: float | None = None,
     ) -> torch.Tensor:
         """Latents [B, C, T, h, w] from standard-normal ``noise`` of that shape.
 
         ``cond`` / ``uncond``: the positive and negative conditioning dicts (text states, masks,
         image conditioning), batched like ``noise``. ``init_latents`` + ``denoise < 1``: start
         from those latents noised to the level of the first kept step.
-        ``noise_source(sigma, sigma_next)`` feeds stochastic samplers.
+        ``noise_source(sigma, sigma_next)`` feeds stochastic samplers. ``fps``: the frame rate
+        families that condition on it are told (default: the family's).
         """
         steps = self.steps if steps is None else steps
         cfg = self.cfg if cfg is None else cfg
@@ -292,8 +307,12 @@ class Pipeline:
         check_finite("noise", noise)
         if init_latents is not None:
             check_finite("the input latents", init_latents)
-        sigmas = self.sigmas(steps, denoise, spacing, sampler)
+        sigmas = self.sigmas(steps, denoise, spacing, sampler, latent_shape=tuple(noise.shape))
         model = self.denoiser()
+        size = {k: v.to(self.device) for k, v in self.family.sample_conditioning(self.config, tuple(noise.shape), self.spatial_scale, fps).items()}
+        cond = {**size, **cond}  # what a caller passes wins
+        uncond = {**size, **uncond} if uncond is not None else None
+        cond, uncond = self.family.pair_conditioning(cond, uncond)
         if denoise < 1.0:
             if init_latents is None:
                 raise ValueError("denoise < 1 needs latents to start from (an input video)")
@@ -341,23 +360,38 @@ class Pipeline:
         vae_tiling=None,
         check_memory: bool = True,
         conditioning: dict[str, torch.Tensor] | None = None,
+        fps: float | None = None,
+        **options,
     ) -> torch.Tensor:
         """Generate a video; returns frames [F, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout).
 
         ``num_frames``, ``height``, ``width``, ``steps``, ``cfg``: None takes the model's default.
         ``image``: the first frame for image-to-video models (IMAGE tensor or PIL image).
         ``video`` [F, H, W, 3] + ``denoise < 1``: video-to-video (for image models, ``image`` +
-        ``denoise < 1`` is image-to-image). ``noise`` [1, C, T, h, w] replaces the seeded initial
+        ``denoise < 1`` is image-to-image); ``video`` with ``denoise`` 1, for families that extend
+        videos (Open-Sora): the new clip continues the video's last frames. ``noise`` [1, C, T, h, w] replaces the seeded initial
         noise (T padded as the family's transformer needs). ``conditioning``: extra inputs of the
         transformer for both CFG branches (HunyuanDiT v1.1: ``image_meta_size``, ``style``). A request that cannot fit in the device's free memory is refused before anything is
-        allocated (``check_memory=False`` tries anyway).
+        allocated (``check_memory=False`` tries anyway). ``fps``: the frame rate families that
+        condition on it are told (Open-Sora; default 24). ``options``: the family's prompt
+        options (Open-Sora: ``aesthetic_score=6.5``, None to leave it out; ``motion_score``).
         """
         check_request(num_frames, height, width, steps, cfg, denoise)
+        self.check_options(options)
+        if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps={fps!r}: must be a positive number (e.g. 24)")
+        extend = video is not None and denoise >= 1.0
         f0, h0, w0 = self.default_size
         if image is not None and not self.is_i2v and denoise < 1.0 and video is None:
             video = image_tensor(image)  # image-to-image: the image is a one-frame video
             image = None
-        if video is not None:
+        if extend:
+            check_finite("the input video", video)
+            height = video.shape[1] if height is None else height
+            width = video.shape[2] if width is None else width
+            if not self.family.extends_videos:
+                raise ValueError(f"{self.name} takes a video only for video-to-video: pass denoise < 1 (e.g. 0.7)")
+        elif video is not None:
             check_finite("the input video", video)
             num_frames = video.shape[0] if num_frames is None else num_frames
             height = video.shape[1] if height is None else height
@@ -371,12 +405,14 @@ class Pipeline:
             image = check_finite("the input image", image_tensor(image))
         if self.is_i2v and image is None:
             raise ValueError(f"{self.name} is an image-to-video model: pass `image` (the first frame)")
-        if image is not None and not self.is_i2v:
+        if image is not None and not self.family.takes_image(self.config):
             raise ValueError(f"{self.name} is a text-to-video model; `image` needs an image-to-video model")
+        if image is not None and extend:
+            raise ValueError("pass `image` (a first frame) or `video` (a clip to continue), not both")
         if denoise < 1.0 and video is None:
             raise ValueError("denoise < 1 needs an input `video` (video-to-video)")
         t, t_pad = self.latent_frames(num_frames)
-        if video is not None and t_pad != t:
+        if video is not None and not extend and t_pad != t:
             raise ValueError(f"video-to-video with {self.name} needs its {t} latent frames to fill the transformer's "
                              f"temporal patches ({t_pad}); pick a frame count that gives {t_pad} latent frames")
         shape = self.latent_shape(num_frames, height, width)
@@ -388,19 +424,23 @@ class Pipeline:
         source = self.noise_source(seed, shape)
 
         extra = {k: v.to(self.device) for k, v in (conditioning or {}).items()}
-        cond = {**self.encode_prompt(prompt), **extra}
-        uncond = {**self.encode_prompt(negative_prompt), **extra} if cfg_ > 1.0 else None
+        cond = {**self.encode_prompt(prompt, **options), **extra}
+        uncond = {**self.family.negative_conditioning(self.text_encoder, negative_prompt, cond), **extra} if cfg_ > 1.0 else None
+        frame_cond = {}
         if image is not None:
-            image_cond = self.encode_image(image, height, width, t_pad, source)
-            cond = {**cond, **image_cond}
-            uncond = {**uncond, **image_cond} if uncond is not None else None
-        init = self.encode_video(video, height, width, source) if video is not None else None
+            frame_cond = self.encode_image(image, height, width, t_pad, source)
+        elif extend:
+            frame_cond = self.family.video_conditioning(self.config, self.encode_video(video, height, width, source), t_pad)
+        if frame_cond:
+            cond = {**cond, **frame_cond}
+            uncond = {**uncond, **frame_cond} if uncond is not None else None
+        init = self.encode_video(video, height, width, source) if video is not None and not extend else None
         if noise is None:
             noise = source()
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape} for {num_frames}x{height}x{width}, got {tuple(noise.shape)}")
         latents = self.sample(
-            cond, uncond, noise.to(self.device), steps, cfg_, sampler, source, denoise, init, dynamic_cfg, callback, progress,
+            cond, uncond, noise.to(self.device), steps, cfg_, sampler, source, denoise, init, dynamic_cfg, callback, progress, fps=fps,
         )
         latents = latents[:, :, t_pad - t :]  # drop the padding frame(s) the family adds in front, as the reference
         return self.decode(latents, **({"tiling": vae_tiling} if vae_tiling is not None else {}))

@@ -316,20 +316,10 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
 
 
 def time_shift(sigma: torch.Tensor | float, shift: float) -> torch.Tensor:
-    """SD3-style shift ``shift*s / (1 + (shift-1)*s)``; Open-Sora's timestep transform is this map."""
+    """SD3-style shift ``shift*s / (1 + (shift-1)*s)`` (Open-Sora's timestep transform is this map,
+    computed by its family in float32 as the release)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     return shift * sigma / (1 + (shift - 1) * sigma)
-
-
-def opensora_shift(height: int, width: int, num_frames: int) -> float:
-    """Open-Sora 1.2's resolution/length shift: sqrt(H*W / 512^2) * sqrt(latent frames).
-
-    Latent frames follow Open-Sora's VAE: 17 pixel frames -> 5 latent frames, images count as 1.
-    """
-    latent_frames = 1 if num_frames == 1 else (num_frames // 17) * 5
-    if latent_frames < 1:
-        raise ValueError(f"Open-Sora needs 1 frame or at least 17 frames, got {num_frames}")
-    return math.sqrt(height * width / 512**2) * math.sqrt(latent_frames)
 
 
 @dataclass(frozen=True)

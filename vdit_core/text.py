@@ -1,8 +1,8 @@
 """Text encoders through ``transformers``.
 
-CogVideoX (and Open-Sora) condition on the T5-v1.1 encoder's last hidden states: the prompt is
-tokenised to a fixed length (226 for CogVideoX), padded, and encoded without an attention mask,
-exactly as the releases do.
+CogVideoX and Open-Sora condition on the T5-v1.1 encoder's last hidden states: the prompt is
+tokenised to a fixed length (226 for CogVideoX, 300 for Open-Sora) and padded; CogVideoX encodes
+without an attention mask, Open-Sora with it and passes the mask on, exactly as the releases do.
 """
 
 from __future__ import annotations
@@ -38,23 +38,33 @@ class T5TextEncoder:
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
+    def tokenize(self, prompts: str | list[str], with_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, max_length] (padded, truncated); ``with_mask``: also the attention mask."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        ids = self.tokenizer(
+        enc = self.tokenizer(
             prompts,
             padding="max_length",
             max_length=self.max_length,
             truncation=True,
             add_special_tokens=True,
+            return_attention_mask=with_mask,
             return_tensors="pt",
-        ).input_ids
-        return ids
+        )
+        return (enc.input_ids, enc.attention_mask) if with_mask else enc.input_ids
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str]) -> torch.Tensor:
         """Embeddings [B, max_length, d_model] in the encoder's dtype, on its device."""
         ids = self.tokenize(prompts).to(self.device)
         return self.model(input_ids=ids).last_hidden_state
+
+    @torch.no_grad()
+    def encode_with_mask(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, max_length, d_model] computed with the attention mask (padding not
+        attended, as Open-Sora encodes), and that mask [B, max_length] (int64)."""
+        ids, mask = self.tokenize(prompts, with_mask=True)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
 
 def _t5_config_from_weights(sd: dict[str, torch.Tensor]):

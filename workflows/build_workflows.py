@@ -25,6 +25,8 @@ CORE = {
     "GetVideoComponents": {"inputs": [("video", "VIDEO")], "outputs": ["IMAGE", "AUDIO", "FLOAT"], "ui_extra": []},
     "ImageFromBatch": {"inputs": [("image", "IMAGE"), ("batch_index", "WIDGET"), ("length", "WIDGET")], "outputs": ["IMAGE"], "ui_extra": []},
     "SaveImage": {"inputs": [("images", "IMAGE"), ("filename_prefix", "WIDGET")], "outputs": [], "ui_extra": []},
+    "ImageScale": {"inputs": [("image", "IMAGE"), ("upscale_method", "WIDGET"), ("width", "WIDGET"), ("height", "WIDGET"), ("crop", "WIDGET")],
+                   "outputs": ["IMAGE"], "ui_extra": []},
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
@@ -158,7 +160,7 @@ def text_to_video(nodes, model: str, note: str, width: int, height: int, frames:
         m = g.add("VDITLoraApply", model=(m, 0), lora_name=lora, strength=1.0)
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text=prompt)
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text=negative)
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1, resolution="custom")
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1, resolution="custom", duration="custom")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=steps, cfg=cfg,
               sampler=sampler, schedule="default", denoise=1.0, dynamic_cfg=dynamic_cfg)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
@@ -185,7 +187,7 @@ def image_to_video(nodes) -> Graph:
     enc = g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the scene slowly comes to life, gentle camera motion")
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=720, height=480, frames=49, batch_size=1, resolution="custom")
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=720, height=480, frames=49, batch_size=1, resolution="custom", duration="custom")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
               sampler="cogvideox_dpm", schedule="default", denoise=1.0, image_latent=(enc, 0), dynamic_cfg=True)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
@@ -237,11 +239,47 @@ def hunyuandit(nodes, image_to_image: bool) -> Graph:
         img = g.add("LoadImage", image="input.png")
         lat = g.add("VDITVAEEncode", "Encode the image", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
     else:
-        lat = g.add("VDITEmptyLatent", model=(m, 0), width=1024, height=1024, frames=1, batch_size=1, resolution="HunyuanDiT 1024x1024")
+        lat = g.add("VDITEmptyLatent", model=(m, 0), width=1024, height=1024, frames=1, batch_size=1, resolution="HunyuanDiT 1024x1024", duration="custom")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
               sampler="default", schedule="default", denoise=0.6 if image_to_image else 1.0, dynamic_cfg=False)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
     g.add("SaveImage", images=(d, 0), filename_prefix="vdit/hunyuandit_i2i" if image_to_image else "vdit/hunyuandit")
+    return g
+
+
+OPENSORA_NOTE = (
+    "Files: put Open-Sora 1.2's files into ComfyUI/models/vdit/OpenSora-v1.2/ as released: transformer/ "
+    "(hpcai-tech/OpenSora-STDiT-v3: config.json, model.safetensors), vae/ (hpcai-tech/OpenSora-VAE-v1.2: config.json, "
+    "model.safetensors, which holds the spatial SDXL VAE too), text_encoder/ + tokenizer/ (DeepFloyd/t5-v1_1-xxl). "
+    "No model_index.json is needed. Sizes: the Empty Latent's Open-Sora presets (240p to 720p); frames 17k or "
+    "17k+4m+1 (2s = 51, 4s = 102). 30 steps of flow Euler, CFG 7; ' aesthetic score: 6.5.' is appended to the "
+    "prompt (write your own score to change it); the empty negative is the model's learned null caption."
+)
+
+
+def opensora(nodes, image_to_video: bool) -> Graph:
+    g = Graph(nodes)
+    folder = "OpenSora-v1.2/"
+    g.note(OPENSORA_NOTE + (" Load the first frame as an image; it is resized to the video's size. Connecting a video "
+                            "clip's latents to image_latent instead continues that clip." if image_to_video else ""))
+    m = g.add("VDITModelLoader", model=folder, weight_dtype="bf16", attention="auto")
+    te = g.add("VDITTextEncoderLoader", text_encoder=folder, dtype="bf16", max_length=0)
+    vae = g.add("VDITVAELoader", vae=folder, dtype="bf16", variant="auto")
+    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0),
+                text="a drone shot over a misty pine forest at sunrise, soft light, slow forward motion")
+    neg = g.add("VDITTextEncode", "Negative prompt (empty: the learned null)", text_encoder=(te, 0), text="")
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=640, height=360, frames=51, batch_size=1, resolution="Open-Sora 360p 16:9 640x360",
+                duration="Open-Sora 2s (51 frames)")
+    extra = {}
+    if image_to_video:
+        img = g.add("LoadImage", image="first_frame.png")
+        scaled = g.add("ImageScale", "Resize to the video size", image=(img, 0), upscale_method="bilinear", width=640, height=360, crop="center")
+        extra["image_latent"] = (g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(scaled, 0), chunk_frames=8,
+                                       tiling="auto", tile_height=0, tile_width=0), 0)
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=30, cfg=7.0,
+              sampler="default", schedule="default", denoise=1.0, dynamic_cfg=False, **extra)
+    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=5, tiling="auto", tile_height=0, tile_width=0)
+    g.add("VDITSaveVideo", images=(d, 0), fps=24.0, filename_prefix="vdit/opensora_i2v" if image_to_video else "vdit/opensora", format="mp4")
     return g
 
 
@@ -272,6 +310,8 @@ def all_workflows(nodes) -> dict[str, Graph]:
         "cogvideox_5b_video_to_video": video_to_video(nodes),
         "hunyuandit_text_to_image": hunyuandit(nodes, image_to_image=False),
         "hunyuandit_image_to_image": hunyuandit(nodes, image_to_image=True),
+        "opensora_text_to_video": opensora(nodes, image_to_video=False),
+        "opensora_image_to_video": opensora(nodes, image_to_video=True),
     }
 
 

@@ -92,7 +92,11 @@ class Family:
     vae_variants: tuple[str, ...] = ()  # presets a single VAE file may be read as (the VAE loader's "variant")
     lora_targets: str = ""  # regex over module names: the Linears a LoRA adapts by default
     resolutions: tuple[tuple[int, int], ...] = ()  # (width, height) the releases were trained at (offered by the nodes)
+    named_resolutions: dict[str, tuple[int, int]] = {}  # the release's names for sizes ("240p 16:9": (424, 240))
+    durations: dict[str, int] = {}  # the release's names for frame counts ("2s": 51)
     caption_groups: tuple[tuple[str, ...], ...] = ()  # conditioning keys that caption dropout replaces together (default: all)
+    extends_videos: bool = False  # whether a video with denoise 1 conditions a continuation (video_conditioning)
+    prompt_options: tuple[str, ...] = ()  # keyword options of encode_text (pipeline call options)
     noise_permute: tuple[int, ...] | None = None  # the reference's per-sample noise layout (seed parity)
     # latent -> RGB in [-1, 1] for previews: (a [C][3] matrix, a bias of 3) over model-space latents, or None
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None
@@ -152,9 +156,37 @@ class Family:
             raise ValueError(f"{self.label} has no dynamic guidance")
         return cfg
 
-    def encode_text(self, text_encoder, prompt: str | list[str]) -> dict[str, torch.Tensor]:
-        """The conditioning dict the transformer takes (hidden states, masks)."""
+    def encode_text(self, text_encoder, prompt: str | list[str], **options) -> dict[str, torch.Tensor]:
+        """The conditioning dict the transformer takes (hidden states, masks); ``options``: the
+        family's :attr:`prompt_options`."""
         raise NotImplementedError
+
+    def negative_conditioning(self, text_encoder, negative_prompt: str, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unconditional branch for CFG, given the prompt's conditioning."""
+        return self.encode_text(text_encoder, negative_prompt)
+
+    def pair_conditioning(self, cond: dict, uncond: dict | None) -> tuple[dict, dict | None]:
+        """Both CFG branches just before sampling (an unconditional branch may borrow from the
+        conditional one, e.g. its text mask)."""
+        return cond, uncond
+
+    def sample_conditioning(self, config, latent_shape: tuple[int, ...], spatial_scale: int, fps: float | None = None) -> dict[str, torch.Tensor]:
+        """Inputs the transformer takes besides text and image, from the latent shape (e.g. fps
+        and pixel size), batched like the latents."""
+        return {}
+
+    def sigmas(self, schedule, steps: int, spacing: str | None, latent_shape: tuple[int, ...], spatial_scale: int) -> torch.Tensor:
+        """A run's sigmas (``steps`` + 1, ending at 0); families whose schedule depends on the
+        size (a resolution/length shift) compute it from ``latent_shape``."""
+        return schedule.get_sigmas(steps, spacing=spacing)
+
+    def train_sigmas(self, sigmas: torch.Tensor, latent_shape: tuple[int, ...], spatial_scale: int) -> torch.Tensor:
+        """Training sigmas of a batch of this latent shape (a size-dependent shift)."""
+        return sigmas
+
+    def default_timestep_sampling(self) -> str:
+        """The trainer's timestep sampling when the config says ``auto`` on one process."""
+        return "uniform"
 
     # -- geometry --------------------------------------------------------------------------------
     def fps(self, config) -> float:
@@ -170,6 +202,10 @@ class Family:
     def latent_frames(self, config, num_frames: int) -> tuple[int, int]:
         """(latent frames, latent frames padded for the transformer) of a pixel frame count."""
         raise NotImplementedError
+
+    def frames_for_latents(self, latent_t: int) -> int | None:
+        """The pixel frame count latents of ``latent_t`` frames decode to (None: the VAE says)."""
+        return None
 
     def size_problem(self, num_frames: int, height: int, width: int, config=None, spatial_scale: int = 8, frames_label: str = "num_frames") -> str | None:
         """Why a size cannot be generated (one line naming the nearest valid values), or None.
@@ -198,7 +234,12 @@ class Family:
 
     # -- image conditioning ---------------------------------------------------------------------
     def is_image_to_video(self, config) -> bool:
+        """Whether the model needs a first frame."""
         return False
+
+    def takes_image(self, config) -> bool:
+        """Whether the model can be conditioned on a first frame (needed or optional)."""
+        return self.is_image_to_video(config)
 
     def vae_info(self, vae_config: dict) -> dict:
         """The ``info()`` of the VAE a folder's ``vae/config.json`` describes (without loading it)."""
@@ -213,6 +254,11 @@ class Family:
         """Conditioning from the first frame's latents [B, C, 1, h, w] (scaled by
         :meth:`image_latent_scale`) for a video of ``latent_t`` latent frames."""
         raise ValueError(f"{self.label} models take no image conditioning")
+
+    def video_conditioning(self, config, video_latents: torch.Tensor, latent_t: int) -> dict[str, torch.Tensor]:
+        """Conditioning from a video's latents [B, C, T', h, w] to continue it (``video`` with
+        denoise 1); families without it take videos only for video-to-video (denoise < 1)."""
+        raise ValueError(f"{self.label} models take a video only for video-to-video (denoise < 1)")
 
     # -- training --------------------------------------------------------------------------------
     def lora_modules(self, name: str) -> list[str]:
@@ -232,7 +278,6 @@ FAMILIES: dict[str, Family] = {}
 
 # formats no registered family loads: named in errors so users learn what they picked
 OTHER_SIGNATURES: tuple[Signature, ...] = (
-    Signature("an Open-Sora STDiT3 transformer", lambda k: "fps_embedder.mlp.0.weight" in k or any(x.startswith("temporal_blocks.") for x in k)),
     Signature("a LoRA", lambda k: any(".lora_" in x or "lora_down" in x or "lora_A" in x for x in k), part="lora"),
     Signature("a UNet (Stable Diffusion family)", lambda k: any(x.startswith("model.diffusion_model.input_blocks.") or x.startswith("input_blocks.") for x in k)),
 )
@@ -321,8 +366,44 @@ def for_transformer(transformer: nn.Module) -> Family:
 
 
 def resolution_choices() -> list[str]:
-    """Every family's trained sizes, as the Empty Latent node offers them: "HunyuanDiT 1024x768"."""
-    return [f"{f.label} {w}x{h}" for f in FAMILIES.values() for w, h in f.resolutions]
+    """Every family's trained sizes, as the Empty Latent node offers them: "HunyuanDiT 1024x768",
+    "Open-Sora 240p 16:9 424x240" (the size last)."""
+    out = []
+    for f in FAMILIES.values():
+        named = {wh: name for name, wh in f.named_resolutions.items()}
+        out += [f"{f.label} {named[(w, h)]} {w}x{h}" if (w, h) in named else f"{f.label} {w}x{h}" for w, h in f.resolutions]
+    return out
+
+
+def duration_choices() -> list[str]:
+    """Every family's named frame counts, as the Empty Latent node offers them: "Open-Sora 2s (51 frames)"."""
+    return [f"{f.label} {name} ({n} frame{'s' if n != 1 else ''})" for f in FAMILIES.values() for name, n in f.durations.items()]
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """(width, height) of ``WxH`` or a release's size name ("240p 16:9"; "240p" alone: its 16:9)."""
+    t = text.strip()
+    parts = t.lower().split("x")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        return int(parts[0]), int(parts[1])
+    names = {n.lower(): wh for f in FAMILIES.values() for n, wh in f.named_resolutions.items()}
+    key = t.lower() if t.lower() in names else f"{t.lower()} 16:9"
+    if key in names:
+        return names[key]
+    known = sorted({n for f in FAMILIES.values() for n in f.named_resolutions})
+    raise ValueError(f"resolution {text!r}: expected WxH (e.g. 720x480) or a release's size name ({', '.join(known) or 'none'})")
+
+
+def parse_duration(text: str) -> int:
+    """Frames of a release's duration name ("2s": 51) or of a plain number."""
+    t = text.strip()
+    if t.isdigit():
+        return int(t)
+    for f in FAMILIES.values():
+        if t in f.durations:
+            return f.durations[t]
+    known = sorted({n for f in FAMILIES.values() for n in f.durations})
+    raise ValueError(f"duration {text!r}: expected a frame count or a release's duration ({', '.join(known) or 'none'})")
 
 
 def vae_variants() -> list[str]:
@@ -330,7 +411,7 @@ def vae_variants() -> list[str]:
     return [v for f in FAMILIES.values() for v in f.vae_variants]
 
 
-from . import cogvideox, hunyuandit  # noqa: E402  (each registers itself, in this order)
+from . import cogvideox, hunyuandit, opensora  # noqa: E402  (each registers itself, in this order)
 
 __all__ = ["folder_defaults", "SCHEDULER_SAMPLERS", "Family", "Signature", "FAMILIES", "register", "unregister", "detect", "describe", "get", "for_folder", "for_file",
-           "for_transformer", "vae_variants", "resolution_choices", "multiple_problem", "neighbours", "cogvideox", "hunyuandit"]
+           "for_transformer", "vae_variants", "resolution_choices", "duration_choices", "parse_resolution", "parse_duration", "multiple_problem", "neighbours", "cogvideox", "hunyuandit", "opensora"]

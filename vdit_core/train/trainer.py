@@ -33,6 +33,7 @@ from ..families import Family
 from ..lora import LoRASet, inject_lora, save_lora
 from ..attention import AttentionBackendError
 from ..pipeline import Pipeline, check_device, network_call
+from ..schedules import FlowSchedule
 from ..timesteps import logit_normal_sigmas, stratified_timesteps, uniform_timesteps
 from ..vae.common import sample_posterior
 from . import dist as vdist
@@ -433,17 +434,25 @@ class BatchMaker:
     def __init__(self, cfg: TrainConfig, m: Model, plan: BatchPlan, cache: LatentCache, items: list[dict], device: torch.device):
         self.cfg, self.m, self.plan, self.cache, self.items, self.device = cfg, m, plan, cache, items, device
         self.schedule = m.defaults["schedule"]
-        sampling = cfg.timestep_sampling
-        self.sampling = ("stratified" if vdist.world_size() > 1 else "uniform") if sampling == "auto" else sampling
+        sampling, family_default = cfg.timestep_sampling, m.family.default_timestep_sampling()
+        if sampling == "auto":  # the family's (Open-Sora: logit-normal), else stratified bands when distributed
+            sampling = family_default if family_default != "uniform" else ("stratified" if vdist.world_size() > 1 else "uniform")
+        self.sampling = sampling
         self.vae_info = m.family.vae_info(cache.spec.vae_config)
+        self.spatial_scale = m.defaults.get("vae_scale", 8)
         self.empty = {k: v.to(device) for k, v in cache.text("").items()}
 
     def _timesteps(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """Timesteps of the global micro-batch: integers, or for flow schedules with logit-normal
+        sampling, continuous (float64) as Open-Sora trains."""
         T = self.schedule.num_timesteps
         if self.sampling == "stratified":
             return stratified_timesteps(n, T, 0, 1, g)  # bands over the global batch; ranks slice
         if self.sampling == "logit_normal":
-            return (logit_normal_sigmas(n, generator=g) * T).long().clamp(max=T - 1)
+            sigmas = logit_normal_sigmas(n, generator=g)
+            if isinstance(self.schedule, FlowSchedule):
+                return sigmas * T
+            return (sigmas * T).long().clamp(max=T - 1)
         return uniform_timesteps(n, T, g)
 
     def make(self, k: int) -> tuple[dict, torch.Tensor]:
@@ -472,12 +481,13 @@ class BatchMaker:
                 img = sample_posterior(tensors["image_moments_flip" if flip else "image_moments"], dim=0, generator=g)
                 img = img * family.image_latent_scale(self.vae_info)
                 cond.update({k_: v[0] for k_, v in family.image_conditioning(mcfg, img[None], x0.shape[1]).items()})
+            cond.update({k_: v[0].to(self.device) for k_, v in family.sample_conditioning(mcfg, (1, *x0.shape), self.spatial_scale).items()})
             conds.append(cond)
         t = t_all[lo:hi]
         batch = {
             "x0": torch.stack(x0s).to(self.device),
             "noise": torch.stack(noises).to(self.device),
-            "sigma": self.schedule.sigma(t.double()).to(self.device),
+            "sigma": family.train_sigmas(self.schedule.sigma(t.double()), (len(x0s), *x0s[0].shape), self.spatial_scale).to(self.device),
             "cond": {key: torch.stack([c[key] for c in conds]).to(self.device, _cond_dtype(conds[0][key])) for key in conds[0]},
         }
         return batch, t_all

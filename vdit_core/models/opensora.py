@@ -1,0 +1,437 @@
+"""Open-Sora 1.2's STDiT3 (hpcaitech, tag v1.2.0): a spatial-temporal DiT for text/image-to-video.
+
+* Blocks alternate: a spatial block attends over the tokens of each frame, a temporal block over
+  each token's frames (with RoPE on q and k after the qk RMSNorm). Both cross-attend to the
+  projected T5 states of the prompt (its padding masked) and are modulated PixArt-style: a
+  per-block ``scale_shift_table`` [6, D] plus ``t_block(t)``.
+* t = timestep embedding + fps embedding. Conditioning frames (``x_mask`` False) are modulated
+  with t = 0 instead: that is how an image or a video prefix conditions the sample.
+* Positions: a 2D sin-cos table over the patch grid, scaled by the resolution (``sqrt(H*W) / 512``
+  in pixels) and by ``round(sqrt(patches)) / side``; frames are told apart only by RoPE.
+* Output: 2C channels (``pred_sigma``); samplers use the first C, the velocity ``x0 - noise``.
+
+Parameter names are those of the released ``hpcai-tech/OpenSora-STDiT-v3`` ``model.safetensors``
+(``spatial_blocks.0.attn.qkv.weight``...); ``module.`` / ``ema.`` prefixes of training
+checkpoints are stripped. Latents are [B, 4, T, H/8, W/8] of Open-Sora's VAE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..attention import attention
+from ..layers import apply_rope, timestep_embedding
+
+
+@dataclass(frozen=True)
+class STDiT3Config:
+    """Architecture of an STDiT3 transformer (names as in the released ``config.json``)."""
+
+    hidden_size: int = 1152
+    depth: int = 28  # spatial blocks (and as many temporal ones)
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    in_channels: int = 4
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    pred_sigma: bool = True
+    caption_channels: int = 4096  # T5-v1.1-XXL
+    model_max_length: int = 300  # text tokens (the learned null embedding has as many rows)
+    qk_norm: bool = True
+    input_sq_size: int = 512  # the resolution the positional table's scale is relative to
+    class_dropout_prob: float = 0.1  # caption dropout in training (to the null embedding)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.pred_sigma else self.in_channels
+
+    @classmethod
+    def from_json(cls, config: dict) -> "STDiT3Config":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in config.items() if k in fields}
+        if "patch_size" in kw:
+            kw["patch_size"] = tuple(kw["patch_size"])
+        return cls(**kw)
+
+    def to_json(self) -> dict:
+        """The released config.json's fields (``STDiT3Config`` of the official code)."""
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return {"architectures": ["STDiT3"], "model_type": "STDiT3", **d}
+
+
+PRESETS: dict[str, STDiT3Config] = {
+    "opensora-v1.2": STDiT3Config(),  # STDiT3-XL/2, hpcai-tech/OpenSora-STDiT-v3
+    "opensora-v1.2-3b": STDiT3Config(hidden_size=1872, num_heads=26),  # STDiT3-3B/2 (defined, not released)
+}
+
+IMAGE_FPS = 120  # the fps a single image is conditioned on (Open-Sora's IMG_FPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in float32 (LlamaRMSNorm, as the release)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (tanh) -> fc2 (timm's Mlp names)."""
+
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SinusoidMLP(nn.Module):
+    """A scalar (timestep, fps) -> 256 sinusoids (cos first) -> Linear, SiLU, Linear."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # s: [B] -> [B, D]
+        return self.mlp(timestep_embedding(s, 256, flip_sin_to_cos=True).to(dtype))
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv with bias, qk RMSNorm, optional RoPE (temporal blocks)."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        # x: [B', N, D] -> [B', N, D]
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.proj(attention(q, k, v, backend=self.backend).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the video tokens, keys and values from the projected text (padding masked)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # x: [B, N, D], text: [B, L, D], mask: [B, L] bool -> [B, N, D]
+        b, n, d = x.shape
+        q = self.q_linear(x).view(b, n, self.heads, self.head_dim)
+        k, v = self.kv_linear(text).view(b, text.shape[1], 2, self.heads, self.head_dim).unbind(2)
+        return self.proj(attention(q, k, v, mask=mask, backend=self.backend).reshape(b, n, d))
+
+
+def _select(x_mask: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, t: int) -> torch.Tensor:
+    """``a`` on frames where ``x_mask`` [B, T] is True, ``b`` elsewhere (tensors [B, T*S, D])."""
+    if x_mask is None:
+        return a
+    shape = a.shape
+    keep = x_mask[:, :, None, None]
+    return torch.where(keep, a.view(shape[0], t, -1, shape[-1]), b.view(shape[0], t, -1, shape[-1])).view(shape)
+
+
+class STDiT3Block(nn.Module):
+    """One spatial or temporal block: modulated self-attention, cross-attention, modulated MLP."""
+
+    def __init__(self, cfg: STDiT3Config, temporal: bool):
+        super().__init__()
+        d = cfg.hidden_size
+        self.temporal = temporal
+        self.norm1 = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
+        self.attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm)
+        self.cross_attn = CrossAttention(d, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, d))
+
+    def forward(self, x, text, mask, t_mod, t0_mod, x_mask, t: int, s: int, rope):
+        # x: [B, T*S, D]; t_mod / t0_mod: [B, 6D]; x_mask: [B, T] (True: noisy frame) or None
+        b, n, d = x.shape
+        mod = (self.scale_shift_table[None] + t_mod.reshape(b, 6, d)).chunk(6, dim=1)  # 6 x [B, 1, D]
+        mod0 = (self.scale_shift_table[None] + t0_mod.reshape(b, 6, d)).chunk(6, dim=1) if x_mask is not None else mod
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        shift_msa0, scale_msa0, gate_msa0, shift_mlp0, scale_mlp0, gate_mlp0 = mod0
+
+        h = self.norm1(x)
+        h = _select(x_mask, h * (1 + scale_msa) + shift_msa, h * (1 + scale_msa0) + shift_msa0, t)
+        if self.temporal:  # attend over frames: [B*S, T, D]
+            h = h.view(b, t, s, d).transpose(1, 2).reshape(b * s, t, d)
+            h = self.attn(h, rope).view(b, s, t, d).transpose(1, 2).reshape(b, n, d)
+        else:  # attend within each frame: [B*T, S, D]
+            h = self.attn(h.view(b * t, s, d), None).view(b, n, d)
+        x = x + _select(x_mask, gate_msa * h, gate_msa0 * h, t)
+
+        x = x + self.cross_attn(x, text, mask)
+
+        h = self.norm2(x)
+        h = self.mlp(_select(x_mask, h * (1 + scale_mlp) + shift_mlp, h * (1 + scale_mlp0) + shift_mlp0, t))
+        return x + _select(x_mask, gate_mlp * h, gate_mlp0 * h, t)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm, shift/scale from t (no SiLU, PixArt's T2IFinalLayer), Linear to patches."""
+
+    def __init__(self, cfg: STDiT3Config):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm_final = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
+        self.linear = nn.Linear(d, math.prod(cfg.patch_size) * cfg.out_channels)
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, d))
+
+    def forward(self, x, t_emb, t0_emb, x_mask, t: int):
+        # x: [B, N, D], t_emb: [B, D] -> [B, N, prod(patch) * C_out]
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
+        h = self.norm_final(x) * (1 + scale) + shift
+        if x_mask is not None:
+            # the release normalises the already modulated tokens again for conditioning frames
+            # (T2IFinalLayer reuses its variable); kept, as the weights were trained with it
+            shift0, scale0 = (self.scale_shift_table[None] + t0_emb[:, None]).chunk(2, dim=1)
+            h = _select(x_mask, h, self.norm_final(h) * (1 + scale0) + shift0, t)
+        return self.linear(h)
+
+
+def pos_embed_2d(dim: int, h: int, w: int, scale: float, base_size: int) -> torch.Tensor:
+    """Open-Sora's 2D sin-cos table [h*w, dim] (float32): the first half encodes the column, the
+    second the row, each as [sin, cos] of ``index / scale * base_size / side``."""
+    half = dim // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))
+    rows = torch.arange(h) / scale * (base_size / h)
+    cols = torch.arange(w) / scale * (base_size / w)
+
+    def sincos(p: torch.Tensor) -> torch.Tensor:
+        a = torch.outer(p, inv_freq)
+        return torch.cat([a.sin(), a.cos()], dim=-1)  # [n, half]
+
+    return torch.cat([sincos(cols)[None].expand(h, w, half), sincos(rows)[:, None].expand(h, w, half)], dim=-1).reshape(h * w, dim)
+
+
+class STDiT3(nn.Module):
+    """The STDiT3 transformer.
+
+    ``forward(x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None,
+    drop_text=None)``: latents ``x`` [B, 4, T, h, w], float timesteps [B] in [0, 1000], T5 states
+    ``y`` [B, L, 4096] with their ``mask`` [B, L] (None: every token). ``x_mask`` [B, T] bool: False
+    marks conditioning frames (modulated with t = 0). ``fps`` [B] (default 24, and 120 for a
+    single frame), ``height``/``width`` the pixel size (default 8x the latent's), which scales the
+    positional table. ``drop_text`` [B] bool replaces ``y`` with the learned null embedding (the
+    unconditional branch of CFG). Returns [B, 8, T, h, w] float32: the velocity ``x0 - noise`` in
+    the first 4 channels.
+    """
+
+    def __init__(self, config: STDiT3Config):
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.hidden_size
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv3d(cfg.in_channels, d, cfg.patch_size, stride=cfg.patch_size)
+        self.t_embedder = SinusoidMLP(d)
+        self.fps_embedder = SinusoidMLP(d)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.y_embedder = nn.Module()
+        self.y_embedder.y_proj = Mlp(cfg.caption_channels, d, d)
+        self.y_embedder.register_buffer("y_embedding", torch.zeros(cfg.model_max_length, cfg.caption_channels))
+        self.rope = nn.Module()  # rotary-embedding-torch's frequencies, saved with the release
+        self.rope.register_buffer("freqs", rope_freqs(cfg.head_dim))
+        self.spatial_blocks = nn.ModuleList([STDiT3Block(cfg, temporal=False) for _ in range(cfg.depth)])
+        self.temporal_blocks = nn.ModuleList([STDiT3Block(cfg, temporal=True) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg)
+        self.gradient_checkpointing = False
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        for block in [*self.spatial_blocks, *self.temporal_blocks]:
+            block.attn.backend = block.cross_attn.backend = backend
+
+    def _rope(self, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        # interleaved pairs rotated by position * freqs (rotary-embedding-torch's layout)
+        angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.rope.freqs.float())
+        return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
+
+    def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None, drop_text=None):
+        cfg = self.config
+        dtype = self.x_embedder.proj.weight.dtype
+        b, _, tx, hx, wx = x.shape
+        pt, ph, pw = cfg.patch_size
+        # pad to whole patches (cropped again at the end), as the release
+        x = F.pad(x.to(dtype), (0, -wx % pw, 0, -hx % ph, 0, -tx % pt))
+        t, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+        s = h * w
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b).to(dtype)
+        fps = torch.as_tensor(fps if fps is not None else (IMAGE_FPS if tx == 1 else 24), device=x.device, dtype=torch.float32).reshape(-1).expand(b)
+
+        # positions scaled by the pixel resolution (the first sample's, as the release)
+        height = float(torch.as_tensor(height).reshape(-1)[0]) if height is not None else hx * 8
+        width = float(torch.as_tensor(width).reshape(-1)[0]) if width is not None else wx * 8
+        pos = pos_embed_2d(cfg.hidden_size, h, w, math.sqrt(height * width) / cfg.input_sq_size, round(s**0.5)).to(x.device, dtype)
+
+        fps_emb = self.fps_embedder(fps, dtype)
+        t_emb = self.t_embedder(timestep, dtype) + fps_emb  # [B, D]
+        t_mod = self.t_block(t_emb)  # [B, 6D]
+        t0_emb = t0_mod = None
+        if x_mask is not None:
+            x_mask = x_mask.to(x.device).bool()
+            t0_emb = self.t_embedder(torch.zeros_like(timestep), dtype) + fps_emb
+            t0_mod = self.t_block(t0_emb)
+
+        y = y.to(x.device, dtype)
+        if y.ndim == 4:  # the official [B, 1, L, C]
+            y = y[:, 0]
+        if drop_text is not None:
+            null = self.y_embedder.y_embedding[: y.shape[1]].to(dtype)
+            y = torch.where(drop_text.to(x.device).bool()[:, None, None], null[None], y)
+        text = self.y_embedder.y_proj(y)  # [B, L, D]
+        text_mask = mask.to(x.device).bool() if mask is not None else None
+
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # [B, T*S, D]
+        tokens = (tokens.view(b, t, s, -1) + pos[None, None]).view(b, t * s, -1)
+        rope = self._rope(t, x.device)
+        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
+            for block in (spatial, temporal):
+                args = (tokens, text, text_mask, t_mod, t0_mod, x_mask, t, s, rope)
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    tokens = checkpoint(block, *args, use_reentrant=False)
+                else:
+                    tokens = block(*args)
+
+        out = self.final_layer(tokens, t_emb, t0_emb, x_mask, t)  # [B, N, pt*ph*pw*C]
+        co = cfg.out_channels
+        out = out.view(b, t, h, w, pt, ph, pw, co).permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, co, t * pt, h * ph, w * pw)
+        return out[:, :, :tx, :hx, :wx].float()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _strip(keys) -> set[str]:
+    """Keys without a training wrapper's ``module.`` / ``ema.`` prefix."""
+    return {k.split(".", 1)[1] if k.startswith(("ema.", "module.")) else k for k in keys}
+
+
+def is_state_dict(keys) -> bool:
+    """An STDiT3 transformer (temporal blocks and an fps embedder), wrapped or not."""
+    ks = _strip(keys)
+    return "temporal_blocks.0.attn.qkv.weight" in ks and "fps_embedder.mlp.0.weight" in ks
+
+
+def _unwrap(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("ema.", "module."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> STDiT3Config:
+    """A config read off the weights (every field they determine; the rest are the release's)."""
+    try:
+        proj = sd["x_embedder.proj.weight"]  # [D, C, pt, ph, pw]
+        head_dim = sd["spatial_blocks.0.attn.q_norm.weight"].shape[0] if "spatial_blocks.0.attn.q_norm.weight" in sd else None
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("spatial_blocks."))
+        mlp = sd["spatial_blocks.0.mlp.fc1.weight"].shape[0]
+        null = sd["y_embedder.y_embedding"]
+        out = sd["final_layer.linear.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"not a whole STDiT3 transformer (missing {e})") from None
+    d = proj.shape[0]
+    patch = tuple(proj.shape[2:])
+    if head_dim is None:  # no qk norm: heads as the release (72 wide)
+        head_dim = 72 if d % 72 == 0 else d // 16
+    return STDiT3Config(
+        hidden_size=d, depth=depth, num_heads=d // head_dim, mlp_ratio=mlp / d, in_channels=proj.shape[1], patch_size=patch,
+        pred_sigma=out // math.prod(patch) == 2 * proj.shape[1], caption_channels=null.shape[1], model_max_length=null.shape[0],
+        qk_norm="spatial_blocks.0.attn.q_norm.weight" in sd,
+    )
+
+
+def preset_name(cfg: STDiT3Config) -> str | None:
+    for name, preset in PRESETS.items():
+        if dataclasses.replace(preset, input_sq_size=cfg.input_sq_size, class_dropout_prob=cfg.class_dropout_prob) == cfg:
+            return name
+    return None
+
+
+def rope_freqs(head_dim: int) -> torch.Tensor:
+    """rotary-embedding-torch's frequencies (theta 10000) for ``head_dim`` channels."""
+    return 1.0 / 10000 ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim)
+
+
+def load_transformer(path, dtype: torch.dtype | None = torch.float32, device="cpu", config: STDiT3Config | None = None) -> STDiT3:
+    """An STDiT3 transformer from the released folder (``config.json`` + ``model.safetensors``),
+    a single safetensors file, or a training checkpoint (``.pt`` read with ``weights_only=True``;
+    ``module.`` / ``ema.`` prefixes stripped)."""
+    from pathlib import Path
+
+    from ..checkpoint import CheckpointError, load_model, load_state_dict, read_json
+
+    path = Path(path)
+    sd = load_state_dict(path, dtype=dtype, device=device)
+    if not is_state_dict(sd.keys()):
+        from ..checkpoint import describe
+
+        raise CheckpointError(f"{path}: expected an Open-Sora STDiT3 transformer, but this looks like {describe(sd.keys())}")
+    if config is None and path.is_dir() and (path / "config.json").exists():
+        config = STDiT3Config.from_json(read_json(path / "config.json"))
+    sd = _unwrap(sd)
+    try:
+        head_dim = (config or infer_config(sd)).head_dim
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    # released files hold rope.freqs (a float32 parameter of rotary-embedding-torch); kept in
+    # float32 whatever the weight dtype, and computed for files without it
+    sd["rope.freqs"] = sd["rope.freqs"].float() if "rope.freqs" in sd else rope_freqs(head_dim).to(device)
+    return load_model(
+        path, state_dict=sd, build=STDiT3, expected="an Open-Sora STDiT3 transformer", recognise=is_state_dict,
+        from_json=STDiT3Config.from_json, infer_config=infer_config, dtype=dtype, device=device, config=config,
+        label=lambda c: f"an Open-Sora STDiT3 transformer ({preset_name(c) or 'custom config'})",
+    )
+
+
+def save_transformer(model: STDiT3, folder, dtype: torch.dtype | None = None, state_dict: dict | None = None) -> None:
+    """``config.json`` + ``model.safetensors``: the released layout, switched in whole over an
+    earlier save."""
+    from ..checkpoint import save_diffusers_folder
+
+    save_diffusers_folder(folder, model.config.to_json(), state_dict if state_dict is not None else model.state_dict(), dtype,
+                          weights_name="model")
+
+
+__all__ = ["STDiT3", "STDiT3Config", "PRESETS", "IMAGE_FPS", "load_transformer", "save_transformer", "is_state_dict"]
