@@ -70,3 +70,35 @@ def weights_root(name: str, size: str, spec: dict) -> Path:
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     return Path(tempfile.gettempdir()) / f"vdit_bench_{name}_{size}_{key}"
 
+
+
+def bench_args(description: str, sizes, dtypes):
+    """The options every benchmark takes (and its hidden worker options); add your own to it."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="small", choices=sorted(sizes))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(dtypes))
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=3, help="interleaved runs of each side per case (medians reported)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    return p
+
+
+def interleaved(script: str, common: list[str], case: str, impls: tuple[str, ...], pairs: int) -> dict[str, dict] | str:
+    """Run ``case.format(impl)`` for each impl, ``pairs`` rounds interleaved, each in a fresh
+    process: the median of each measured figure per impl, or the first error's text."""
+    runs: dict[str, list[dict]] = {i: [] for i in impls}
+    for _ in range(pairs):
+        for impl in impls:
+            res = run_worker(script, [*common, "--worker", case.format(impl)])
+            if "error" in res:
+                return f"{impl} failed: {res['error']}"
+            runs[impl].append(res)
+    out = {}
+    for impl, rs in runs.items():
+        keys = [k for k, v in rs[0].items() if isinstance(v, (int, float))]
+        out[impl] = {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in keys}
+    return out

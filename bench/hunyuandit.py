@@ -11,7 +11,6 @@ with CFG, VAE decode).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import measure, ratio, run_worker, weights_root  # noqa: E402
+from _harness import bench_args, interleaved, measure, ratio, weights_root  # noqa: E402
 
 SIZES = {
     # transformer, VAE channels, text encoder widths
@@ -132,17 +131,11 @@ def worker(args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="small", choices=sorted(SIZES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p = bench_args(__doc__, SIZES, DTYPES)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--pairs", type=int, default=3, help="interleaved ours/diffusers runs per case (medians reported)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.set_defaults(repeat=5)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -153,20 +146,11 @@ def main() -> None:
     print(f"HunyuanDiT {args.size} on {args.device} ({args.dtype}) at {args.width}x{args.height}; ratios are ours/diffusers, "
           f"medians of {args.pairs} interleaved fresh-process pairs")
     for kind, label in (("forward", "transformer forward (CFG pair)"), ("pipeline", f"whole pipeline, {args.steps} DDIM steps with CFG")):
-        runs = {"ours": [], "ref": []}
-        for _ in range(args.pairs):
-            for impl in ("ours", "ref"):
-                res = run_worker(__file__, [*common, "--worker", f"{kind}:{impl}"])
-                if "error" in res:
-                    print(f"{label}: {impl} failed: {res['error']}")
-                    return
-                runs[impl].append(res)
-
-        def med(impl, key):
-            vals = sorted(r[key] for r in runs[impl])
-            return vals[len(vals) // 2]
-
-        o_s, r_s, o_m, r_m = med("ours", "s"), med("ref", "s"), med("ours", "peak_mib"), med("ref", "peak_mib")
+        runs = interleaved(__file__, common, kind + ":{}", ("ours", "ref"), args.pairs)
+        if isinstance(runs, str):
+            print(f"{label}: {runs}")
+            return
+        o_s, r_s, o_m, r_m = runs["ours"]["s"], runs["ref"]["s"], runs["ours"]["peak_mib"], runs["ref"]["peak_mib"]
         print(f"{label}: ours {o_s:.3f} s, diffusers {r_s:.3f} s, time ratio {ratio(o_s, r_s)}; "
               f"peak {o_m:.0f} vs {r_m:.0f} MiB, ratio {ratio(o_m, r_m)}")
 

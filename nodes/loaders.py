@@ -61,7 +61,7 @@ class VDITModelLoader:
 
     RETURN_TYPES = ("VDIT_MODEL",)
     FUNCTION = "load"
-    DESCRIPTION = ("Loads a video or image diffusion transformer (DiT): CogVideoX text/image-to-video, HunyuanDiT text-to-image, "
+    DESCRIPTION = ("Loads a video or image diffusion transformer (DiT): CogVideoX text/image-to-video, HunyuanDiT text-to-image, Open-Sora 1.2, "
                    "or the bundled demo. The model family is detected from the folder or the weights.")
     CATEGORY = "vdit"
 
@@ -83,22 +83,32 @@ class VDITTextEncoderLoader:
         return {"required": {
             "text_encoder": (sources("text_encoders"), {"default": DEMO, "tooltip": "a model folder in models/vdit (its text encoder(s) and tokenizers), a file in models/text_encoders, a whole-model file from models/checkpoints, or the bundled demo"}),
             "dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype (fp32 on a CPU)"}),
-            "max_length": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "tokens per prompt; 0: the model folder's (226 for CogVideoX)"}),
+            "max_length": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "tokens per prompt; 0: the model's (226 for CogVideoX, 300 for Open-Sora)"}),
+        }, "optional": {
+            "family": (["auto"] + list(families.FAMILIES), {"default": "auto", "tooltip": "which model the prompts are for: a T5 file serves CogVideoX and Open-Sora, which encode differently (auto: the folder's model; a lone T5 file: CogVideoX)"}),
         }}
 
     RETURN_TYPES = ("VDIT_TEXT_ENCODER",)
     FUNCTION = "load"
-    DESCRIPTION = "Loads the text encoder(s) of a model: T5 for CogVideoX, the bilingual CLIP (BERT) and mT5 for HunyuanDiT."
+    DESCRIPTION = "Loads the text encoder(s) of a model: T5 for CogVideoX and Open-Sora, the bilingual CLIP (BERT) and mT5 for HunyuanDiT."
     CATEGORY = "vdit"
 
-    def load(self, text_encoder, dtype, max_length):
+    def load(self, text_encoder, dtype, max_length, family="auto"):
         path, folder = resolve(text_encoder, "text_encoders")
         dtype_ = _dtype(dtype, "text")
+        chosen = families.get(family) if family != "auto" else None
         if folder:
-            family = families.for_folder(path)
+            found = families.for_folder(path)
+            if chosen is not None and chosen is not found:
+                raise ValueError(f"{text_encoder}: a {found.label} model folder; its text encoder cannot be loaded for {chosen.label} (pick auto)")
+            family = found
             encoder = family.load_text_encoder(path, dtype_, "cpu", max_length=max_length)
         else:
-            family = families.for_file(path, "text_encoder")
+            found = families.for_file(path, "text_encoder")
+            shared = {"cogvideox", "opensora"}  # both condition on T5-v1.1-XXL
+            if chosen is not None and chosen is not found and not {chosen.name, found.name} <= shared:
+                raise ValueError(f"{path.name}: {families.describe(families.file_keys(path))}, not a text encoder {chosen.label} uses")
+            family = chosen or found
             tokenizer = path.parent / "tokenizer" if (path.parent / "tokenizer").is_dir() else comfy.tokenizer_root()
             if tokenizer is None:
                 raise ValueError(f"{path}: a single text encoder file needs a tokenizer: run inside ComfyUI (its tokenizers "
@@ -120,7 +130,7 @@ class VDITVAELoader:
 
     RETURN_TYPES = ("VDIT_VAE",)
     FUNCTION = "load"
-    DESCRIPTION = "Loads a model's VAE: CogVideoX's 3D causal video VAE, or the SDXL-style image VAE of HunyuanDiT."
+    DESCRIPTION = "Loads a model's VAE: CogVideoX's 3D causal video VAE, the SDXL-style image VAE of HunyuanDiT, or Open-Sora's two-stage (per-frame + temporal) VAE."
     CATEGORY = "vdit"
 
     def load(self, vae, dtype, variant):

@@ -118,6 +118,10 @@ class VDITSampler:
         problem = pipe.family.latent_problem(pipe.config, x)
         if problem:
             raise ValueError(f"{model.name}: {problem} (use VDIT Empty Latent or a VDIT VAE)")
+        for name, c in (("positive", positive), ("negative", negative)):
+            if c.get("family", pipe.family.name) != pipe.family.name:
+                label = families.get(c["family"]).label
+                raise ValueError(f"{name}: encoded for {label}, but the model is {pipe.family.label}: set the text encoder loader's family to {pipe.family.name}")
         image = {}
         if pipe.is_i2v and (image_latent is None or "vdit_vae" not in image_latent):  # checked before anything is loaded
             raise ValueError(f"{model.name} is an image-to-video model: connect the first frame's latent (from VDIT VAE Encode) to image_latent")

@@ -26,4 +26,4 @@ class VDITTextEncode:
         text_encoder.managed.load()
         with torch.no_grad():
             cond = text_encoder.family.encode_text(text_encoder.encoder, text)
-        return ({"cond": {k: v.to(comfy.intermediate_device()) for k, v in cond.items()}, "text": text},)
+        return ({"cond": {k: v.to(comfy.intermediate_device()) for k, v in cond.items()}, "text": text, "family": text_encoder.family.name},)

@@ -301,6 +301,31 @@ def test_the_nodes_serve_opensora(folder):
     expected = load_pipeline(folder, device="cpu")(prompt="a red circle moving right", num_frames=34, height=24, width=32, steps=3,
                                                    seed=3, progress=False)
     assert frames.shape == (34, 24, 32, 3) and (frames - expected).abs().max() < 1e-5
+    # the same from single files (models/diffusion_models, models/vae, models/text_encoders): a T5 file serves
+    # CogVideoX and Open-Sora, so the text encoder loader is told which
+    models = folder.parents[1]
+    for sub, src in (("diffusion_models", "transformer/model.safetensors"), ("vae", "vae/model.safetensors")):
+        (models / sub).mkdir(exist_ok=True)
+        shutil.copy(folder / src, models / sub / "opensora.safetensors")
+    (models / "text_encoders").mkdir(exist_ok=True)
+    shutil.copy(folder / "text_encoder" / "model.safetensors", models / "text_encoders" / "t5.safetensors")
+    shutil.copytree(folder / "tokenizer", models / "text_encoders" / "tokenizer", dirs_exist_ok=True)
+    m1 = nodes["VDITModelLoader"]().load("opensora.safetensors", "default", "auto")[0]
+    v1 = nodes["VDITVAELoader"]().load("opensora.safetensors", "default", "auto")[0]
+    te_cog = nodes["VDITTextEncoderLoader"]().load("t5.safetensors", "default", 0)[0]  # a lone T5 file: CogVideoX's by default
+    with pytest.raises(ValueError, match="positive: encoded for CogVideoX, but the model is Open-Sora: set the text encoder loader's family to opensora"):
+        nodes["VDITSampler"]().sample(m1, nodes["VDITTextEncode"]().encode(te_cog, "x")[0], neg, latent, seed=3, steps=3, cfg=7.0,
+                                      sampler="default", schedule="default", denoise=1.0)
+    te1 = nodes["VDITTextEncoderLoader"]().load("t5.safetensors", "default", 0, "opensora")[0]
+    pos1 = nodes["VDITTextEncode"]().encode(te1, "a red circle moving right")[0]
+    neg1 = nodes["VDITTextEncode"]().encode(te1, "")[0]
+    out1 = nodes["VDITSampler"]().sample(m1, pos1, neg1, latent, seed=3, steps=3, cfg=7.0, sampler="default", schedule="default", denoise=1.0)[0]
+    assert (nodes["VDITVAEDecode"]().decode(v1, out1, 2, "auto", 0, 0)[0] - expected).abs().max() < 1e-5
+    # image-to-video: the encoded first frame to image_latent
+    first = nodes["VDITVAEEncode"]().encode(v, torch.rand(1, 24, 32, 3), 8, "auto", 0, 0)[0]
+    i2v = nodes["VDITSampler"]().sample(m, pos, neg, latent, seed=3, steps=3, cfg=7.0, sampler="default", schedule="default", denoise=1.0,
+                                        image_latent=first)[0]
+    assert torch.equal(i2v["samples"][:, :, :1], first["samples"])
 
 
 def test_lora_and_full_training_with_images_and_videos(folder, tmp_path):

@@ -19,9 +19,8 @@ from ..guidance import cogvideox_dynamic_cfg
 from ..models import cogvideox as model
 from ..prediction import VPrediction
 from ..schedules import DiscreteSchedule, DiscreteScheduleConfig
-from ..text import load_t5
 from ..vae import cogvideox_vae as vae
-from . import Family, Signature, folder_defaults, multiple_problem, neighbours, register
+from . import Family, Signature, folder_defaults, load_t5_encoder, multiple_problem, neighbours, register
 
 TEXT_LENGTH = 226  # T5 tokens of every release
 LORA_TARGETS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"  # attention q/k/v/out, FFN
@@ -63,14 +62,10 @@ class CogVideoX(Family):
         return vae.load_vae(path, dtype=dtype, device=device, base=vae.PRESETS[variant] if variant else None)
 
     def load_text_encoder(self, path, dtype, device, tokenizer=None, max_length=0):
-        path = Path(path)
-        if tokenizer is None:  # a model folder
-            cfg = path / "transformer" / "config.json"
-            length = max_length or (read_json(cfg).get("max_text_seq_length", TEXT_LENGTH) if cfg.exists() else TEXT_LENGTH)
-            return load_t5(path / "text_encoder", path / "tokenizer", dtype=dtype, device=device, max_length=length)
-        if (Path(tokenizer) / "t5_tokenizer").is_dir():  # a folder of tokenizers (ComfyUI's): T5's
-            tokenizer = Path(tokenizer) / "t5_tokenizer"
-        return load_t5(path, tokenizer, dtype=dtype, device=device, max_length=max_length or TEXT_LENGTH)
+        cfg = Path(path) / "transformer" / "config.json"
+        if not max_length and tokenizer is None and cfg.exists():  # a model folder says its length
+            max_length = read_json(cfg).get("max_text_seq_length", TEXT_LENGTH)
+        return load_t5_encoder(path, dtype, device, tokenizer, max_length or TEXT_LENGTH)
 
     def save_transformer(self, transformer, folder, dtype, state_dict=None):
         model.save_transformer(transformer, folder, dtype=dtype, state_dict=state_dict)

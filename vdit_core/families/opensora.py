@@ -18,7 +18,6 @@ Facts:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
@@ -26,9 +25,8 @@ from ..checkpoint import read_json
 from ..models import opensora as model
 from ..prediction import FlowPrediction
 from ..schedules import FlowSchedule
-from ..text import load_t5
 from ..vae import opensora_vae as vae
-from . import Family, Signature, folder_defaults, multiple_problem, register
+from . import Family, Signature, folder_defaults, load_t5_encoder, multiple_problem, register
 
 TEXT_LENGTH = 300
 DEFAULT_FPS = 24
@@ -117,12 +115,7 @@ class OpenSora(Family):
         return vae.load_vae(path, dtype=dtype, device=device)
 
     def load_text_encoder(self, path, dtype, device, tokenizer=None, max_length=0):
-        path = Path(path)
-        if tokenizer is None:  # a model folder
-            return load_t5(path / "text_encoder", path / "tokenizer", dtype=dtype, device=device, max_length=max_length or TEXT_LENGTH)
-        if (Path(tokenizer) / "t5_tokenizer").is_dir():  # a folder of tokenizers (ComfyUI's): T5's
-            tokenizer = Path(tokenizer) / "t5_tokenizer"
-        return load_t5(path, tokenizer, dtype=dtype, device=device, max_length=max_length or TEXT_LENGTH)
+        return load_t5_encoder(path, dtype, device, tokenizer, max_length or TEXT_LENGTH)
 
     def save_transformer(self, transformer, folder, dtype, state_dict=None):
         model.save_transformer(transformer, folder, dtype=dtype, state_dict=state_dict)

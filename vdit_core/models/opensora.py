@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -230,6 +231,7 @@ class FinalLayer(nn.Module):
         return self.linear(h)
 
 
+@lru_cache(maxsize=32)
 def pos_embed_2d(dim: int, h: int, w: int, scale: float, base_size: int) -> torch.Tensor:
     """Open-Sora's 2D sin-cos table [h*w, dim] (float32): the first half encodes the column, the
     second the row, each as [sin, cos] of ``index / scale * base_size / side``."""
