@@ -99,7 +99,8 @@ class Graph:
             if node["title"]:
                 ui["title"] = node["title"]
             if node["type"] == "Note":
-                ui.update(inputs=[], outputs=[], widgets_values=[node["values"]["text"]], properties={}, color="#432", bgcolor="#653")
+                ui.update(inputs=[], outputs=[], widgets_values=[node["values"]["text"]], properties={}, color="#432", bgcolor="#653",
+                          size=[340, 240])
                 ui_nodes.append(ui)
                 continue
             sig = node_signature(node["type"], self.defs)
@@ -124,8 +125,11 @@ class Graph:
                     widgets.append("fixed")
             ui["widgets_values"] = widgets + sig["ui_extra"]
             ui_nodes.append(ui)
+        # zoomed so that the whole graph fits a 1600x1000 view
+        width, height = 40 + 380 * len(columns), 40 + 260 * max(columns.values())
+        scale = round(min(0.8, 1600 / width, 1000 / height), 2)
         return {"last_node_id": len(self.items), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+                "groups": [], "config": {}, "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4}
 
     # -- API format ----------------------------------------------------------------------------
     def api(self) -> dict:
@@ -154,7 +158,7 @@ def text_to_video(nodes, model: str, note: str, width: int, height: int, frames:
     g = Graph(nodes)
     g.note(note)
     m = g.add("VDITModelLoader", model=model, weight_dtype=dtype, attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder=model, dtype=dtype, max_length=0)
+    te = g.add("VDITTextEncoderLoader", text_encoder=model, dtype=dtype, max_length=0, family="auto")
     vae = g.add("VDITVAELoader", vae=model, dtype=dtype, variant="auto")
     if lora:
         m = g.add("VDITLoraApply", model=(m, 0), lora_name=lora, strength=1.0)
@@ -181,7 +185,7 @@ def image_to_video(nodes) -> Graph:
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b-I2V", name="CogVideoX-5b-I2V/") +
            " Load a 720x480 image as the first frame (image-to-video needs that exact size).")
     m = g.add("VDITModelLoader", model="CogVideoX-5b-I2V/", weight_dtype="bf16", attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder="CogVideoX-5b-I2V/", dtype="bf16", max_length=0)
+    te = g.add("VDITTextEncoderLoader", text_encoder="CogVideoX-5b-I2V/", dtype="bf16", max_length=0, family="auto")
     vae = g.add("VDITVAELoader", vae="CogVideoX-5b-I2V/", dtype="bf16", variant="auto")
     img = g.add("LoadImage", image="first_frame.png")
     enc = g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
@@ -201,7 +205,7 @@ def video_to_video(nodes) -> Graph:
            " Load a video (720x480 works best); its first 49 frames are re-generated following the prompt; "
            "lower denoise keeps more of the input.")
     m = g.add("VDITModelLoader", model="CogVideoX-5b/", weight_dtype="bf16", attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder="CogVideoX-5b/", dtype="bf16", max_length=0)
+    te = g.add("VDITTextEncoderLoader", text_encoder="CogVideoX-5b/", dtype="bf16", max_length=0, family="auto")
     vae = g.add("VDITVAELoader", vae="CogVideoX-5b/", dtype="bf16", variant="auto")
     vid = g.add("LoadVideo", file="input.mp4")
     comp = g.add("GetVideoComponents", video=(vid, 0))
@@ -231,7 +235,7 @@ def hunyuandit(nodes, image_to_image: bool) -> Graph:
     folder = "HunyuanDiT-v1.2-Diffusers/"
     g.note(HUNYUAN_NOTE + (" Load the image to vary; lower denoise keeps more of it." if image_to_image else ""))
     m = g.add("VDITModelLoader", model=folder, weight_dtype="default", attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder=folder, dtype="default", max_length=0)
+    te = g.add("VDITTextEncoderLoader", text_encoder=folder, dtype="default", max_length=0, family="auto")
     vae = g.add("VDITVAELoader", vae=folder, dtype="default", variant="auto")
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="a cute cat sitting on a windowsill, watercolour")
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="blurry, low quality, deformed")
@@ -251,19 +255,19 @@ OPENSORA_NOTE = (
     "Files: put Open-Sora 1.2's files into ComfyUI/models/vdit/OpenSora-v1.2/ as released: transformer/ "
     "(hpcai-tech/OpenSora-STDiT-v3: config.json, model.safetensors), vae/ (hpcai-tech/OpenSora-VAE-v1.2: config.json, "
     "model.safetensors, which holds the spatial SDXL VAE too), text_encoder/ + tokenizer/ (DeepFloyd/t5-v1_1-xxl). "
-    "No model_index.json is needed. Sizes: the Empty Latent's Open-Sora presets (240p to 720p); frames 17k or "
-    "17k+4m+1 (2s = 51, 4s = 102). 30 steps of flow Euler, CFG 7; ' aesthetic score: 6.5.' is appended to the "
-    "prompt (write your own score to change it); the empty negative is the model's learned null caption."
+    "No model_index.json is needed. Sizes: the Empty Latent's Open-Sora presets; frames 17k or 17k+4m+1 (2s = 51). "
+    "30 steps, CFG 7; ' aesthetic score: 6.5.' is appended to the prompt (write your own score to change it); "
+    "the empty negative is the model's learned null caption."
 )
 
 
 def opensora(nodes, image_to_video: bool) -> Graph:
     g = Graph(nodes)
     folder = "OpenSora-v1.2/"
-    g.note(OPENSORA_NOTE + (" Load the first frame as an image; it is resized to the video's size. Connecting a video "
-                            "clip's latents to image_latent instead continues that clip." if image_to_video else ""))
+    g.note(OPENSORA_NOTE + (" Image-to-video: load the first frame (resized to the video's size); an encoded clip "
+                            "in its place continues that clip." if image_to_video else ""))
     m = g.add("VDITModelLoader", model=folder, weight_dtype="bf16", attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder=folder, dtype="bf16", max_length=0)
+    te = g.add("VDITTextEncoderLoader", text_encoder=folder, dtype="bf16", max_length=0, family="opensora")
     vae = g.add("VDITVAELoader", vae=folder, dtype="bf16", variant="auto")
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0),
                 text="a drone shot over a misty pine forest at sunrise, soft light, slow forward motion")
