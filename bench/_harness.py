@@ -1,8 +1,10 @@
 """Shared by the benchmarks: run a case in a fresh subprocess and measure its time and peak memory.
 
 Peak memory is the case's own: on CUDA the allocator's ``max_memory_allocated`` above what was
-allocated before the first call, on CPU the growth of the process's peak RSS from before the
-first call (a high-water mark, so each case needs its own process).
+allocated before the first call; on CPU the process's peak RSS above its RSS before the first call,
+with the peak reset there (Linux ``/proc/self/clear_refs``), so that a load that briefly held two
+copies of the weights does not hide the case's own peak (elsewhere the growth of ``ru_maxrss``, a
+high-water mark from process start).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def measure(fn: Callable[[], object], device: str, repeat: int = 3, warmup: int 
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = _reset_peak_rss()
     for _ in range(warmup):
         fn()
         sync()
@@ -45,8 +47,36 @@ def measure(fn: Callable[[], object], device: str, repeat: int = 3, warmup: int 
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss() - base
     return {"s": sorted(times)[len(times) // 2], "peak_mib": peak / 2**20}
+
+
+def _status(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """The current RSS with the peak reset to it (Linux), else the peak since process start."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss = _status("VmRSS")
+        if rss is not None:
+            return rss
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    hwm = _status("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_worker(script: str, args: list[str]) -> dict:

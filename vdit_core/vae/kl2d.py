@@ -65,8 +65,9 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        inplace = not torch.is_grad_enabled()  # the norms' outputs are fresh tensors: activate them in place when nothing is saved
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
@@ -149,8 +150,9 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [N, 3, H, W] -> moments [N, 2C, H/8, W/8]
-        x = self.conv_in(x)
+        # x: [N, 3, H, W] -> moments [N, 2C, H/8, W/8]; channels-last throughout (oneDNN's and
+        # cuDNN's fast layout; diffusers' VAE ends up in it after its attention reshape)
+        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         for blk in self.down_blocks:
             x = blk(x)
         return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
@@ -172,8 +174,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # z: [N, C, h, w] -> [N, 3, 8h, 8w]
-        x = self.mid_block(self.conv_in(z))
+        # z: [N, C, h, w] -> [N, 3, 8h, 8w]; channels-last throughout (as the encoder)
+        x = self.mid_block(self.conv_in(z.contiguous(memory_format=torch.channels_last)))
         for blk in self.up_blocks:
             x = blk(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -120,8 +120,9 @@ class ResBlock(nn.Module):
         self.conv3 = CausalConv3d(cin, cout, 1, bias=False) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        inplace = not torch.is_grad_enabled()  # the norms' outputs are fresh tensors
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return h + (self.conv3(x) if self.conv3 is not None else x)
 
 
