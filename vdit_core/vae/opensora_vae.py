@@ -330,13 +330,17 @@ class OpenSoraVAE(VideoVAE):
         cfg = self.config
         z = z * self.scale.to(z) + self.shift.to(z)
         spatial = self.spatial_vae.module
-        left, out = self._decode_frames, []
+        total = self._decode_frames
+        out, done = None, 0
         for i in range(0, z.shape[2], cfg.micro_latent_size):
-            n = min(cfg.micro_frame_size, left)
+            n = min(cfg.micro_frame_size, total - done)
             x = self.temporal_vae.decode(z[:, :, i : i + cfg.micro_latent_size].to(self.dtype), n)  # [B, 4, n, h, w]
-            out.append(spatial._decode_chunked(x.float() / SPATIAL_SCALE, max(1, chunk_frames), output_device))
-            left -= n
-        return torch.cat(out, dim=2)
+            frames = spatial._decode_chunked(x.float() / SPATIAL_SCALE, max(1, chunk_frames), output_device)  # [B, 3, n, H, W]
+            if out is None:  # written in place: the output is never held twice
+                out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])
+            out[:, :, done : done + n] = frames
+            done += n
+        return out
 
     def _check_video(self, video: torch.Tensor) -> None:
         # any frame count encodes (the release pads each chunk); only round-trippable ones are
