@@ -98,6 +98,18 @@ def test_ui_workflow_is_consistent(path):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_layout_flows_left_to_right_without_overlaps(path):
+    wf = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for _, src, _, dst, _, _ in wf["links"]:  # data flows left to right
+        assert nodes[src]["pos"][0] + nodes[src]["size"][0] <= nodes[dst]["pos"][0], (path.name, nodes[src]["type"], nodes[dst]["type"])
+    boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in nodes.values()]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (path.name, a, b)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_api_copy_matches_ui(path):
     ui = json.loads(path.read_text())
     api = json.loads((path.parent / "api" / path.name).read_text())

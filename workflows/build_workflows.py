@@ -70,6 +70,23 @@ class Graph:
         return self.add("Note", text=text)
 
     # -- UI format -----------------------------------------------------------------------------
+    def _size(self, node: dict) -> tuple[int, int]:
+        """About the size the frontend draws a node at: a title bar, a row per input/output slot
+        pair, a row per widget (a multiline text box is taller)."""
+        if node["type"] == "Note":
+            return 380, 40 + 18 * (len(node["values"]["text"]) // 52 + 1)
+        sig = node_signature(node["type"], self.defs)
+        slots = max(sum(1 for _, kind, _ in sig["inputs"] if kind != "WIDGET"), len(sig["outputs"]))
+        widgets = [(kind, opts) for _, kind, opts in sig["inputs"] if kind == "WIDGET"]
+        height = 40 + 22 * slots + 26 * len(widgets)
+        height += sum(24 for _, opts in widgets if opts.get("control_after_generate"))
+        multiline = any(opts.get("multiline") for _, opts in widgets)
+        if multiline:
+            height += 90
+        if node["type"] == "LoadImage":
+            height += 240  # its image preview
+        return (400 if multiline else 320), height
+
     def ui(self) -> dict:
         links, ui_nodes = [], []
         columns: dict[int, int] = {}
@@ -90,17 +107,26 @@ class Graph:
                     link_id = len(links) + 1
                     links.append([link_id, s_node["id"], s_slot, node["id"], slot, s_type])
                     out_links.setdefault((s_node["id"], s_slot), []).append(link_id)
+        # left to right in the order data flows (a column per depth), each node sized to its slots
+        # and widgets, stacked top to bottom in its column
+        sizes = {node["id"]: self._size(node) for node in self.items}
+        col_of = {node["id"]: depth[node["id"]] if node["type"] != "Note" else 0 for node in self.items}
+        n_cols = 1 + max(col_of.values())
+        col_w = [max(sizes[i][0] for i, c in col_of.items() if c == k) if k in col_of.values() else 0 for k in range(n_cols)]
+        col_x = [40 + sum(col_w[:k]) + 60 * k for k in range(n_cols)]
+        pos = {}
+        for node in self.items:
+            col = col_of[node["id"]]
+            y = columns.get(col, 40)
+            pos[node["id"]] = [col_x[col], y]
+            columns[col] = y + sizes[node["id"]][1] + 50
         for order, node in enumerate(self.items):
-            col = depth[node["id"]] if node["type"] != "Note" else 0
-            row = columns.get(col, 0)
-            columns[col] = row + 1
-            ui = {"id": node["id"], "type": node["type"], "pos": [40 + 380 * col, 40 + 260 * row], "size": [340, 200],
+            ui = {"id": node["id"], "type": node["type"], "pos": pos[node["id"]], "size": list(sizes[node["id"]]),
                   "flags": {}, "order": order, "mode": 0, "properties": {"Node name for S&R": node["type"]}}
             if node["title"]:
                 ui["title"] = node["title"]
             if node["type"] == "Note":
-                ui.update(inputs=[], outputs=[], widgets_values=[node["values"]["text"]], properties={}, color="#432", bgcolor="#653",
-                          size=[340, 240])
+                ui.update(inputs=[], outputs=[], widgets_values=[node["values"]["text"]], properties={}, color="#432", bgcolor="#653")
                 ui_nodes.append(ui)
                 continue
             sig = node_signature(node["type"], self.defs)
@@ -126,7 +152,7 @@ class Graph:
             ui["widgets_values"] = widgets + sig["ui_extra"]
             ui_nodes.append(ui)
         # zoomed so that the whole graph fits a 1600x1000 view
-        width, height = 40 + 380 * len(columns), 40 + 260 * max(columns.values())
+        width, height = col_x[-1] + col_w[-1] + 40, max(columns.values())
         scale = round(min(0.8, 1600 / width, 1000 / height), 2)
         return {"last_node_id": len(self.items), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
                 "groups": [], "config": {}, "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4}
