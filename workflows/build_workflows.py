@@ -345,13 +345,37 @@ def all_workflows(nodes) -> dict[str, Graph]:
     }
 
 
+def demo_thumbnail(graph: Graph, out: Path) -> None:
+    """The Templates menu's picture of the demo workflow: its own output (the bundled model, the
+    workflow's prompt, size, steps, cfg and seed), four frames in a square, 2x nearest."""
+    import torch
+    from PIL import Image
+
+    from vdit_core import load_pipeline
+    from vdit_core.demo import demo_model_path
+
+    v = {n["type"] + ("." + n["title"] if n["title"] else ""): n["values"] for n in graph.items}
+    lat, smp = v["VDITEmptyLatent"], v["VDITSampler"]
+    pipe = load_pipeline(demo_model_path(), device="cpu")
+    frames = pipe(prompt=v["VDITTextEncode.Positive prompt"]["text"], num_frames=lat["frames"], height=lat["height"], width=lat["width"],
+                  steps=smp["steps"], cfg=smp["cfg"], seed=smp["seed"], progress=False)
+    n = len(frames) - 1
+    a, b, c, d = (frames[round(n * k / 3)] for k in range(4))
+    grid = torch.cat([torch.cat([a, b], dim=1), torch.cat([c, d], dim=1)], dim=0)  # four moments, reading order
+    img = Image.fromarray((grid * 255).round().byte().numpy())
+    img.resize((img.width * 2, img.height * 2), Image.NEAREST).save(out, quality=90)
+
+
 def main() -> None:
     nodes = load_pack().NODE_CLASS_MAPPINGS
     (HERE / "api").mkdir(exist_ok=True)
-    for name, graph in all_workflows(nodes).items():
+    graphs = all_workflows(nodes)
+    for name, graph in graphs.items():
         (HERE / f"{name}.json").write_text(json.dumps(graph.ui(), indent=1) + "\n")
         (HERE / "api" / f"{name}.json").write_text(json.dumps(graph.api(), indent=1) + "\n")
         print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+    demo_thumbnail(graphs["demo_text_to_video"], HERE / "demo_text_to_video.jpg")
+    print("wrote workflows/demo_text_to_video.jpg (the other models' weights are not here to render theirs)")
 
 
 if __name__ == "__main__":
