@@ -110,14 +110,21 @@ class Graph:
         # left to right in the order data flows (a column per depth), each node sized to its slots
         # and widgets, stacked top to bottom in its column
         sizes = {node["id"]: self._size(node) for node in self.items}
-        col_of = {node["id"]: depth[node["id"]] if node["type"] != "Note" else 0 for node in self.items}
+        # a node sits in the column just before its first consumer (a loader next to what it feeds,
+        # so its links do not run behind other columns); the last nodes keep their depth
+        col_of = {node["id"]: depth[node["id"]] for node in self.items}
+        for node in reversed(self.items):
+            consumers = [n["id"] for n in self.items if any(isinstance(v, tuple) and v[0] is node for v in n["values"].values())]
+            if consumers:
+                col_of[node["id"]] = min(col_of[c] for c in consumers) - 1
+        col_of.update({node["id"]: 0 for node in self.items if node["type"] == "Note"})
         n_cols = 1 + max(col_of.values())
         col_w = [max(sizes[i][0] for i, c in col_of.items() if c == k) if k in col_of.values() else 0 for k in range(n_cols)]
         col_x = [40 + sum(col_w[:k]) + 60 * k for k in range(n_cols)]
         pos = {}
         for node in self.items:
             col = col_of[node["id"]]
-            y = columns.get(col, 40)
+            y = columns.get(col, 80)  # room above the first row for the title bars and node badges
             pos[node["id"]] = [col_x[col], y]
             columns[col] = y + sizes[node["id"]][1] + 50
         for order, node in enumerate(self.items):
@@ -153,7 +160,8 @@ class Graph:
             ui_nodes.append(ui)
         # zoomed so that the whole graph fits a 1600x1000 view
         width, height = col_x[-1] + col_w[-1] + 40, max(columns.values())
-        scale = round(min(0.8, 1600 / width, 1000 / height), 2)
+        # (not below 0.62: under 0.6 the frontend stops drawing titles and widgets)
+        scale = round(max(0.62, min(0.8, 1600 / width, 1000 / height)), 2)
         return {"last_node_id": len(self.items), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
                 "groups": [], "config": {}, "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4}
 
