@@ -169,6 +169,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=51)
     p.add_argument("--official-refs", default=None, help="a module with import_opensora() (the official v1.2.0 modules)")
     p.add_argument("--decode-frames", default="51,102,204", help="frame counts of the decode-memory sweep (ours)")
+    p.add_argument("--cases", default="forward,decode,sweep", help="which of forward, decode, sweep to run")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -182,8 +183,11 @@ def main() -> None:
     print(f"Open-Sora {args.size} on {args.device} ({args.dtype}) at {args.width}x{args.height}; ratios are ours/official, "
           f"medians of {args.pairs} interleaved fresh-process runs")
 
+    cases = args.cases.split(",")
     for case, label in (("forward:{}", f"transformer forward (CFG pair, {args.frames} frames)"),
                         (f"decode:{{}}:{args.frames}", f"VAE decode ({args.frames} frames)")):
+        if case.split(":")[0] not in cases:
+            continue
         runs = interleaved(__file__, common, case, impls, args.pairs)
         if isinstance(runs, str):
             print(f"{label}: {runs}")
@@ -195,6 +199,8 @@ def main() -> None:
                   f"peak {o_m:.0f} vs {r_m:.0f} MiB, ratio {ratio(o_m, r_m)}")
         else:
             print(f"{label}: ours {o_s:.3f} s, peak {o_m:.0f} MiB")
+    if "sweep" not in cases:
+        return
     print("decode peak memory by length (ours; the output frames themselves listed apart):")
     for frames in (int(f) for f in args.decode_frames.split(",")):
         res = run_worker(__file__, [*common, "--worker", f"decode:ours:{frames}"])

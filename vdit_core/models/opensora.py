@@ -320,8 +320,12 @@ class STDiT3(nn.Module):
         if drop_text is not None:
             null = self.y_embedder.y_embedding[: y.shape[1]].to(dtype)
             y = torch.where(drop_text.to(x.device).bool()[:, None, None], null[None], y)
-        text = self.y_embedder.y_proj(y)  # [B, L, D]
         text_mask = mask.to(x.device).bool() if mask is not None else None
+        if text_mask is not None:  # tokens masked in every sample cannot matter: skip them (the release packs valid tokens)
+            keep = text_mask.any(dim=0)
+            if not bool(keep.all()):
+                y, text_mask = y[:, keep], text_mask[:, keep]
+        text = self.y_embedder.y_proj(y)  # [B, L, D]
 
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # [B, T*S, D]
         tokens = (tokens.view(b, t, s, -1) + pos[None, None]).view(b, t * s, -1)
