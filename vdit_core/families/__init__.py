@@ -203,10 +203,6 @@ class Family:
         """(latent frames, latent frames padded for the transformer) of a pixel frame count."""
         raise NotImplementedError
 
-    def frames_for_latents(self, latent_t: int) -> int | None:
-        """The pixel frame count latents of ``latent_t`` frames decode to (None: the VAE says)."""
-        return None
-
     def size_problem(self, num_frames: int, height: int, width: int, config=None, spatial_scale: int = 8, frames_label: str = "num_frames") -> str | None:
         """Why a size cannot be generated (one line naming the nearest valid values), or None.
         Without ``config`` only the family's general rule is checked."""

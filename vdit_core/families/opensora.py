@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import read_json
 from ..models import opensora as model
 from ..prediction import FlowPrediction
-from ..schedules import FlowSchedule
+from ..schedules import FlowSchedule, time_shift
 from ..vae import opensora_vae as vae
 from . import Family, Signature, folder_defaults, load_t5_encoder, multiple_problem, register
 
@@ -44,20 +44,23 @@ DURATIONS = {"image": 1, "2s": 51, "4s": 102, "8s": 204, "16s": 408}  # the rele
 LORA_TARGETS = r"(spatial|temporal)_blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|mlp\.fc[12])"
 
 
+def shift_frames(num_frames: int) -> int:
+    """The frame count in the resolution/length shift: ``num_frames // 17 * 5`` as released
+    (images: 1); for 2-16 frames, where that is 0 (the release then gives NaN / zero timesteps),
+    the latent frame count."""
+    if num_frames == 1:
+        return 1
+    return num_frames // 17 * 5 if num_frames >= 17 else vae.latent_frames(num_frames)
+
+
 def transform_sigmas(steps: int, num_frames: int, height: int, width: int, num_timesteps: int = 1000) -> torch.Tensor:
     """The release's sampler timesteps / 1000 plus a final 0, float64 holding float32 values.
 
     ``t_i = (1 - i/N) * 1000`` shifted by ``ratio = sqrt(H*W / 512^2) * sqrt(frames)``:
-    ``ratio * t / (1 + (ratio - 1) * t)``, in float32 as ``timestep_transform`` does. ``frames``
-    is ``num_frames // 17 * 5`` as released (images: 1); for 2-16 frames, where that is 0 (the
-    release then gives NaN / zero timesteps), it is the latent frame count.
+    ``ratio * t / (1 + (ratio - 1) * t)``, in float32 as ``timestep_transform`` does (frames:
+    :func:`shift_frames`).
     """
-    if num_frames == 1:
-        frames = 1
-    elif num_frames >= 17:
-        frames = num_frames // 17 * 5
-    else:
-        frames = vae.latent_frames(num_frames)
+    frames = shift_frames(num_frames)
     t = torch.tensor([(1.0 - i / steps) * num_timesteps for i in range(steps)], dtype=torch.float32) / num_timesteps
     hw = torch.tensor(float(height), dtype=torch.float32) * torch.tensor(float(width), dtype=torch.float32)
     ratio = (hw / (512 * 512)).sqrt() * torch.tensor(float(frames), dtype=torch.float32).sqrt()
@@ -143,10 +146,8 @@ class OpenSora(Family):
     def train_sigmas(self, sigmas, latent_shape, spatial_scale):
         """Training timesteps get the same resolution/length shift (``timestep_transform``)."""
         _, _, t, h, w = latent_shape
-        frames = vae.pixel_frames(t)
-        n = 1 if frames == 1 else (frames // 17 * 5 if frames >= 17 else t)
-        ratio = math.sqrt(h * spatial_scale * w * spatial_scale / 512**2) * math.sqrt(n)
-        return ratio * sigmas / (1 + (ratio - 1) * sigmas)
+        ratio = math.sqrt(h * spatial_scale * w * spatial_scale / 512**2) * math.sqrt(shift_frames(vae.pixel_frames(t)))
+        return time_shift(sigmas, ratio)
 
     def default_timestep_sampling(self):
         return "logit_normal"
@@ -194,14 +195,8 @@ class OpenSora(Family):
         t = vae.latent_frames(num_frames)
         return t, t
 
-    def frames_for_latents(self, latent_t):
-        return vae.pixel_frames(latent_t)
-
     def size_problem(self, num_frames, height, width, config=None, spatial_scale=8, frames_label="num_frames"):
-        problem = vae.frames_problem(num_frames)
-        if problem:
-            return f"{frames_label}={num_frames}: " + problem.split(": ", 1)[1]
-        return multiple_problem("height", height, spatial_scale) or multiple_problem("width", width, spatial_scale)
+        return vae.frames_problem(num_frames, label=frames_label) or multiple_problem("height", height, spatial_scale) or multiple_problem("width", width, spatial_scale)
 
     def size_warning(self, num_frames, height, width, config, spatial_scale):
         if height * width > 1280 * 720 * 1.05:

@@ -237,15 +237,17 @@ def pixel_frames(latent_t: int, micro: int = 17, tc: int = 4) -> int:
     return (latent_t // per) * micro + (tc * rest - (tc - 1) if rest else 0)
 
 
-def frames_problem(num_frames: int, micro: int = 17, tc: int = 4) -> str | None:
-    """Why the VAE cannot round-trip ``num_frames`` (with the nearest counts it can), or None."""
+def frames_problem(num_frames: int, micro: int = 17, tc: int = 4, label: str | None = None) -> str | None:
+    """Why the VAE cannot round-trip ``num_frames`` (with the nearest counts it can), or None;
+    ``label`` names the value ("num_frames=20: ...", else "20 frames: ...")."""
     if num_frames >= 1 and pixel_frames(latent_frames(num_frames, micro, tc), micro, tc) == num_frames:
         return None
     valid = [pixel_frames(t, micro, tc) for t in range(1, latent_frames(max(num_frames, 1), micro, tc) + 2)]
     lo = max([v for v in valid if v < num_frames], default=None)
     hi = min(v for v in valid if v > num_frames)
     near = f"{lo} or {hi}" if lo else str(hi)
-    return (f"{num_frames} frames: Open-Sora's VAE codes 17-frame chunks (5 latent frames each) and takes 17k or "
+    what = f"{label}={num_frames}" if label else f"{num_frames} frames"
+    return (f"{what}: Open-Sora's VAE codes 17-frame chunks (5 latent frames each) and takes 17k or "
             f"17k + 4m + 1 frames; nearest valid: {near}")
 
 
