@@ -48,6 +48,22 @@ def _unwrap(sd: dict) -> dict:
     return sd
 
 
+WRAPPER_PREFIXES = ("ema.", "module.")  # training wrappers' key prefixes (EMA copies, DDP / FSDP modules)
+
+
+def unwrapped_keys(keys: Iterable[str]) -> set[str]:
+    """Key names with a training wrapper's ``ema.`` / ``module.`` prefix removed (for detection)."""
+    return {k.split(".", 1)[1] if k.startswith(WRAPPER_PREFIXES) else k for k in keys}
+
+
+def unwrap_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without the ``ema.`` / ``module.`` prefix every one of its keys carries."""
+    for prefix in WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
     if dtype is not None and t.is_floating_point():
         t = t.to(dtype)

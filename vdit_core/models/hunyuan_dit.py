@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
+from ..checkpoint import unwrap_prefixes, unwrapped_keys
 from ..layers import FeedForward, apply_rope, rope_1d, timestep_embedding
 
 
@@ -418,14 +419,6 @@ def preset_name(cfg: HunyuanDiTConfig) -> str | None:
     return None
 
 
-def _unwrap_ema(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tencent's training checkpoints may prefix keys with ``ema.`` or ``module.``."""
-    for prefix in ("ema.", "module."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
 def load_transformer(path, dtype: torch.dtype | None = torch.float32, device="cpu", config: HunyuanDiTConfig | None = None) -> HunyuanDiT:
     """A HunyuanDiT transformer from a diffusers folder, a safetensors file with diffusers or
     original names, Tencent's ``pytorch_model_ema.pt`` (read with ``weights_only=True``), or the
@@ -436,13 +429,13 @@ def load_transformer(path, dtype: torch.dtype | None = torch.float32, device="cp
         path, state_dict=read_part(path, CHECKPOINT_PREFIXES, dtype, device), build=HunyuanDiT, expected="a HunyuanDiT transformer",
         recognise=is_diffusers_state_dict,
         from_json=HunyuanDiTConfig.from_diffusers, infer_config=infer_config, dtype=dtype, device=device, config=config,
-        convert=(lambda k: is_original_state_dict(_strip(k)), lambda sd: convert_original(_unwrap_ema(sd))),
+        convert=(lambda k: is_original_state_dict(_strip(k)), lambda sd: convert_original(unwrap_prefixes(sd))),
         label=lambda c: f"a HunyuanDiT transformer ({preset_name(c) or 'custom config'})",
     )
 
 
 def _strip(keys) -> set[str]:
-    return {k.split(".", 1)[1] if k.startswith(("ema.", "module.")) else k for k in keys}
+    return unwrapped_keys(keys)  # Tencent's training checkpoints prefix ema. / module.
 
 
 def save_transformer(model: HunyuanDiT, folder, dtype: torch.dtype | None = None, state_dict: dict | None = None) -> None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
+from ..checkpoint import unwrap_prefixes, unwrapped_keys
 from ..layers import apply_rope, timestep_embedding
 
 
@@ -348,22 +349,10 @@ class STDiT3(nn.Module):
 # checkpoints
 
 
-def _strip(keys) -> set[str]:
-    """Keys without a training wrapper's ``module.`` / ``ema.`` prefix."""
-    return {k.split(".", 1)[1] if k.startswith(("ema.", "module.")) else k for k in keys}
-
-
 def is_state_dict(keys) -> bool:
     """An STDiT3 transformer (temporal blocks and an fps embedder), wrapped or not."""
-    ks = _strip(keys)
+    ks = unwrapped_keys(keys)
     return "temporal_blocks.0.attn.qkv.weight" in ks and "fps_embedder.mlp.0.weight" in ks
-
-
-def _unwrap(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("ema.", "module."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
 
 
 def infer_config(sd: dict[str, torch.Tensor]) -> STDiT3Config:
@@ -416,7 +405,7 @@ def load_transformer(path, dtype: torch.dtype | None = torch.float32, device="cp
         raise CheckpointError(f"{path}: expected an Open-Sora STDiT3 transformer, but this looks like {describe(sd.keys())}")
     if config is None and path.is_dir() and (path / "config.json").exists():
         config = STDiT3Config.from_json(read_json(path / "config.json"))
-    sd = _unwrap(sd)
+    sd = unwrap_prefixes(sd)
     try:
         head_dim = (config or infer_config(sd)).head_dim
     except ValueError as e:

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import unwrap_prefixes, unwrapped_keys
 from . import kl2d
 from .common import Tiling, VideoVAE
 
@@ -361,17 +362,13 @@ class OpenSoraVAE(VideoVAE):
 SPATIAL_PREFIX, TEMPORAL_PREFIX = "spatial_vae.module.", "temporal_vae."
 
 
-def _strip(keys) -> set[str]:
-    return {k.split(".", 1)[1] if k.startswith(("ema.", "module.")) else k for k in keys}
-
-
 def is_state_dict(keys) -> bool:
     """Open-Sora 1.2's VAE file (with or without its spatial stage: the loader says which)."""
-    return f"{TEMPORAL_PREFIX}encoder.conv_in.conv.weight" in _strip(keys)
+    return f"{TEMPORAL_PREFIX}encoder.conv_in.conv.weight" in unwrapped_keys(keys)
 
 
 def has_spatial(keys) -> bool:
-    return any(k.startswith(SPATIAL_PREFIX) for k in _strip(keys))
+    return any(k.startswith(SPATIAL_PREFIX) for k in unwrapped_keys(keys))
 
 
 def infer_temporal(sd: dict[str, torch.Tensor], num_groups: int = 32) -> TemporalVAEConfig:
@@ -436,9 +433,7 @@ def load_vae(path, dtype: torch.dtype | None = torch.float32, device="cpu", conf
     sd = load_state_dict(path, dtype=dtype, device=device)
     if not is_state_dict(sd.keys()):
         raise CheckpointError(f"{path}: expected an Open-Sora 1.2 VAE, but this looks like {describe(sd.keys())}")
-    for prefix in ("ema.", "module."):
-        if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    sd = unwrap_prefixes(sd)
     if not has_spatial(sd.keys()):
         raise CheckpointError(f"{path}: holds Open-Sora's temporal VAE but not its spatial (SDXL) stage; the released "
                               "OpenSora-VAE-v1.2 model.safetensors holds both (spatial_vae.module.* and temporal_vae.*)")
