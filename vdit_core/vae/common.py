@@ -243,18 +243,19 @@ class VideoVAE(nn.Module):
         ``output_device`` (e.g. "cpu") moves each decoded chunk off the GPU as it is made, so a
         long video never holds all its frames in GPU memory.
         """
+        return self._decode_tiled(latents, tiling, lambda z: self._decode_chunked(z, chunk_frames, output_device))
+
+    def _decode_tiled(self, latents: torch.Tensor, tiling: Tiling | None, decode_tile) -> torch.Tensor:
+        """``decode_tile`` (unscaled latents -> pixels) over spatial tiles of ``latents``, blended."""
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"expected latents [B, {self.latent_channels}, T, h, w], got {tuple(latents.shape)}")
         z = latents.float() * (1 / self.scaling_factor)  # as the reference pipelines scale
         s = self.spatial_compression
         h, w = z.shape[-2:]
         if tiling is None or (h <= tiling.tile_height // s and w <= tiling.tile_width // s):
-            return self._decode_chunked(z, chunk_frames, output_device)
+            return decode_tile(z)
         lat_h, lat_w, step_h, step_w = tile_grid(tiling, s)
-        tiles = [
-            [self._decode_chunked(z[:, :, :, i : i + lat_h, j : j + lat_w], chunk_frames, output_device) for j in range(0, w, step_w)]
-            for i in range(0, h, step_h)
-        ]
+        tiles = [[decode_tile(z[:, :, :, i : i + lat_h, j : j + lat_w]) for j in range(0, w, step_w)] for i in range(0, h, step_h)]
         return stitch(tiles, s * (lat_h - step_h), s * (lat_w - step_w), s * step_h, s * step_w)
 
     def _check_video(self, video: torch.Tensor) -> None:

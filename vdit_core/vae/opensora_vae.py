@@ -323,17 +323,14 @@ class OpenSoraVAE(VideoVAE):
         if self.latent_frames(frames) != t:
             held = [n for n in range(self.pixel_frames(t), self.pixel_frames(t) + self.temporal_compression) if self.latent_frames(n) == t]
             raise ValueError(f"num_frames={frames}: latents of {t} frames hold {' to '.join(map(str, sorted({held[0], held[-1]})))} frames")
-        self._decode_frames = frames
-        try:
-            return super().decode(latents, chunk_frames, tiling, output_device)
-        finally:
-            del self._decode_frames
+        return self._decode_tiled(latents, tiling, lambda z: self._decode_chunked(z, chunk_frames, output_device, frames))
 
-    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device) -> torch.Tensor:
+    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device, total: int | None = None) -> torch.Tensor:
+        """Pixels of unscaled latents: ``total`` frames (default: what the latents round-trip)."""
         cfg = self.config
         z = z * self.scale.to(z) + self.shift.to(z)
         spatial = self.spatial_vae.module
-        total = self._decode_frames
+        total = self.pixel_frames(z.shape[2]) if total is None else total
         out, done = None, 0
         for i in range(0, z.shape[2], cfg.micro_latent_size):
             n = min(cfg.micro_frame_size, total - done)
