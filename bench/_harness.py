@@ -92,6 +92,20 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.3f}" if b > 0 else "n/a"
 
 
+def weights_once(name: str, size: str, spec: dict, make: Callable[[Path, dict], None]) -> Path:
+    """The folder of a benchmark's random weights for ``spec``: made by ``make(root, spec)`` (seed
+    0) the first time, reused after."""
+    import torch
+
+    root = weights_root(name, size, spec)
+    if not (root / "done").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        make(root, spec)
+        (root / "done").write_text("ok")
+    return root
+
+
 def weights_root(name: str, size: str, spec: dict) -> Path:
     """Where a benchmark keeps the random weights it made for ``spec`` (made once, reused)."""
     import hashlib

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import measure, ratio, run_worker, weights_root  # noqa: E402
+from _harness import measure, ratio, run_worker, weights_once  # noqa: E402
 
 SIZES = {
     # transformer, VAE channels, (frames, height, width) of the transformer/sampling cases
@@ -41,25 +41,23 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def setup(size: str) -> Path:
     """Random weights for the size, saved once in the diffusers layout."""
+    return weights_once("cogvideox", size, SIZES[size], _make_weights)
+
+
+def _make_weights(root: Path, spec: dict) -> None:
     import torch
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
-    spec = SIZES[size]
-    root = weights_root("cogvideox", size, spec)
-    if (root / "done").exists():
-        return root
-    torch.manual_seed(0)
-    with torch.device("meta") if size != "small" else torch.device("cpu"):
+    big = spec != SIZES["small"]  # billions of parameters: materialise small random values directly
+    with torch.device("meta") if big else torch.device("cpu"):
         tf = CogVideoXTransformer3DModel(**spec["transformer"])
-    if size != "small":  # billions of parameters: materialise small random values directly
+    if big:
         tf = tf.to_empty(device="cpu")
         for p in tf.parameters():
             torch.nn.init.normal_(p, std=0.02)
     tf.save_pretrained(str(root / "transformer"), safe_serialization=True)
     del tf
     AutoencoderKLCogVideoX(**spec["vae"]).save_pretrained(str(root / "vae"), safe_serialization=True)
-    (root / "done").write_text("ok")
-    return root
 
 
 def _inputs(args, torch, cfg_dim):

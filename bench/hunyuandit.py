@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import bench_args, interleaved, measure, ratio, weights_root  # noqa: E402
+from _harness import bench_args, interleaved, measure, ratio, weights_once  # noqa: E402
 
 SIZES = {
     # transformer, VAE channels, text encoder widths
@@ -35,18 +35,16 @@ PROMPT, NEGATIVE = "a red circle on a blue square, watercolour", "blurry"
 
 def setup(size: str) -> Path:
     """A HunyuanDiT diffusers folder of random weights for the size, saved once."""
+    return weights_once("hunyuandit", size, SIZES[size], _make_weights)
+
+
+def _make_weights(root: Path, spec: dict) -> None:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
     from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizerFast, T5Config, T5EncoderModel
 
     from vdit_core.demo.build import make_tokenizer
 
-    spec = SIZES[size]
-    root = weights_root("hunyuandit", size, spec)
-    if (root / "done").exists():
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
     tf = HunyuanDiT2DModel(in_channels=4, patch_size=2, sample_size=64, text_len=77, text_len_t5=256,
                            use_style_cond_and_image_meta_size=False, **spec["transformer"])
     with torch.no_grad():
@@ -68,8 +66,6 @@ def setup(size: str) -> Path:
                               scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                               text_encoder_2=t5, tokenizer_2=tok2)
     pipe.save_pretrained(str(root / "model"), safe_serialization=True)
-    (root / "done").write_text("ok")
-    return root
 
 
 def worker(args) -> dict:

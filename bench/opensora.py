@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import bench_args, interleaved, measure, ratio, run_worker, weights_root  # noqa: E402
+from _harness import bench_args, interleaved, measure, ratio, run_worker, weights_once  # noqa: E402
 
 SIZES = {
     "small": dict(transformer=dict(hidden_size=384, depth=4, num_heads=6, caption_channels=256),
@@ -35,18 +35,16 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def setup(size: str) -> Path:
     """Random STDiT3 and VAE weights for the size, in the released layout, saved once."""
+    return weights_once("opensora", size, SIZES[size], _make_weights)
+
+
+def _make_weights(root: Path, spec: dict) -> None:
     import torch
 
     from vdit_core.models import opensora as model
     from vdit_core.vae import kl2d
     from vdit_core.vae import opensora_vae as vae
 
-    spec = SIZES[size]
-    root = weights_root("opensora", size, spec)
-    if (root / "done").exists():
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
     tf = model.STDiT3(model.STDiT3Config(**spec["transformer"]))
     for p in tf.parameters():
         torch.nn.init.normal_(p, 0, 0.02)
@@ -74,8 +72,6 @@ def setup(size: str) -> Path:
         "latent_channels": 4, "norm_num_groups": 32, "sample_size": 512}))
     save_file({k[len("spatial_vae.module."):]: t.contiguous() for k, t in v.state_dict().items() if k.startswith("spatial_vae.module.")},
               str(root / "vae_2d" / "diffusion_pytorch_model.safetensors"))
-    (root / "done").write_text("ok")
-    return root
 
 
 def _official(path: str):
