@@ -186,14 +186,20 @@ class Graph:
 # the workflows
 
 
+def loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[dict, dict, dict]:
+    """The three loaders of a model folder (or file): transformer, text encoder, VAE."""
+    m = g.add("VDITModelLoader", model=source, weight_dtype=dtype, attention="auto")
+    te = g.add("VDITTextEncoderLoader", text_encoder=source, dtype=dtype, max_length=0, family=family)
+    vae = g.add("VDITVAELoader", vae=source, dtype=dtype, variant="auto")
+    return m, te, vae
+
+
 def text_to_video(nodes, model: str, note: str, width: int, height: int, frames: int, steps: int, cfg: float, fps: float,
                   prompt: str, dtype="default", sampler="default", dynamic_cfg=False, lora: str | None = None,
                   negative="", prefix="vdit/t2v") -> Graph:
     g = Graph(nodes)
     g.note(note)
-    m = g.add("VDITModelLoader", model=model, weight_dtype=dtype, attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder=model, dtype=dtype, max_length=0, family="auto")
-    vae = g.add("VDITVAELoader", vae=model, dtype=dtype, variant="auto")
+    m, te, vae = loaders(g, model, dtype)
     if lora:
         m = g.add("VDITLoraApply", model=(m, 0), lora_name=lora, strength=1.0)
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text=prompt)
@@ -218,9 +224,7 @@ def image_to_video(nodes) -> Graph:
     g = Graph(nodes)
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b-I2V", name="CogVideoX-5b-I2V/") +
            " Load a 720x480 image as the first frame (image-to-video needs that exact size).")
-    m = g.add("VDITModelLoader", model="CogVideoX-5b-I2V/", weight_dtype="bf16", attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder="CogVideoX-5b-I2V/", dtype="bf16", max_length=0, family="auto")
-    vae = g.add("VDITVAELoader", vae="CogVideoX-5b-I2V/", dtype="bf16", variant="auto")
+    m, te, vae = loaders(g, "CogVideoX-5b-I2V/", "bf16")
     img = g.add("LoadImage", image="first_frame.png")
     enc = g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the scene slowly comes to life, gentle camera motion")
@@ -238,9 +242,7 @@ def video_to_video(nodes) -> Graph:
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
            " Load a video (720x480 works best); its first 49 frames are re-generated following the prompt; "
            "lower denoise keeps more of the input.")
-    m = g.add("VDITModelLoader", model="CogVideoX-5b/", weight_dtype="bf16", attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder="CogVideoX-5b/", dtype="bf16", max_length=0, family="auto")
-    vae = g.add("VDITVAELoader", vae="CogVideoX-5b/", dtype="bf16", variant="auto")
+    m, te, vae = loaders(g, "CogVideoX-5b/", "bf16")
     vid = g.add("LoadVideo", file="input.mp4")
     comp = g.add("GetVideoComponents", video=(vid, 0))
     frames = g.add("ImageFromBatch", "First 49 frames", image=(comp, 0), batch_index=0, length=49)
@@ -268,9 +270,7 @@ def hunyuandit(nodes, image_to_image: bool) -> Graph:
     g = Graph(nodes)
     folder = "HunyuanDiT-v1.2-Diffusers/"
     g.note(HUNYUAN_NOTE + (" Load the image to vary; lower denoise keeps more of it." if image_to_image else ""))
-    m = g.add("VDITModelLoader", model=folder, weight_dtype="default", attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder=folder, dtype="default", max_length=0, family="auto")
-    vae = g.add("VDITVAELoader", vae=folder, dtype="default", variant="auto")
+    m, te, vae = loaders(g, folder, "default")
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="a cute cat sitting on a windowsill, watercolour")
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="blurry, low quality, deformed")
     if image_to_image:
@@ -300,9 +300,7 @@ def opensora(nodes, image_to_video: bool) -> Graph:
     folder = "OpenSora-v1.2/"
     g.note(OPENSORA_NOTE + (" Image-to-video: load the first frame (resized to the video's size); an encoded clip "
                             "in its place continues that clip." if image_to_video else ""))
-    m = g.add("VDITModelLoader", model=folder, weight_dtype="bf16", attention="auto")
-    te = g.add("VDITTextEncoderLoader", text_encoder=folder, dtype="bf16", max_length=0, family="opensora")
-    vae = g.add("VDITVAELoader", vae=folder, dtype="bf16", variant="auto")
+    m, te, vae = loaders(g, folder, "bf16", family="opensora")
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0),
                 text="a drone shot over a misty pine forest at sunrise, soft light, slow forward motion")
     neg = g.add("VDITTextEncode", "Negative prompt (empty: the learned null)", text_encoder=(te, 0), text="")
