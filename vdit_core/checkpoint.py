@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -46,6 +47,13 @@ def _unwrap(sd: dict) -> dict:
         while isinstance(sd, dict) and key in sd and isinstance(sd[key], dict) and not isinstance(sd[key], torch.Tensor):
             sd = sd[key]
     return sd
+
+
+def known_fields(cls, config: dict) -> dict:
+    """The entries of a config.json dict that are fields of the dataclass ``cls`` (others are
+    ignored), JSON lists as tuples (frozen configs hash)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
 
 
 WRAPPER_PREFIXES = ("ema.", "module.")  # training wrappers' key prefixes (EMA copies, DDP / FSDP modules)

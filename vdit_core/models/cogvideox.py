@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
+from ..checkpoint import known_fields
 from ..layers import FeedForward, TimestepMLP, apply_rope, rope_3d, sincos_3d, timestep_embedding
 
 
@@ -65,8 +66,7 @@ class CogVideoXConfig:
     @classmethod
     def from_diffusers(cls, config: dict) -> "CogVideoXConfig":
         """From a diffusers ``transformer/config.json`` dict (unknown keys ignored)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in config.items() if k in fields}
+        kw = known_fields(cls, config)
         if kw.get("out_channels") is None:
             kw["out_channels"] = 16
         return cls(**kw)

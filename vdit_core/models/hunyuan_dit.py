@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
-from ..checkpoint import unwrap_prefixes, unwrapped_keys
+from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
 from ..layers import FeedForward, apply_rope, rope_1d, timestep_embedding
 
 
@@ -66,8 +66,7 @@ class HunyuanDiTConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "HunyuanDiTConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return cls(**known_fields(cls, config))
 
     def to_diffusers(self) -> dict:
         d = dataclasses.asdict(self)

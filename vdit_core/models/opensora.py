@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
-from ..checkpoint import unwrap_prefixes, unwrapped_keys
+from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
 from ..layers import apply_rope, timestep_embedding
 
 
@@ -59,11 +59,7 @@ class STDiT3Config:
 
     @classmethod
     def from_json(cls, config: dict) -> "STDiT3Config":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in config.items() if k in fields}
-        if "patch_size" in kw:
-            kw["patch_size"] = tuple(kw["patch_size"])
-        return cls(**kw)
+        return cls(**known_fields(cls, config))
 
     def to_json(self) -> dict:
         """The released config.json's fields (``STDiT3Config`` of the official code)."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import known_fields
 from .causal_conv import CausalConv3d
 from .common import Tiling, VideoVAE
 
@@ -49,11 +50,7 @@ class CogVideoXVAEConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "CogVideoXVAEConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in config.items() if k in fields}
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
-        return cls(**kw)
+        return cls(**known_fields(cls, config))
 
     def to_diffusers(self) -> dict:
         d = dataclasses.asdict(self)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attention import attention
+from ..checkpoint import known_fields
 from .common import Tiling, VideoVAE
 
 
@@ -43,11 +44,8 @@ class KL2DConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "KL2DConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in config.items() if k in fields}
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
-        if isinstance(kw.get("sample_size"), (list, tuple)):
+        kw = known_fields(cls, config)
+        if isinstance(kw.get("sample_size"), tuple):
             kw["sample_size"] = int(kw["sample_size"][0])
         return cls(**kw)
 
