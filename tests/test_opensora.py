@@ -279,6 +279,9 @@ def test_cli_generates_and_extends(folder, tmp_path, capsys):
     assert "nearest valid: 18 or 22" in capsys.readouterr().err and not (tmp_path / "c.mp4").exists()
     assert main([*common, "--duration", "2s", "--resolution", "nope", "--out", str(tmp_path / "d.mp4")]) == 2
     assert "resolution 'nope'" in capsys.readouterr().err
+    # a prompt option of another family (the demo is CogVideoX-like) is refused before the model loads
+    assert main(["--prompt", "x", "--aesthetic-score", "5", "--out", str(tmp_path / "e.mp4")]) == 2
+    assert "aesthetic_score: not an option of CogVideoX models" in capsys.readouterr().err and not (tmp_path / "e.mp4").exists()
 
 
 def test_the_nodes_serve_opensora(folder):

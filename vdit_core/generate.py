@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .demo import demo_model_path
     from .pipeline import check_request, load_pipeline
-    from .families import parse_duration, parse_resolution
+    from .families import for_folder, parse_duration, parse_resolution
     from .video_io import WRITABLE_IMAGE_SUFFIXES, check_video_path, read_image, read_video, write_output
 
     try:
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         image = read_image(args.image) if args.image else None
         video = read_video(args.video)[0] if args.video else None
         model = args.model or demo_model_path()  # no --model: the bundled demo
+        for_folder(model).check_options(options)  # before the model loads
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype, attention=args.attention)
-        pipe.check_options(options)
         frames = pipe(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,

@@ -217,14 +217,8 @@ class Pipeline:
         ``options``: the family's prompt options (Open-Sora: ``aesthetic_score``, ``motion_score``)."""
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder loaded")
-        self.check_options(options)
+        self.family.check_options(options)
         return self.family.encode_text(self.text_encoder, prompt, **options)
-
-    def check_options(self, options: dict) -> None:
-        unknown = sorted(set(options) - set(self.family.prompt_options))
-        if unknown:
-            known = ", ".join(self.family.prompt_options) or "none"
-            raise ValueError(f"{', '.join(unknown)}: not an option of {self.family.label} models (their prompt options: {known})")
 
     def noise_source(self, seed: int, latent_shape: tuple[int, ...]) -> SeededNoise:
         """The run's noise stream, drawing latents in the reference layout."""
@@ -377,7 +371,7 @@ class Pipeline:
         options (Open-Sora: ``aesthetic_score=6.5``, None to leave it out; ``motion_score``).
         """
         check_request(num_frames, height, width, steps, cfg, denoise)
-        self.check_options(options)
+        self.family.check_options(options)  # before any work
         if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps={fps!r}: must be a positive number (e.g. 24)")
         extend = video is not None and denoise >= 1.0

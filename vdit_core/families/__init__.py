@@ -161,6 +161,13 @@ class Family:
         family's :attr:`prompt_options`."""
         raise NotImplementedError
 
+    def check_options(self, options: dict) -> None:
+        """Refuse keyword options that are not among :attr:`prompt_options`, naming those that are."""
+        unknown = sorted(set(options) - set(self.prompt_options))
+        if unknown:
+            known = ", ".join(self.prompt_options) or "none"
+            raise ValueError(f"{', '.join(unknown)}: not an option of {self.label} models (their prompt options: {known})")
+
     def negative_conditioning(self, text_encoder, negative_prompt: str, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unconditional branch for CFG, given the prompt's conditioning."""
         return self.encode_text(text_encoder, negative_prompt)
