@@ -105,8 +105,7 @@ class VDITTextEncoderLoader:
             encoder = family.load_text_encoder(path, dtype_, "cpu", max_length=max_length)
         else:
             found = families.for_file(path, "text_encoder")
-            shared = {"cogvideox", "opensora"}  # both condition on T5-v1.1-XXL
-            if chosen is not None and chosen is not found and not {chosen.name, found.name} <= shared:
+            if chosen is not None and chosen is not found and not (chosen.text_encoder_kind and chosen.text_encoder_kind == found.text_encoder_kind):
                 raise ValueError(f"{path.name}: {families.describe(families.file_keys(path))}, not a text encoder {chosen.label} uses")
             family = chosen or found
             tokenizer = path.parent / "tokenizer" if (path.parent / "tokenizer").is_dir() else comfy.tokenizer_root()

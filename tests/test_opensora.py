@@ -319,6 +319,8 @@ def test_the_nodes_serve_opensora(folder):
     with pytest.raises(ValueError, match="positive: encoded for CogVideoX, but the model is Open-Sora: set the text encoder loader's family to opensora"):
         nodes["VDITSampler"]().sample(m1, nodes["VDITTextEncode"]().encode(te_cog, "x")[0], neg, latent, seed=3, steps=3, cfg=7.0,
                                       sampler="default", schedule="default", denoise=1.0)
+    with pytest.raises(ValueError, match="t5.safetensors: a T5 text encoder, not a text encoder HunyuanDiT uses"):
+        nodes["VDITTextEncoderLoader"]().load("t5.safetensors", "default", 0, "hunyuandit")
     te1 = nodes["VDITTextEncoderLoader"]().load("t5.safetensors", "default", 0, "opensora")[0]
     pos1 = nodes["VDITTextEncode"]().encode(te1, "a red circle moving right")[0]
     neg1 = nodes["VDITTextEncode"]().encode(te1, "")[0]

@@ -95,6 +95,7 @@ class Family:
     named_resolutions: dict[str, tuple[int, int]] = {}  # the release's names for sizes ("240p 16:9": (424, 240))
     durations: dict[str, int] = {}  # the release's names for frame counts ("2s": 51)
     caption_groups: tuple[tuple[str, ...], ...] = ()  # conditioning keys that caption dropout replaces together (default: all)
+    text_encoder_kind: str = ""  # families with the same kind take each other's text encoder files (T5-v1.1-XXL)
     extends_videos: bool = False  # whether a video with denoise 1 conditions a continuation (video_conditioning)
     prompt_options: tuple[str, ...] = ()  # keyword options of encode_text (pipeline call options)
     noise_permute: tuple[int, ...] | None = None  # the reference's per-sample noise layout (seed parity)

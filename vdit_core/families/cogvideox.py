@@ -43,6 +43,7 @@ class CogVideoX(Family):
         Signature("a CogVideoX VAE (SAT layout)", vae.is_sat_state_dict, "cogvideox", "vae", "sat"),
         Signature("a T5 text encoder", lambda k: any(x.startswith("encoder.block.") for x in k), "cogvideox", "text_encoder"),
     )
+    text_encoder_kind = "t5-v1_1-xxl"
     pipeline_classes = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
     vae_variants = tuple(vae.PRESETS)
     lora_targets = LORA_TARGETS

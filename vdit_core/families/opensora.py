@@ -86,6 +86,7 @@ class OpenSora(Family):
         Signature("an Open-Sora 1.2 temporal VAE without its spatial stage", vae.is_state_dict, "opensora", "vae"),
     )
     pipeline_classes = ("OpenSoraPipeline",)
+    text_encoder_kind = "t5-v1_1-xxl"
     lora_targets = LORA_TARGETS
     resolutions = tuple(NAMED_RESOLUTIONS.values())
     named_resolutions = NAMED_RESOLUTIONS
