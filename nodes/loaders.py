@@ -100,7 +100,7 @@ class VDITTextEncoderLoader:
         if folder:
             found = families.for_folder(path)
             if chosen is not None and chosen is not found:
-                raise ValueError(f"{text_encoder}: a {found.label} model folder; its text encoder cannot be loaded for {chosen.label} (pick auto)")
+                raise ValueError(f"{text_encoder}: this folder's text encoder is {found.label}'s; it cannot encode for {chosen.label} (set family to auto)")
             family = found
             encoder = family.load_text_encoder(path, dtype_, "cpu", max_length=max_length)
         else:

@@ -15,10 +15,20 @@ SPACINGS = ["default", "trailing", "leading", "linspace", "karras", "exponential
 
 
 def check_size(width: int, height: int, frames: int) -> str | None:
-    """Why no registered family can make a video of this size (the first family's reason, with
-    the valid neighbours), or None. The model's own rules are checked when the node runs."""
+    """Why no registered family can make a video of this size (each family's reason, with its
+    valid neighbours: the model is not known before the graph runs), or None. The model's own
+    rules are checked when the node runs."""
     problems = [f.size_problem(frames, height, width, frames_label="frames") for f in families.FAMILIES.values()]
-    return None if any(p is None for p in problems) else problems[0]
+    return None if any(p is None for p in problems) else f"no model family takes this size: {' | '.join(problems)}"
+
+
+def apply_presets(width: int, height: int, frames: int, resolution: str, duration: str) -> tuple[int, int, int]:
+    """The size after the node's presets ("Open-Sora 360p 16:9 640x360", "Open-Sora 2s (51 frames)")."""
+    if resolution != "custom":
+        width, height = (int(v) for v in resolution.rsplit(" ", 1)[1].split("x"))
+    if duration != "custom":
+        frames = int(duration.rsplit("(", 1)[1].split()[0])
+    return width, height, frames
 
 
 class VDITEmptyLatent:
@@ -43,18 +53,16 @@ class VDITEmptyLatent:
     CATEGORY = "vdit"
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, frames):
-        return check_size(width, height, frames) or True
+    def VALIDATE_INPUTS(cls, width, height, frames, resolution="custom", duration="custom"):
+        # (declaring the presets here skips ComfyUI's own check of their values: done here)
+        for name, value, choices in (("resolution", resolution, families.resolution_choices()), ("duration", duration, families.duration_choices())):
+            if value != "custom" and value not in choices:
+                return f"{name} {value!r}: not one of this node's presets (pick one from the list, or custom)"
+        return check_size(*apply_presets(width, height, frames, resolution, duration)) or True
 
     def generate(self, model, width, height, frames, batch_size, resolution="custom", duration="custom"):
-        if resolution != "custom":
-            width, height = (int(v) for v in resolution.rsplit(" ", 1)[1].split("x"))
-        if duration != "custom":
-            frames = int(duration.rsplit("(", 1)[1].split()[0])
-        problem = check_size(width, height, frames)
-        if problem:
-            raise ValueError(problem)
-        pipe = model.pipeline()
+        width, height, frames = apply_presets(width, height, frames, resolution, duration)
+        pipe = model.pipeline()  # the model's own rules: its one-line reason and valid neighbours
         pipe.check_size(frames, height, width)
         samples = torch.zeros(pipe.latent_shape(frames, height, width, batch_size))
         return ({"samples": samples, "vdit_frames": frames},)

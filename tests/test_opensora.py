@@ -298,6 +298,8 @@ def test_the_nodes_serve_opensora(folder):
     neg = nodes["VDITTextEncode"]().encode(te, "")[0]  # empty: the learned null caption
     latent = nodes["VDITEmptyLatent"]().generate(m, 32, 24, 1, 1, "custom", "Open-Sora 2s (51 frames)")[0]
     assert latent["samples"].shape == (1, 4, 15, 3, 4)
+    with pytest.raises(ValueError, match="num_frames=20: Open-Sora's VAE .*nearest valid: 18 or 22"):  # the model's own rule when it runs
+        nodes["VDITEmptyLatent"]().generate(m, 32, 24, 20, 1)
     latent = nodes["VDITEmptyLatent"]().generate(m, 32, 24, 34, 1)[0]
     out = nodes["VDITSampler"]().sample(m, pos, neg, latent, seed=3, steps=3, cfg=7.0, sampler="default", schedule="default", denoise=1.0)[0]
     frames = nodes["VDITVAEDecode"]().decode(v, out, 2, "auto", 0, 0)[0]
