@@ -18,8 +18,10 @@ def check_size(width: int, height: int, frames: int) -> str | None:
     """Why no registered family can make a video of this size (each family's reason, with its
     valid neighbours: the model is not known before the graph runs), or None. The model's own
     rules are checked when the node runs."""
-    problems = [f.size_problem(frames, height, width, frames_label="frames") for f in families.FAMILIES.values()]
-    return None if any(p is None for p in problems) else f"no model family takes this size: {' | '.join(problems)}"
+    problems = {f.label: f.size_problem(frames, height, width, frames_label="frames") for f in families.FAMILIES.values()}
+    if any(p is None for p in problems.values()):
+        return None
+    return "no model family takes this size: " + " | ".join(f"{label}: {p}" for label, p in problems.items())
 
 
 def apply_presets(width: int, height: int, frames: int, resolution: str, duration: str) -> tuple[int, int, int]:

@@ -112,13 +112,13 @@ def test_empty_latent_rejects_bad_sizes_in_validation():
     cls = NODES["VDITEmptyLatent"]
     assert cls.VALIDATE_INPUTS(720, 480, 49) is True
     # the model is not known before the graph runs: every family's reason, each with its valid neighbours
-    os_frames = "frames={}: Open-Sora's VAE codes 17-frame chunks (5 latent frames each) and takes 17k or 17k + 4m + 1 frames; nearest valid: {}"
-    assert cls.VALIDATE_INPUTS(720, 480, 50) == ("no model family takes this size: frames=50: CogVideoX takes 4k+1 frames; nearest valid: 49 or 53 | "
-                                                 "frames=50: HunyuanDiT makes images; nearest valid: 1 | " + os_frames.format(50, "47 or 51"))
-    assert cls.VALIDATE_INPUTS(720, 470, 49) == ("no model family takes this size: height=470: must be a positive multiple of 16; nearest valid: 464 or 480 | "
-                                                 "frames=49: HunyuanDiT makes images; nearest valid: 1 | " + os_frames.format(49, "47 or 51"))
-    assert cls.VALIDATE_INPUTS(640, 360, 20) == ("no model family takes this size: frames=20: CogVideoX takes 4k+1 frames; nearest valid: 17 or 21 | "
-                                                 "frames=20: HunyuanDiT makes images; nearest valid: 1 | " + os_frames.format(20, "18 or 22"))
+    os_frames = "Open-Sora: frames={}: Open-Sora's VAE codes 17-frame chunks (5 latent frames each) and takes 17k or 17k + 4m + 1 frames; nearest valid: {}"
+    assert cls.VALIDATE_INPUTS(720, 480, 50) == ("no model family takes this size: CogVideoX: frames=50: CogVideoX takes 4k+1 frames; nearest valid: 49 or 53 | "
+                                                 "HunyuanDiT: frames=50: HunyuanDiT makes images; nearest valid: 1 | " + os_frames.format(50, "47 or 51"))
+    assert cls.VALIDATE_INPUTS(720, 470, 49) == ("no model family takes this size: CogVideoX: height=470: must be a positive multiple of 16; nearest valid: 464 or 480 | "
+                                                 "HunyuanDiT: frames=49: HunyuanDiT makes images; nearest valid: 1 | " + os_frames.format(49, "47 or 51"))
+    assert cls.VALIDATE_INPUTS(640, 360, 20) == ("no model family takes this size: CogVideoX: frames=20: CogVideoX takes 4k+1 frames; nearest valid: 17 or 21 | "
+                                                 "HunyuanDiT: frames=20: HunyuanDiT makes images; nearest valid: 1 | " + os_frames.format(20, "18 or 22"))
     # presets replace the widgets' values before the check
     assert cls.VALIDATE_INPUTS(300, 360, 20, "Open-Sora 360p 16:9 640x360", "Open-Sora 2s (51 frames)") is True
     assert cls.VALIDATE_INPUTS(640, 360, 17, "bogus") == "resolution 'bogus': not one of this node's presets (pick one from the list, or custom)"
