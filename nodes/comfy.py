@@ -38,10 +38,13 @@ def set_paths(models: str | Path | None = None, output: str | Path | None = None
         _paths["output"] = str(output)
 
 
+MODEL_FOLDERS = "vdit"  # ComfyUI's name for models/vdit, where whole model folders go
+
+
 def register_folders() -> None:
     """Register ``models/vdit`` (model folders of any family) with ComfyUI."""
-    if IN_COMFY and "vdit" not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path("vdit", os.path.join(folder_paths.models_dir, "vdit"), is_default=True)
+    if IN_COMFY and MODEL_FOLDERS not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(MODEL_FOLDERS, os.path.join(folder_paths.models_dir, MODEL_FOLDERS), is_default=True)
 
 
 def _dirs(kind: str) -> list[str]:
@@ -70,7 +73,7 @@ def list_model_folders() -> list[str]:
     from vdit_core import families
 
     out = []
-    for d in _dirs("vdit"):
+    for d in _dirs(MODEL_FOLDERS):
         if os.path.isdir(d):
             out += [name for name in os.listdir(d) if _recognised(families, Path(d) / name)]
     return sorted(set(out))

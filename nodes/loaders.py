@@ -29,15 +29,20 @@ def sources(kind: str) -> list[str]:
             + [CHECKPOINTS + name for name in comfy.list_files("checkpoints")])
 
 
+def location(choice: str, kind: str) -> tuple[str, str]:
+    """(ComfyUI model directory, name inside it) a combo entry other than the demo reads."""
+    if choice.endswith("/"):
+        return comfy.MODEL_FOLDERS, choice.rstrip("/")
+    if choice.startswith(CHECKPOINTS):
+        return "checkpoints", choice[len(CHECKPOINTS):]
+    return kind, choice
+
+
 def resolve(choice: str, kind: str) -> tuple[Path, bool]:
     """(path, is a model folder) for a combo entry."""
     if choice == DEMO:
         return demo_model_path(), True
-    if choice.endswith("/"):
-        return comfy.full_path("vdit", choice.rstrip("/")), True
-    if choice.startswith(CHECKPOINTS):
-        return comfy.full_path("checkpoints", choice[len(CHECKPOINTS):]), False
-    return comfy.full_path(kind, choice), False
+    return comfy.full_path(*location(choice, kind)), choice.endswith("/")
 
 
 def _dtype(name: str, role: str):
@@ -51,10 +56,12 @@ def _dtype(name: str, role: str):
 class VDITModelLoader:
     """Load a diffusion transformer (single file, model folder or the bundled demo)."""
 
+    KIND = "diffusion_models"  # the ComfyUI model directory of its single files
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (sources("diffusion_models"), {"default": DEMO, "tooltip": "a file in models/diffusion_models, a model folder in models/vdit, or the bundled demo"}),
+            "model": (sources(cls.KIND), {"default": DEMO, "tooltip": "a file in models/diffusion_models, a model folder in models/vdit, or the bundled demo"}),
             "weight_dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype (fp32 on a CPU)"}),
             "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: xformers on CUDA when installed, else PyTorch SDPA"}),
         }}
@@ -66,7 +73,7 @@ class VDITModelLoader:
     CATEGORY = "vdit"
 
     def load(self, model, weight_dtype, attention):
-        path, folder = resolve(model, "diffusion_models")
+        path, folder = resolve(model, self.KIND)
         family = families.for_folder(path) if folder else families.for_file(path, "transformer")
         transformer = family.load_transformer(path / "transformer" if folder else path, dtype=_dtype(weight_dtype, "diffusion"), device="cpu")
         transformer.set_attention_backend(None if attention == "auto" else attention)
@@ -78,10 +85,12 @@ class VDITTextEncoderLoader:
     """Load the text encoder(s): a model folder's (with its tokenizer) or a single file from
     models/text_encoders (tokenizer from ComfyUI's T5 files, or a tokenizer/ folder beside it)."""
 
+    KIND = "text_encoders"  # the ComfyUI model directory of its single files
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": (sources("text_encoders"), {"default": DEMO, "tooltip": "a model folder in models/vdit (its text encoder(s) and tokenizers), a file in models/text_encoders, a whole-model file from models/checkpoints, or the bundled demo"}),
+            "text_encoder": (sources(cls.KIND), {"default": DEMO, "tooltip": "a model folder in models/vdit (its text encoder(s) and tokenizers), a file in models/text_encoders, a whole-model file from models/checkpoints, or the bundled demo"}),
             "dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype (fp32 on a CPU)"}),
             "max_length": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "tokens per prompt; 0: the model's (226 for CogVideoX, 300 for Open-Sora)"}),
         }, "optional": {
@@ -94,7 +103,7 @@ class VDITTextEncoderLoader:
     CATEGORY = "vdit"
 
     def load(self, text_encoder, dtype, max_length, family="auto"):
-        path, folder = resolve(text_encoder, "text_encoders")
+        path, folder = resolve(text_encoder, self.KIND)
         dtype_ = _dtype(dtype, "text")
         chosen = families.get(family) if family != "auto" else None
         if folder:
@@ -119,10 +128,12 @@ class VDITTextEncoderLoader:
 class VDITVAELoader:
     """Load a VAE (single file, model folder or the bundled demo)."""
 
+    KIND = "vae"  # the ComfyUI model directory of its single files
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae": (sources("vae"), {"default": DEMO, "tooltip": "a model folder in models/vdit, a file in models/vae, a whole-model file from models/checkpoints, or the bundled demo"}),
+            "vae": (sources(cls.KIND), {"default": DEMO, "tooltip": "a model folder in models/vdit, a file in models/vae, a whole-model file from models/checkpoints, or the bundled demo"}),
             "dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype (fp32 on a CPU)"}),
             "variant": (["auto"] + families.vae_variants(), {"default": "auto", "tooltip": "sets the latent scaling of a single file (auto: the 5B family's 0.7)"}),
         }}
@@ -133,7 +144,7 @@ class VDITVAELoader:
     CATEGORY = "vdit"
 
     def load(self, vae, dtype, variant):
-        path, folder = resolve(vae, "vae")
+        path, folder = resolve(vae, self.KIND)
         family = families.for_folder(path) if folder else families.for_file(path, "vae")
         model = family.load_vae(path / "vae" if folder else path, _dtype(dtype, "vae"), "cpu", None if variant == "auto" else variant)
         return (VAEHandle(model, comfy.Managed(model, "vae"), vae.rstrip("/")),)

@@ -61,9 +61,12 @@ def _check_value(where, kind, opts, value):
 
 
 def test_there_are_workflows():
+    # the file names are the titles of the Templates menu (ComfyUI shows them as they are)
     names = {p.stem for p in WORKFLOWS}
-    assert {"demo_text_to_video", "cogvideox_2b_text_to_video", "cogvideox_5b_text_to_video",
-            "cogvideox_5b_image_to_video", "cogvideox_5b_video_to_video", "cogvideox_5b_text_to_video_lora"} <= names
+    assert names == {"vdit demo - text to video (no downloads)", "CogVideoX 2B - text to video", "CogVideoX 5B - text to video",
+                     "CogVideoX 5B - text to video with a LoRA", "CogVideoX 5B - image to video", "CogVideoX 5B - video to video",
+                     "HunyuanDiT 1.2 - text to image", "HunyuanDiT 1.2 - image to image", "Open-Sora 1.2 - text to video",
+                     "Open-Sora 1.2 - image to video"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -128,3 +131,39 @@ def test_api_copy_matches_ui(path):
                       if name != "control_after_generate"]
             names = [w[0] for w in _ours(n["type"])[1]]
             assert {k: a["inputs"][k] for k in names} == dict(zip(names, values))
+
+
+def _loader_choices(wf):
+    """(node type, widget value) of every loader in a UI workflow, demo excluded."""
+    out = []
+    for n in wf["nodes"]:
+        if n["type"] in _builder.LOADER_WIDGETS:
+            names = [w[0] for w in _ours(n["type"])[1]]
+            for widget in _builder.LOADER_WIDGETS[n["type"]]:
+                value = n["widgets_values"][names.index(widget)]
+                if value != "vdit-demo (bundled)":
+                    out.append((n["type"], value))
+    return out
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_models_entries_name_what_the_loaders_read(path):
+    """Each "models" entry (the frontend's missing-models dialog) lies in the directory, and under
+    the folder or file, that one of the workflow's loaders reads; the frontend offers only
+    .safetensors files from huggingface.co. Every model folder a loader names has entries."""
+    from nodes.loaders import location
+
+    wf = json.loads(path.read_text())
+    reads = {location(value, NODES[t].KIND) for t, value in _loader_choices(wf)}
+    entries = wf.get("models", [])
+    for e in entries:
+        assert set(e) == {"name", "url", "directory"}, e
+        assert e["url"].startswith("https://huggingface.co/") and "/resolve/main/" in e["url"], e
+        assert e["name"].endswith(".safetensors") and e["url"].endswith(e["name"].rsplit("/", 1)[-1]), e
+        assert any(e["directory"] == d and (e["name"] == name or e["name"].startswith(name + "/")) for d, name in reads), (path.name, e, reads)
+    assert len({e["url"] for e in entries}) == len(entries)  # the frontend keeps one entry per url
+    for d, name in reads:
+        if d == "vdit":
+            assert any(e["name"].startswith(name + "/") for e in entries), f"{path.name}: nothing listed for models/vdit/{name}"
+    if not reads:
+        assert not entries  # the demo needs no downloads

@@ -30,6 +30,39 @@ CORE = {
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
+# The weight files of each model folder the workflows name, as the releases publish them: the
+# workflow's "models" list, so the frontend's missing-models dialog says which files are absent and
+# where they go (directory "vdit" = ComfyUI/models/vdit). The frontend offers only .safetensors
+# files from huggingface.co, so configs, tokenizers and .bin weights are left to the Notes; so are
+# files whose exact names could not be checked here (HunyuanDiT's mT5 shards, Open-Sora's T5).
+T5_SHARDS = ("text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors")
+VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
+RELEASE_FILES = {
+    "CogVideoX-2b/": [("THUDM/CogVideoX-2b", f) for f in ("transformer/diffusion_pytorch_model.safetensors", *T5_SHARDS, VAE_FILE)],
+    **{folder: [("THUDM/" + folder.rstrip("/"), f) for f in (
+        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors", *T5_SHARDS, VAE_FILE)]
+       for folder in ("CogVideoX-5b/", "CogVideoX-5b-I2V/")},
+    "HunyuanDiT-v1.2-Diffusers/": [("Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers", f) for f in (
+        "transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", VAE_FILE)],
+    # the folder is assembled from two repositories: their model.safetensors go to transformer/ and vae/
+    "OpenSora-v1.2/": [("hpcai-tech/OpenSora-STDiT-v3", "model.safetensors", "transformer/model.safetensors"),
+                       ("hpcai-tech/OpenSora-VAE-v1.2", "model.safetensors", "vae/model.safetensors")],
+}
+
+
+# the widget of each loader that names a model folder or file
+LOADER_WIDGETS = {"VDITModelLoader": ("model",), "VDITTextEncoderLoader": ("text_encoder",), "VDITVAELoader": ("vae",)}
+
+
+def model_entries(folder: str) -> list[dict]:
+    """The frontend's {name, url, directory} entries for a model folder's weight files."""
+    out = []
+    for repo, file, *local in RELEASE_FILES.get(folder, []):
+        out.append({"name": folder + (local[0] if local else file), "url": f"https://huggingface.co/{repo}/resolve/main/{file}",
+                    "directory": "vdit"})
+    return out
+
 
 def load_pack():
     spec = importlib.util.spec_from_file_location("vdit_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
@@ -162,8 +195,11 @@ class Graph:
         width, height = col_x[-1] + col_w[-1] + 40, max(columns.values())
         # (not below 0.62: under 0.6 the frontend stops drawing titles and widgets)
         scale = round(max(0.62, min(0.8, 1600 / width, 1000 / height)), 2)
+        folders = dict.fromkeys(n["values"][w] for n in self.items for w in LOADER_WIDGETS.get(n["type"], ()))
+        models = [e for folder in folders for e in model_entries(folder)]
         return {"last_node_id": len(self.items), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-                "groups": [], "config": {}, "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4}
+                "groups": [], "config": {}, "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4,
+                **({"models": models} if models else {})}
 
     # -- API format ----------------------------------------------------------------------------
     def api(self) -> dict:
@@ -321,33 +357,33 @@ def opensora(nodes, image_to_video: bool) -> Graph:
 
 def all_workflows(nodes) -> dict[str, Graph]:
     return {
-        "demo_text_to_video": text_to_video(
+        "vdit demo - text to video (no downloads)": text_to_video(
             nodes, "vdit-demo (bundled)",
             "Runs with no downloads: the tiny demo model bundled with vdit (64x64, 17 frames of moving shapes). "
             "Try prompts like 'a blue square moving up': 3 shapes (circle, square, triangle), 6 colours (red, green, "
             "blue, yellow, white, purple), 4 directions (left, right, up, down).",
             64, 64, 17, 30, 5.0, 8.0, "a blue square moving up", prefix="vdit/demo"),
-        "cogvideox_2b_text_to_video": text_to_video(
+        "CogVideoX 2B - text to video": text_to_video(
             nodes, "CogVideoX-2b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-2b", name="CogVideoX-2b/") +
             " The 2B model runs in fp16 with DDIM, 50 steps, CFG 6, 49 frames at 720x480, 8 fps.",
             720, 480, 49, 50, 6.0, 8.0, "a panda playing a guitar in a bamboo forest, soft morning light", dtype="fp16"),
-        "cogvideox_5b_text_to_video": text_to_video(
+        "CogVideoX 5B - text to video": text_to_video(
             nodes, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
             " The 5B model runs in bf16; its recommended sampler is cogvideox_dpm with dynamic CFG, 50 steps, CFG 6.",
             720, 480, 49, 50, 6.0, 8.0, "a golden retriever running through shallow waves at sunset", dtype="bf16",
             sampler="cogvideox_dpm", dynamic_cfg=True),
-        "cogvideox_5b_text_to_video_lora": text_to_video(
+        "CogVideoX 5B - text to video with a LoRA": text_to_video(
             nodes, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
             " Put your LoRA (from python -m vdit_core.train, diffusers/PEFT or kohya files) into models/loras and pick it "
             "in VDIT LoRA Apply; chain several nodes to stack LoRAs.",
             720, 480, 49, 50, 6.0, 8.0, "a golden retriever running through shallow waves at sunset", dtype="bf16",
             sampler="cogvideox_dpm", dynamic_cfg=True, lora="my_cogvideox_lora.safetensors", prefix="vdit/lora"),
-        "cogvideox_5b_image_to_video": image_to_video(nodes),
-        "cogvideox_5b_video_to_video": video_to_video(nodes),
-        "hunyuandit_text_to_image": hunyuandit(nodes, image_to_image=False),
-        "hunyuandit_image_to_image": hunyuandit(nodes, image_to_image=True),
-        "opensora_text_to_video": opensora(nodes, image_to_video=False),
-        "opensora_image_to_video": opensora(nodes, image_to_video=True),
+        "CogVideoX 5B - image to video": image_to_video(nodes),
+        "CogVideoX 5B - video to video": video_to_video(nodes),
+        "HunyuanDiT 1.2 - text to image": hunyuandit(nodes, image_to_image=False),
+        "HunyuanDiT 1.2 - image to image": hunyuandit(nodes, image_to_image=True),
+        "Open-Sora 1.2 - text to video": opensora(nodes, image_to_video=False),
+        "Open-Sora 1.2 - image to video": opensora(nodes, image_to_video=True),
     }
 
 
@@ -380,8 +416,9 @@ def main() -> None:
         (HERE / f"{name}.json").write_text(json.dumps(graph.ui(), indent=1) + "\n")
         (HERE / "api" / f"{name}.json").write_text(json.dumps(graph.api(), indent=1) + "\n")
         print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
-    demo_thumbnail(graphs["demo_text_to_video"], HERE / "demo_text_to_video.jpg")
-    print("wrote workflows/demo_text_to_video.jpg (the other models' weights are not here to render theirs)")
+    demo = next(name for name in graphs if name.startswith("vdit demo"))
+    demo_thumbnail(graphs[demo], HERE / f"{demo}.jpg")
+    print(f"wrote workflows/{demo}.jpg (the other models' weights are not here to render theirs)")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def main() -> int:
         templates = call(f"{base}/workflow_templates")
         print("bundled workflows:", templates.get("vdit") or templates)
 
-        api = json.loads((ROOT / "workflows" / "api" / "demo_text_to_video.json").read_text())
+        api = json.loads((ROOT / "workflows" / "api" / "vdit demo - text to video (no downloads).json").read_text())
         t0 = time.time()
         res = call(f"{base}/prompt", {"prompt": api, "client_id": "vdit-smoke"})
         print("queued demo workflow:", res.get("prompt_id"), "node errors:", res.get("node_errors"))
