@@ -236,21 +236,6 @@ def test_lora_and_full_training_on_images(tmp_path):
     assert tuned.config == pipe.transformer.config
 
 
-def test_previews_use_the_sdxl_latent_to_rgb_factors():
-    from test_package import load_pack
-
-    from vdit_core.families import get
-
-    preview = __import__(f"{load_pack().__name__}.nodes.sampling", fromlist=["x"])._preview
-    factors, bias = get("hunyuandit").latent_rgb
-    img = preview(torch.zeros(1, 4, 1, 2, 3), 8, (factors, bias))  # a zero latent shows the bias colour
-    assert img.size == (24, 16) and img.getpixel((0, 0)) == tuple(round((b + 1) / 2 * 255) for b in bias)
-    z = torch.zeros(1, 4, 1, 2, 3)
-    z[:, 0] = 1.0  # the first channel alone: its row of factors
-    assert img.mode == "RGB" and preview(z, 1, (factors, bias)).getpixel((0, 0)) == tuple(
-        round(min(max((f + b + 1) / 2, 0), 1) * 255) for f, b in zip(factors[0], bias))
-
-
 def test_the_nodes_serve_hunyuandit(tmp_path):
     import shutil
 

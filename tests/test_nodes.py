@@ -20,6 +20,7 @@ from vdit_core.video_io import read_video  # noqa: E402
 PACK = load_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
 comfy = __import__(f"{PACK.__name__}.nodes.comfy", fromlist=["x"])
+node_sampling = __import__(f"{PACK.__name__}.nodes.sampling", fromlist=["x"])
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +218,21 @@ def test_every_node_explains_itself_and_every_input_has_a_tooltip():
     text = " ".join(cls.DESCRIPTION.lower() for cls in NODES.values())  # what ComfyUI's node search indexes
     for words in ("cogvideox", "video sampler", "text-to-video", "text to video", "hunyuandit"):
         assert words in text, words
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuandit"])
+def test_previews_use_the_familys_latent_to_rgb_factors(family):
+    """CogVideoX's published 16-channel factors, HunyuanDiT's SDXL ones: a zero latent shows the
+    bias colour, one channel alone its row of factors."""
+    from vdit_core.families import get
+
+    factors, bias = get(family).latent_rgb
+    c = len(factors)
+    assert c == {"cogvideox": 16, "hunyuandit": 4}[family] and all(len(row) == 3 for row in factors) and len(bias) == 3
+    img = node_sampling._preview(torch.zeros(1, c, 1, 2, 3), 8, (factors, bias))
+    assert img.mode == "RGB" and img.size == (24, 16) and img.getpixel((0, 0)) == tuple(round((b + 1) / 2 * 255) for b in bias)
+    for ch in (0, c - 1):
+        z = torch.zeros(1, c, 1, 2, 3)
+        z[:, ch] = 1.0
+        assert node_sampling._preview(z, 1, (factors, bias)).getpixel((0, 0)) == tuple(
+            round(min(max((f + b + 1) / 2, 0), 1) * 255) for f, b in zip(factors[ch], bias))

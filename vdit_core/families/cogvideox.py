@@ -49,6 +49,13 @@ class CogVideoX(Family):
     lora_targets = LORA_TARGETS
     resolutions = ((720, 480), (480, 720), (1360, 768), (768, 1360))  # 1.0 (and the demo's 64x64 is its own); 1.5
     noise_permute = (1, 0, 2, 3)  # the reference draws latents as [T, C, H, W] per sample
+    # latent -> RGB preview factors for the 16-channel VAE (shared by 1.0 and 1.5), as published with
+    # kijai's ComfyUI-CogVideoXWrapper (latent_preview.py), rounded; fitted there on scaled latents
+    latent_rgb = (((0.1195, 0.0992, -0.0048), (-0.0012, 0.0550, 0.0213), (-0.0141, -0.0087, -0.0210), (0.0306, 0.1219, 0.0140),
+                   (0.0927, 0.0303, 0.0508), (0.0379, 0.0494, 0.0586), (0.0177, 0.0088, 0.0360), (0.1061, 0.0234, 0.0572),
+                   (0.1274, -0.0110, 0.0433), (-0.0187, 0.0822, 0.1061), (0.0084, 0.0762, 0.0930), (0.1294, 0.1236, 0.0448),
+                   (0.0457, 0.0411, -0.0177), (0.0002, -0.0140, 0.0533), (0.0808, 0.1155, -0.0215), (-0.0152, -0.0058, 0.0722)),
+                  (0.0, 0.0, 0.0))
 
     # -- detection and loading -----------------------------------------------------------------
     def owns(self, transformer: nn.Module) -> bool:
