@@ -24,12 +24,12 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "VDITModelLoader": "VDIT Model Loader",
-    "VDITTextEncoderLoader": "VDIT Text Encoder Loader",
+    "VDITModelLoader": "VDIT Model Loader (CogVideoX, Open-Sora, HunyuanDiT)",
+    "VDITTextEncoderLoader": "VDIT Text Encoder Loader (T5, HunyuanDiT)",
     "VDITVAELoader": "VDIT VAE Loader",
-    "VDITTextEncode": "VDIT Text Encode",
-    "VDITEmptyLatent": "VDIT Empty Latent",
-    "VDITSampler": "VDIT Sampler",
+    "VDITTextEncode": "VDIT Text Encode (prompt)",
+    "VDITEmptyLatent": "VDIT Empty Latent (video size)",
+    "VDITSampler": "VDIT Sampler (text to video, image to video)",
     "VDITVAEEncode": "VDIT VAE Encode",
     "VDITVAEDecode": "VDIT VAE Decode",
     "VDITLoraApply": "VDIT LoRA Apply",

@@ -90,8 +90,9 @@ def node_signature(node_type: str, nodes: dict) -> dict:
 
 
 class Graph:
-    def __init__(self, nodes: dict):
-        self.defs = nodes
+    def __init__(self, pack):
+        self.defs = pack.NODE_CLASS_MAPPINGS
+        self.titles = pack.NODE_DISPLAY_NAME_MAPPINGS
         self.items: list[dict] = []
 
     def add(self, node_type: str, title: str | None = None, **values) -> dict:
@@ -118,7 +119,8 @@ class Graph:
             height += 90
         if node["type"] == "LoadImage":
             height += 240  # its image preview
-        return (400 if multiline else 320), height
+        title = node["title"] or self.titles.get(node["type"], node["type"])
+        return max(400 if multiline else 320, 8 * len(title) + 40), height  # the title must fit too
 
     def ui(self) -> dict:
         links, ui_nodes = [], []
@@ -230,10 +232,10 @@ def loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[di
     return m, te, vae
 
 
-def text_to_video(nodes, model: str, note: str, width: int, height: int, frames: int, steps: int, cfg: float, fps: float,
+def text_to_video(pack, model: str, note: str, width: int, height: int, frames: int, steps: int, cfg: float, fps: float,
                   prompt: str, dtype="default", sampler="default", dynamic_cfg=False, lora: str | None = None,
                   negative="", prefix="vdit/t2v") -> Graph:
-    g = Graph(nodes)
+    g = Graph(pack)
     g.note(note)
     m, te, vae = loaders(g, model, dtype)
     if lora:
@@ -256,8 +258,8 @@ FOLDER_NOTE = (
 )
 
 
-def image_to_video(nodes) -> Graph:
-    g = Graph(nodes)
+def image_to_video(pack) -> Graph:
+    g = Graph(pack)
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b-I2V", name="CogVideoX-5b-I2V/") +
            " Load a 720x480 image as the first frame (image-to-video needs that exact size).")
     m, te, vae = loaders(g, "CogVideoX-5b-I2V/", "bf16")
@@ -273,8 +275,8 @@ def image_to_video(nodes) -> Graph:
     return g
 
 
-def video_to_video(nodes) -> Graph:
-    g = Graph(nodes)
+def video_to_video(pack) -> Graph:
+    g = Graph(pack)
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
            " Load a video (720x480 works best); its first 49 frames are re-generated following the prompt; "
            "lower denoise keeps more of the input.")
@@ -302,8 +304,8 @@ HUNYUAN_NOTE = (
 )
 
 
-def hunyuandit(nodes, image_to_image: bool) -> Graph:
-    g = Graph(nodes)
+def hunyuandit(pack, image_to_image: bool) -> Graph:
+    g = Graph(pack)
     folder = "HunyuanDiT-v1.2-Diffusers/"
     g.note(HUNYUAN_NOTE + (" Load the image to vary; lower denoise keeps more of it." if image_to_image else ""))
     m, te, vae = loaders(g, folder, "default")
@@ -331,8 +333,8 @@ OPENSORA_NOTE = (
 )
 
 
-def opensora(nodes, image_to_video: bool) -> Graph:
-    g = Graph(nodes)
+def opensora(pack, image_to_video: bool) -> Graph:
+    g = Graph(pack)
     folder = "OpenSora-v1.2/"
     g.note(OPENSORA_NOTE + (" Image-to-video: load the first frame (resized to the video's size); an encoded clip "
                             "in its place continues that clip." if image_to_video else ""))
@@ -355,35 +357,35 @@ def opensora(nodes, image_to_video: bool) -> Graph:
     return g
 
 
-def all_workflows(nodes) -> dict[str, Graph]:
+def all_workflows(pack) -> dict[str, Graph]:
     return {
         "vdit demo - text to video (no downloads)": text_to_video(
-            nodes, "vdit-demo (bundled)",
+            pack, "vdit-demo (bundled)",
             "Runs with no downloads: the tiny demo model bundled with vdit (64x64, 17 frames of moving shapes). "
             "Try prompts like 'a blue square moving up': 3 shapes (circle, square, triangle), 6 colours (red, green, "
             "blue, yellow, white, purple), 4 directions (left, right, up, down).",
             64, 64, 17, 30, 5.0, 8.0, "a blue square moving up", prefix="vdit/demo"),
         "CogVideoX 2B - text to video": text_to_video(
-            nodes, "CogVideoX-2b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-2b", name="CogVideoX-2b/") +
+            pack, "CogVideoX-2b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-2b", name="CogVideoX-2b/") +
             " The 2B model runs in fp16 with DDIM, 50 steps, CFG 6, 49 frames at 720x480, 8 fps.",
             720, 480, 49, 50, 6.0, 8.0, "a panda playing a guitar in a bamboo forest, soft morning light", dtype="fp16"),
         "CogVideoX 5B - text to video": text_to_video(
-            nodes, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
+            pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
             " The 5B model runs in bf16; its recommended sampler is cogvideox_dpm with dynamic CFG, 50 steps, CFG 6.",
             720, 480, 49, 50, 6.0, 8.0, "a golden retriever running through shallow waves at sunset", dtype="bf16",
             sampler="cogvideox_dpm", dynamic_cfg=True),
         "CogVideoX 5B - text to video with a LoRA": text_to_video(
-            nodes, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
+            pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
             " Put your LoRA (from python -m vdit_core.train, diffusers/PEFT or kohya files) into models/loras and pick it "
             "in VDIT LoRA Apply; chain several nodes to stack LoRAs.",
             720, 480, 49, 50, 6.0, 8.0, "a golden retriever running through shallow waves at sunset", dtype="bf16",
             sampler="cogvideox_dpm", dynamic_cfg=True, lora="my_cogvideox_lora.safetensors", prefix="vdit/lora"),
-        "CogVideoX 5B - image to video": image_to_video(nodes),
-        "CogVideoX 5B - video to video": video_to_video(nodes),
-        "HunyuanDiT 1.2 - text to image": hunyuandit(nodes, image_to_image=False),
-        "HunyuanDiT 1.2 - image to image": hunyuandit(nodes, image_to_image=True),
-        "Open-Sora 1.2 - text to video": opensora(nodes, image_to_video=False),
-        "Open-Sora 1.2 - image to video": opensora(nodes, image_to_video=True),
+        "CogVideoX 5B - image to video": image_to_video(pack),
+        "CogVideoX 5B - video to video": video_to_video(pack),
+        "HunyuanDiT 1.2 - text to image": hunyuandit(pack, image_to_image=False),
+        "HunyuanDiT 1.2 - image to image": hunyuandit(pack, image_to_image=True),
+        "Open-Sora 1.2 - text to video": opensora(pack, image_to_video=False),
+        "Open-Sora 1.2 - image to video": opensora(pack, image_to_video=True),
     }
 
 
@@ -409,9 +411,9 @@ def demo_thumbnail(graph: Graph, out: Path) -> None:
 
 
 def main() -> None:
-    nodes = load_pack().NODE_CLASS_MAPPINGS
+    pack = load_pack()
     (HERE / "api").mkdir(exist_ok=True)
-    graphs = all_workflows(nodes)
+    graphs = all_workflows(pack)
     for name, graph in graphs.items():
         (HERE / f"{name}.json").write_text(json.dumps(graph.ui(), indent=1) + "\n")
         (HERE / "api" / f"{name}.json").write_text(json.dumps(graph.api(), indent=1) + "\n")
