@@ -100,3 +100,23 @@ def test_bad_arguments():
         A.attention(q[0], k, v)
     with pytest.raises(ValueError, match="not both"):
         A.attention(q, k, v, kv_lens=torch.tensor([1, 1, 1]), mask=torch.ones(3, 11, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_in_place_equals_apply_rope_with_gradients(dtype):
+    """layers.rotate_ (complex multiply in place, on a slice) gives apply_rope's values and
+    gradients."""
+    from vdit_core.layers import apply_rope, rope_3d, rope_rotations, rotate_
+
+    cos, sin = rope_3d(16, 2, 3, 4, "slice", 3, 4)  # 24 positions
+    x = torch.randn(2, 30, 3, 16, dtype=dtype, requires_grad=True)  # 6 text tokens, then 24 video tokens
+    expected = torch.cat([x[:, :6], apply_rope(x[:, 6:], cos, sin)], dim=1)
+    y = x * 1  # a fresh tensor, as q and k are in the models
+    rotate_(y[:, 6:], rope_rotations(cos, sin, "cpu"))
+    # bfloat16: the float32 results, rounded once (a difference of one unit of the inputs where terms cancel)
+    tol = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1.6e-2}
+    torch.testing.assert_close(y, expected, **tol)
+    w = torch.randn_like(expected)
+    (g_expected,) = torch.autograd.grad((expected.float() * w.float()).sum(), x)
+    (g,) = torch.autograd.grad((y.float() * w.float()).sum(), x)
+    torch.testing.assert_close(g, g_expected, **tol)

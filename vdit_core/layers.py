@@ -154,6 +154,22 @@ def _resize_crop_region(h: int, w: int, base_h: int, base_w: int) -> tuple[tuple
     return (top, left), (top + rh, left + rw)
 
 
+def rope_rotations(cos: torch.Tensor, sin: torch.Tensor, device) -> torch.Tensor:
+    """The tables of :func:`rope_1d`/:func:`rope_3d` as unit complex numbers [S, D/2] (complex64),
+    for :func:`rotate_`."""
+    return torch.complex(cos[:, ::2], sin[:, ::2]).to(device)
+
+
+def rotate_(x: torch.Tensor, rot: torch.Tensor) -> None:
+    """Rotate interleaved channel pairs of x [B, S, H, D] in place (x may be a slice of a larger
+    tensor) by ``rot`` [S, D/2] from :func:`rope_rotations`: as :func:`apply_rope`, computed in
+    float32, without the copies of stacking the rotated pairs and re-joining a slice."""
+    if x.dtype == torch.float32:
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rot[None, :, None])
+    else:
+        x.copy_(torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rot[None, :, None]).flatten(-2))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs of x [B, S, H, D] by tables [S, D] (computed in float32)."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields
-from ..layers import FeedForward, TimestepMLP, apply_rope, rope_3d, sincos_3d, timestep_embedding
+from ..layers import FeedForward, TimestepMLP, rope_3d, rope_rotations, rotate_, sincos_3d, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,10 @@ class AdaLayerNormZero(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, vid, text, temb):
-        shift, scale, gate, t_shift, t_scale, t_gate = self.linear(F.silu(temb)).chunk(6, dim=1)
-        vid = self.norm(vid) * (1 + scale[:, None]) + shift[:, None]
-        text = self.norm(text) * (1 + t_scale[:, None]) + t_shift[:, None]
-        return vid, text, gate[:, None], t_gate[:, None]
+        shift, scale, gate, t_shift, t_scale, t_gate = self.linear(F.silu(temb))[:, None].chunk(6, dim=2)
+        vid = torch.addcmul(shift, self.norm(vid), 1 + scale)  # norm(x) * (1 + scale) + shift, one pass
+        text = torch.addcmul(t_shift, self.norm(text), 1 + t_scale)
+        return vid, text, gate, t_gate
 
 
 class JointAttention(nn.Module):
@@ -154,16 +154,17 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True)])
         self.backend: str | None = None  # attention backend override (None: automatic)
 
-    def forward(self, vid: torch.Tensor, text: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, vid: torch.Tensor, text: torch.Tensor, rope: torch.Tensor | None):
+        # rope: the video tokens' rotations [N, Dh/2] (complex), from rope_rotations
         n_text = text.shape[1]
         x = torch.cat([text, vid], dim=1)  # [B, L+N, D]
         b, s, _ = x.shape
         q = self.norm_q(self.to_q(x).view(b, s, self.heads, self.head_dim))
         k = self.norm_k(self.to_k(x).view(b, s, self.heads, self.head_dim))
         v = self.to_v(x).view(b, s, self.heads, self.head_dim)
-        if rope is not None:
-            q = torch.cat([q[:, :n_text], apply_rope(q[:, n_text:], *rope)], dim=1)
-            k = torch.cat([k[:, :n_text], apply_rope(k[:, n_text:], *rope)], dim=1)
+        if rope is not None:  # q and k are fresh tensors: rotate their video tokens in place
+            rotate_(q[:, n_text:], rope)
+            rotate_(k[:, n_text:], rope)
         out = attention(q, k, v, backend=self.backend).reshape(b, s, -1)  # [B, L+N, H*Dh]
         out = self.to_out[0](out)
         return out[:, n_text:], out[:, :n_text]
@@ -182,12 +183,12 @@ class CogVideoXBlock(nn.Module):
         # vid: [B, N, D], text: [B, L, D], temb: [B, Dt]
         n_vid, n_text, gate, t_gate = self.norm1(vid, text, temb)
         a_vid, a_text = self.attn1(n_vid, n_text, rope)
-        vid = vid + gate * a_vid
-        text = text + t_gate * a_text
+        vid = torch.addcmul(vid, gate, a_vid)
+        text = torch.addcmul(text, t_gate, a_text)
         n_vid, n_text, gate, t_gate = self.norm2(vid, text, temb)
         ff = self.ff(torch.cat([n_text, n_vid], dim=1))  # one MLP for both streams
         n_t = text.shape[1]
-        return vid + gate * ff[:, n_t:], text + t_gate * ff[:, :n_t]
+        return torch.addcmul(vid, gate, ff[:, n_t:]), torch.addcmul(text, t_gate, ff[:, :n_t])
 
 
 class AdaLayerNormOut(nn.Module):
@@ -199,8 +200,8 @@ class AdaLayerNormOut(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x, temb):
-        shift, scale = self.linear(F.silu(temb)).chunk(2, dim=1)
-        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        shift, scale = self.linear(F.silu(temb))[:, None].chunk(2, dim=2)
+        return torch.addcmul(shift, self.norm(x), 1 + scale)
 
 
 class CogVideoXTransformer(nn.Module):
@@ -245,7 +246,7 @@ class CogVideoXTransformer(nn.Module):
             block.attn1.backend = backend
 
     def _positions(self, t: int, h: int, w: int, device, dtype):
-        """(additive table for video tokens or None, RoPE tables or None) for a t x h x w token grid."""
+        """(additive table for video tokens or None, RoPE rotations or None) for a t x h x w token grid."""
         cfg = self.config
         p = cfg.patch_size
         add, rope = None, None
@@ -254,7 +255,7 @@ class CogVideoXTransformer(nn.Module):
             add = add.to(device=device, dtype=dtype)[None]
         else:
             grid = "slice" if cfg.is_v15 else "linspace"
-            rope = tuple(r.to(device) for r in rope_3d(cfg.attention_head_dim, t, h, w, grid, cfg.sample_height // p, cfg.sample_width // p))
+            rope = rope_rotations(*rope_3d(cfg.attention_head_dim, t, h, w, grid, cfg.sample_height // p, cfg.sample_width // p), device)
         return add, rope
 
     def forward(
