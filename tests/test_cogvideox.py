@@ -144,6 +144,28 @@ def vae_saved(tmp_path_factory):
     return ref, d
 
 
+def test_vae_decode_in_frame_slices_and_with_autograd_matches(vae_saved, monkeypatch):
+    """The decoder's convolutions run over slices of output frames when a chunk is large (here
+    forced to one frame per slice) and its SpatialNorm resizes by broadcasting without autograd:
+    the result is diffusers' either way, and with autograd on (interpolation, no in-place ops)
+    too."""
+    from vdit_core.vae import causal_conv
+
+    ref, folder = vae_saved
+    ours = load_vae(folder)
+    z = torch.randn(1, 4, 5, 4, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref.decode(z * (1 / ref.config.scaling_factor)).sample
+        whole = ours.decode(z)
+        monkeypatch.setattr(causal_conv, "SLICE_ELEMENTS", 1)
+        sliced = ours.decode(z)
+    with torch.enable_grad():
+        graded = ours.decode(z.requires_grad_())
+    assert graded.requires_grad
+    for got in (whole, sliced, graded.detach()):
+        assert got.shape == expected.shape and (got - expected).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("frames", [1, 9, 17, 25])
 def test_vae_encode_decode_match_diffusers(vae_saved, frames):
     ref, folder = vae_saved

@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-# inputs above this many elements are convolved in overlapping time slices (cuDNN's 32-bit
-# indexing limit, and peak memory)
-_MAX_ELEMENTS = 2**30
+# convolutions run over slices of output frames whose inputs hold at most this many elements: the
+# padded video is never built, and the convolution's own buffers (oneDNN's reordered copies on
+# CPU, workspaces on GPU) stay the size of a slice (64 MiB in float32); it also keeps cuDNN under
+# its 32-bit indexing limit
+SLICE_ELEMENTS = 2**24
 
 
 class CausalConv3d(nn.Module):
@@ -28,21 +30,32 @@ class CausalConv3d(nn.Module):
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: [B, C, T, H, W] -> [B, C_out, T, H, W]
         if self.kt == 1:
-            return self.conv(x), None
-        prev = cache if cache is not None else x[:, :, :1].expand(-1, -1, self.kt - 1, -1, -1)
-        x = torch.cat([prev.to(x.dtype), x], dim=2)
-        new_cache = x[:, :, -(self.kt - 1):].clone()  # a copy, so the padded input can be freed
-        return self._conv(x), new_cache
+            return (pointwise(self.conv, x) if self.conv.kernel_size == (1, 1, 1) else self.conv(x)), None
+        k = self.kt - 1
+        prev = (cache if cache is not None else x[:, :, :1].expand(-1, -1, k, -1, -1)).to(x.dtype)
+        t = x.shape[2]
+        new_cache = (torch.cat([prev, x], dim=2) if t < k else x)[:, :, -k:].clone()
+        step = max(1, SLICE_ELEMENTS // (x[:, :, :1].numel()) - k)  # output frames per slice
+        out = None
+        for s in range(0, t, step):
+            e = min(t, s + step)
+            # the k frames before output frame s, then its own: from the cache while s < k
+            y = self.conv(torch.cat([prev[:, :, s:], x[:, :, :e]], dim=2) if s < k else x[:, :, s - k : e])
+            if e == t and s == 0:
+                return y, new_cache
+            if out is None:
+                out = y.new_empty(*y.shape[:2], t, *y.shape[3:])
+            out[:, :, s:e] = y
+            del y
+        return out, new_cache
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= _MAX_ELEMENTS or x.shape[2] <= self.kt:
-            return self.conv(x)
-        # slices of output frames, each with the k_t - 1 input frames it needs before it
-        per_frame = x.numel() // x.shape[2]
-        step = max(1, _MAX_ELEMENTS // per_frame - (self.kt - 1))
-        outs = []
-        n_out = x.shape[2] - (self.kt - 1)
-        for start in range(0, n_out, step):
-            stop = min(n_out, start + step)
-            outs.append(self.conv(x[:, :, start : stop + self.kt - 1]))
-        return torch.cat(outs, dim=2)
+
+def pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 ``Conv3d`` as one matrix product over channels: [B, C, T, H, W] -> [B, C_out, T, H, W].
+    (PyTorch's CPU conv3d runs these through a slow path that first copies the input into an
+    im2col buffer.)"""
+    b, c = x.shape[:2]
+    out = torch.matmul(conv.weight.view(conv.out_channels, c), x.reshape(b, c, -1))  # [B, C_out, T*H*W]
+    if conv.bias is not None:
+        out += conv.bias[:, None]
+    return out.view(b, conv.out_channels, *x.shape[2:])

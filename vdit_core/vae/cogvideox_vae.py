@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import known_fields
-from .causal_conv import CausalConv3d
+from . import causal_conv
+from .causal_conv import CausalConv3d, pointwise
 from .common import Tiling, VideoVAE
 
 Cache = dict
@@ -82,14 +83,29 @@ class SpatialNorm3D(nn.Module):
         self.conv_b = CausalConv3d(zq_channels, channels, 1)
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor, first: bool = True) -> torch.Tensor:
-        # in a video's first chunk the first frame stands alone (causal VAE): resize z separately
-        if first and f.shape[2] > 1:
-            z_first = F.interpolate(zq[:, :, :1], size=f[:, :, :1].shape[-3:])
-            z_rest = F.interpolate(zq[:, :, 1:], size=f[:, :, 1:].shape[-3:])
-            zq = torch.cat([z_first, z_rest], dim=2)
-        else:
-            zq = F.interpolate(zq, size=f.shape[-3:])
-        return self.norm_layer(f) * self.conv_y(zq)[0] + self.conv_b(zq)[0]
+        # f: [B, C, T, H, W]; zq: the chunk's latents [B, Cz, t, h, w]. Nearest-neighbour resizing
+        # commutes with the 1x1x1 convolutions, so they run at the latents' size and only their
+        # outputs are resized (without autograd: broadcast, never materialised at full size).
+        y, b = self.conv_y(zq)[0], self.conv_b(zq)[0]  # [B, C, t, h, w]
+        # in a video's first chunk the first frame stands alone (causal VAE): it is resized separately
+        parts = [(slice(0, 1), slice(0, 1)), (slice(1, None), slice(1, None))] if first and f.shape[2] > 1 else [(slice(None), slice(None))]
+        n = self.norm_layer(f)
+        if torch.is_grad_enabled() or not all(_divides(y[:, :, zs], n[:, :, fs]) for fs, zs in parts):
+            y = torch.cat([F.interpolate(y[:, :, zs], size=n[:, :, fs].shape[-3:]) for fs, zs in parts], dim=2)
+            b = torch.cat([F.interpolate(b[:, :, zs], size=n[:, :, fs].shape[-3:]) for fs, zs in parts], dim=2)
+            return n * y + b
+        for fs, zs in parts:
+            seg, ys, bs = n[:, :, fs], y[:, :, zs], b[:, :, zs]
+            (B, C, t, h, w), (T, H, W) = ys.shape, seg.shape[-3:]
+            view = seg.view(B, C, t, T // t, h, H // h, w, W // w)
+            view.mul_(ys[:, :, :, None, :, None, :, None]).add_(bs[:, :, :, None, :, None, :, None])
+        return n
+
+
+def _divides(small: torch.Tensor, big: torch.Tensor) -> bool:
+    """Whether each of the last three sizes of ``small`` divides ``big``'s (nearest resizing is then
+    a repeat)."""
+    return all(b % s == 0 for s, b in zip(small.shape[-3:], big.shape[-3:]))
 
 
 class ResnetBlock3D(nn.Module):
@@ -111,13 +127,14 @@ class ResnetBlock3D(nn.Module):
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: Cache, first: bool = True) -> tuple[torch.Tensor, Cache]:
         new = {}
-        h = F.silu(self._norm(self.norm1, x, zq, first))
-        h, new["conv1"] = self.conv1(h, cache.get("conv1"))
-        h = F.silu(self._norm(self.norm2, h, zq, first))
-        h, new["conv2"] = self.conv2(h, cache.get("conv2"))
+        # the norms' outputs are fresh: activate them in place when autograd keeps nothing, and pass
+        # them on unnamed, so each convolution's input is freed as soon as it is padded
+        inplace = not torch.is_grad_enabled()
+        h, new["conv1"] = self.conv1(F.silu(self._norm(self.norm1, x, zq, first), inplace=inplace), cache.get("conv1"))
+        h, new["conv2"] = self.conv2(F.silu(self._norm(self.norm2, h, zq, first), inplace=inplace), cache.get("conv2"))
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h, new
+            x = pointwise(self.conv_shortcut, x)
+        return (h.add_(x) if inplace else x + h), new
 
 
 class Downsample(nn.Module):
@@ -155,21 +172,27 @@ class Upsample(nn.Module):
         self.compress_time = compress_time
 
     def forward(self, x: torch.Tensor, first: bool = True) -> torch.Tensor:
+        # x: [B, C, T, h, w] -> [B, C, T', 2h, 2w]. Nearest-neighbour upsampling then the 3x3
+        # convolution per frame, over slices of output frames written into the output: neither the
+        # whole upsampled video nor the convolution's buffers for all of it are ever held
         b, c, t, h, w = x.shape
-        if self.compress_time:
-            head = F.interpolate(x[:, :, 0], scale_factor=2.0)[:, :, None]  # spatial only
-            if first and t == 1:
-                x = head
-            elif first:
-                x = torch.cat([head, F.interpolate(x[:, :, 1:], scale_factor=2.0)], dim=2)
-            else:
-                x = F.interpolate(x, scale_factor=2.0)
-        else:
-            x = F.interpolate(x.transpose(1, 2).reshape(b * t, c, h, w), scale_factor=2.0)
-            x = x.reshape(b, t, c, 2 * h, 2 * w).transpose(1, 2)
-        b, c, t, h, w = x.shape
-        x = self.conv(x.transpose(1, 2).reshape(b * t, c, h, w))
-        return x.reshape(b, t, -1, h, w).transpose(1, 2)
+        keep = 1 if self.compress_time and first else 0  # frames upsampled in space only
+        r = 2 if self.compress_time else 1
+        t_out = keep + r * (t - keep)
+        src = [j if j < keep else keep + (j - keep) // r for j in range(t_out)]  # the input frame of each output frame
+        step = max(1, causal_conv.SLICE_ELEMENTS // (b * c * 4 * h * w))
+        out = None
+        for s in range(0, t_out, step):
+            e = min(t_out, s + step)
+            frames = x.index_select(2, torch.tensor(src[s:e], device=x.device)).transpose(1, 2)  # [B, n, C, h, w]
+            up = frames[:, :, :, :, None, :, None].expand(b, e - s, c, h, 2, w, 2).reshape(b * (e - s), c, 2 * h, 2 * w)
+            y = self.conv(up).view(b, e - s, c, 2 * h, 2 * w)
+            if s == 0 and e == t_out:
+                return y.transpose(1, 2)
+            if out is None:
+                out = y.new_empty(b, t_out, c, 2 * h, 2 * w)
+            out[:, s:e] = y
+        return out.transpose(1, 2)
 
 
 class _Stage(nn.Module):
@@ -243,9 +266,14 @@ class Decoder(nn.Module):
         # z: [B, C, T', h, w] -> [B, 3, T, 8h, 8w]; ``first``: this chunk starts the video
         new = {}
         x, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
-        x, new["mid"] = self.mid_block(x, z, cache.get("mid", {}), first)
-        for i, blk in enumerate(self.up_blocks):
-            x, new[f"up_{i}"] = blk(x, z, cache.get(f"up_{i}", {}), first)
+        # one flat loop over every resnet and upsampler (not a call per stage), so that no stage's
+        # input stays referenced while its later resnets run: at full resolution that is 100+ MB
+        for key, stage in [("mid", self.mid_block)] + [(f"up_{i}", blk) for i, blk in enumerate(self.up_blocks)]:
+            old, new[key] = cache.get(key, {}), {}
+            for i, r in enumerate(stage.resnets):
+                x, new[key][f"resnet_{i}"] = r(x, z, old.get(f"resnet_{i}", {}), first)
+            if stage.kind == "upsamplers":
+                x = stage.upsamplers[0](x, first)
         x = F.silu(self.norm_out(x, z, first))
         x, new["conv_out"] = self.conv_out(x, cache.get("conv_out"))
         return x, new
@@ -301,14 +329,20 @@ class CogVideoXVAE(VideoVAE):
     # -- decoding ----------------------------------------------------------------------------
     def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device) -> torch.Tensor:
         cache: Cache = {}
-        out = []
+        out, done = None, 0
         for a, b in _chunks(z.shape[2], chunk_frames):
             zz = z[:, :, a:b].to(self.dtype)
             if self.post_quant_conv is not None:
                 zz = self.post_quant_conv(zz)
             x, cache = self.decoder(zz, cache, first=a == 0)
-            out.append(x.to(output_device) if output_device is not None else x)
-        return torch.cat(out, dim=2)
+            del zz
+            if out is None:  # the whole video's frames, allocated once the first chunk shows their size
+                n = x.shape[2] + (z.shape[2] - b) * self.config.temporal_compression_ratio
+                out = x.new_empty(*x.shape[:2], n, *x.shape[3:], device=output_device or x.device)
+            out[:, :, done : done + x.shape[2]] = x
+            done += x.shape[2]
+            del x
+        return out[:, :, :done]
 
 
 # ----------------------------------------------------------------------------------------------
