@@ -145,4 +145,5 @@ def interleaved(script: str, common: list[str], case: str, impls: tuple[str, ...
     for impl, rs in runs.items():
         keys = [k for k, v in rs[0].items() if isinstance(v, (int, float))]
         out[impl] = {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in keys}
+        out[impl]["s_min"] = min(r["s"] for r in rs)  # the fastest run
     return out

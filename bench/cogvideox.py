@@ -1,12 +1,15 @@
 """CogVideoX side by side with diffusers: same weights (random, saved once), same inputs.
 
-    python bench/cogvideox.py                                   # CPU: a small config, minutes
+    python bench/cogvideox.py                                   # CPU: 6 layers of a 5B-style model, minutes
     python bench/cogvideox.py --size 2b --device cuda --dtype bf16   # real 2B, 49x480x720
     python bench/cogvideox.py --size 5b --device cuda --dtype bf16
 
-Prints, as ours/diffusers ratios: transformer forward time; a sampling run (CFG, DDIM) time;
-VAE decode time and peak memory as the number of frames grows (diffusers with tiling and
-slicing on, ours chunked with its defaults). Every case runs in a fresh process.
+Prints, as ours/diffusers ratios: transformer forward time; the whole pipeline (sampling with
+CFG, DDIM, then the VAE decode; both sides' frames compared) and its split into the two; VAE
+decode time and peak memory as the number of frames grows (diffusers with tiling and slicing on,
+ours chunked with its defaults). Every run is a fresh process; the two sides alternate
+(``--pairs`` rounds) and medians are reported, with the fastest run of each side for the
+pipeline.
 """
 
 from __future__ import annotations
@@ -15,13 +18,21 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import measure, ratio, run_worker, weights_once  # noqa: E402
+from _harness import interleaved, measure, ratio, weights_once  # noqa: E402
 
 SIZES = {
-    # transformer, VAE channels, (frames, height, width) of the transformer/sampling cases
+    # transformer, VAE channels, (frames, height, width) of the transformer/pipeline cases
+    # 6 layers of a 5B-style model (RoPE), 864 video tokens + 226 text tokens
+    "5b-style": dict(
+        transformer=dict(num_layers=6, num_attention_heads=8, use_rotary_positional_embeddings=True),
+        vae=dict(block_out_channels=(64, 128, 128, 256)),
+        video=(9, 192, 384),
+        vae_size=(128, 192),
+    ),
     "small": dict(
         transformer=dict(num_layers=4, num_attention_heads=8, use_rotary_positional_embeddings=True),
         vae=dict(block_out_channels=(64, 128, 128, 256)),
@@ -48,7 +59,7 @@ def _make_weights(root: Path, spec: dict) -> None:
     import torch
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
-    big = spec != SIZES["small"]  # billions of parameters: materialise small random values directly
+    big = spec not in (SIZES["small"], SIZES["5b-style"])  # billions of parameters: materialise small random values directly
     with torch.device("meta") if big else torch.device("cpu"):
         tf = CogVideoXTransformer3DModel(**spec["transformer"])
     if big:
@@ -72,11 +83,12 @@ def _inputs(args, torch, cfg_dim):
 def worker(args) -> dict:
     import torch
 
+    outputs = []
     dtype = getattr(torch, DTYPES[args.dtype])
     dev = args.device
     root = Path(args.root)
     kind, impl = args.worker.split(":")
-    if kind in ("forward", "sample"):
+    if kind in ("forward", "pipeline"):
         from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
         from vdit_core.models.cogvideox import load_transformer
@@ -112,21 +124,50 @@ def worker(args) -> dict:
                 res = measure(fn, dev, repeat=args.repeat)
             return {"case": args.worker, **res}
         steps = args.steps
+        frames, h, w = SIZES[args.size]["video"]
         if impl == "ours":
-            pipe = Ours(transformer=model, vae=None, text_encoder=None, schedule=DiscreteSchedule.from_config(release_schedule(model.config)))
+            from vdit_core.vae.cogvideox_vae import load_vae
+
+            pipe = Ours(transformer=model, vae=load_vae(root / "vae", dtype=dtype, device=dev), text_encoder=None,
+                        schedule=DiscreteSchedule.from_config(release_schedule(model.config)))
             cond, uncond = {"context": ctx}, {"context": torch.zeros_like(ctx)}
-            fn = lambda: pipe.sample(cond, uncond, x, steps=steps, cfg=6.0, sampler="ddim", progress=False)  # noqa: E731
+
+            def fn():
+                t0 = time.perf_counter()
+                latents = pipe.sample(cond, uncond, x, steps=steps, cfg=6.0, sampler="ddim", progress=False)
+                split["sample_s"] = time.perf_counter() - t0
+                return pipe.decode(latents)  # [F, H, W, 3] in [0, 1]
         else:
+            from diffusers import AutoencoderKLCogVideoX
+
             sched = CogVideoXDDIMScheduler(snr_shift_scale=1.0 if model.config.use_rotary_positional_embeddings else 3.0,
                                            prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True, clip_sample=False)
-            pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=sched)
+            vae = AutoencoderKLCogVideoX.from_pretrained(str(root / "vae"), torch_dtype=dtype).to(dev).eval()
+            pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model, scheduler=sched)
             pipe.set_progress_bar_config(disable=True)
-            frames, h, w = SIZES[args.size]["video"]
-            fn = lambda: pipe(prompt_embeds=ctx, negative_prompt_embeds=torch.zeros_like(ctx), num_frames=frames, height=h, width=w,  # noqa: E731
-                              num_inference_steps=steps, guidance_scale=6.0, latents=x.permute(0, 2, 1, 3, 4).to(dtype), output_type="latent")
+            decode = vae.decode
+
+            def timed_decode(*a, **k):  # the decode's share of the call
+                t0 = time.perf_counter()
+                out = decode(*a, **k)
+                split["decode_s"] = time.perf_counter() - t0
+                return out
+
+            vae.decode = timed_decode
+
+            def fn():
+                out = pipe(prompt_embeds=ctx, negative_prompt_embeds=torch.zeros_like(ctx), num_frames=frames, height=h, width=w,
+                           num_inference_steps=steps, guidance_scale=6.0, latents=x.permute(0, 2, 1, 3, 4).to(dtype), output_type="pt").frames
+                return out[0].permute(0, 2, 3, 1)  # [F, H, W, 3] in [0, 1]
+        split: dict[str, float] = {}
         with torch.no_grad():
-            res = measure(fn, dev, repeat=1, warmup=0)
-        return {"case": args.worker, **res, "s_per_step": res["s"] / steps}
+            res = measure(lambda: outputs.append(fn()), dev, repeat=1, warmup=0)
+        if impl == "ours":
+            split["decode_s"] = res["s"] - split["sample_s"]
+        else:
+            split["sample_s"] = res["s"] - split["decode_s"]
+        torch.save(outputs[-1].float().cpu(), root / f"frames_{impl}.pt")  # compared by the main process
+        return {"case": args.worker, **res, **split}
     if kind == "vae":
         from diffusers import AutoencoderKLCogVideoX
 
@@ -151,13 +192,14 @@ def worker(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="small", choices=sorted(SIZES))
+    p.add_argument("--size", default="5b-style", choices=sorted(SIZES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--vae-frames", default="9,17,33,49")
-    p.add_argument("--sections", default="forward,sample,vae")
+    p.add_argument("--pairs", type=int, default=3, help="interleaved fresh-process runs of each side per case")
+    p.add_argument("--vae-frames", default="49,97")
+    p.add_argument("--sections", default="forward,pipeline,vae")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--frames", type=int, help=argparse.SUPPRESS)
@@ -165,36 +207,50 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    import torch
+
     root = setup(args.size)
     common = ["--size", args.size, "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps),
               "--repeat", str(args.repeat), "--root", str(root)]
     frames, h, w = SIZES[args.size]["video"]
-    print(f"CogVideoX {args.size} on {args.device} ({args.dtype}); video {frames}x{h}x{w}; ratios are ours/diffusers")
+    print(f"CogVideoX {args.size} on {args.device} ({args.dtype}), {torch.get_num_threads()} threads; video {frames}x{h}x{w}; "
+          f"ratios are ours/diffusers, medians of {args.pairs} interleaved fresh-process pairs")
     sections = args.sections.split(",")
-    for kind in ("forward", "sample"):
-        if kind not in sections:
-            continue
-        ours = run_worker(__file__, [*common, "--worker", f"{kind}:ours"])
-        ref = run_worker(__file__, [*common, "--worker", f"{kind}:ref"])
-        if "error" in ours or "error" in ref:
-            print(f"{kind}: failed: {ours.get('error') or ref.get('error')}")
-            continue
-        label = "transformer forward" if kind == "forward" else f"sampling, {args.steps} DDIM steps with CFG"
-        extra = f", {ours['s_per_step']:.3f} vs {ref['s_per_step']:.3f} s/step" if kind == "sample" else ""
-        print(f"{label}: ours {ours['s']:.3f} s, diffusers {ref['s']:.3f} s, time ratio {ratio(ours['s'], ref['s'])}{extra}; "
-              f"peak {ours['peak_mib']:.0f} vs {ref['peak_mib']:.0f} MiB, ratio {ratio(ours['peak_mib'], ref['peak_mib'])}")
+    if "forward" in sections:
+        runs = interleaved(__file__, common, "forward:{}", ("ours", "ref"), args.pairs)
+        if isinstance(runs, str):
+            print(f"transformer forward: {runs}")
+        else:
+            o, r = runs["ours"], runs["ref"]
+            print(f"transformer forward (CFG pair): ours {o['s']:.3f} s, diffusers {r['s']:.3f} s, time ratio {ratio(o['s'], r['s'])}; "
+                  f"peak {o['peak_mib']:.0f} vs {r['peak_mib']:.0f} MiB, ratio {ratio(o['peak_mib'], r['peak_mib'])}")
+    if "pipeline" in sections:
+        runs = interleaved(__file__, common, "pipeline:{}", ("ours", "ref"), args.pairs)
+        if isinstance(runs, str):
+            print(f"pipeline: {runs}")
+        else:
+            o, r = runs["ours"], runs["ref"]
+            diff = (torch.load(root / "frames_ours.pt") - torch.load(root / "frames_ref.pt")).abs().max().item()
+            print(f"whole pipeline ({args.steps} DDIM steps with CFG 6, then the VAE decode; frames differ by at most {diff:.1e}):")
+            print(f"  median: ours {o['s']:.2f} s, diffusers {r['s']:.2f} s, time ratio {ratio(o['s'], r['s'])}")
+            print(f"  fastest: ours {o['s_min']:.2f} s, diffusers {r['s_min']:.2f} s, ratio {ratio(o['s_min'], r['s_min'])}")
+            print(f"  sampling: ours {o['sample_s']:.2f} s, diffusers {r['sample_s']:.2f} s, ratio {ratio(o['sample_s'], r['sample_s'])}; "
+                  f"VAE decode: ours {o['decode_s']:.2f} s, diffusers {r['decode_s']:.2f} s, ratio {ratio(o['decode_s'], r['decode_s'])}")
+            print(f"  peak: ours {o['peak_mib']:.0f} MiB, diffusers {r['peak_mib']:.0f} MiB, ratio {ratio(o['peak_mib'], r['peak_mib'])}")
     if "vae" in sections:
         vh, vw = SIZES[args.size]["vae_size"]
-        print(f"VAE decode at {vh}x{vw} (diffusers: tiling + slicing on)")
+        print(f"VAE decode at {vh}x{vw} (diffusers: tiling + slicing on); medians of {args.pairs} fresh-process decodes each")
         print(f"{'frames':>7} {'ours s':>9} {'ref s':>9} {'time ratio':>11} {'ours MiB':>10} {'ref MiB':>10} {'mem ratio':>10}")
+        base = None
         for f in [int(x) for x in args.vae_frames.split(",")]:
-            ours = run_worker(__file__, [*common, "--worker", "vae:ours", "--frames", str(f)])
-            ref = run_worker(__file__, [*common, "--worker", "vae:ref", "--frames", str(f)])
-            if "error" in ours or "error" in ref:
-                print(f"{f:>7}: failed: {ours.get('error') or ref.get('error')}")
+            runs = interleaved(__file__, [*common, "--frames", str(f)], "vae:{}", ("ours", "ref"), args.pairs)
+            if isinstance(runs, str):
+                print(f"{f:>7}: {runs}")
                 continue
-            print(f"{f:>7} {ours['s']:>9.2f} {ref['s']:>9.2f} {ratio(ours['s'], ref['s']):>11} {ours['peak_mib']:>10.0f} "
-                  f"{ref['peak_mib']:>10.0f} {ratio(ours['peak_mib'], ref['peak_mib']):>10}")
+            o, r = runs["ours"], runs["ref"]
+            base = base or o["peak_mib"]
+            print(f"{f:>7} {o['s']:>9.2f} {r['s']:>9.2f} {ratio(o['s'], r['s']):>11} {o['peak_mib']:>10.0f} "
+                  f"{r['peak_mib']:>10.0f} {ratio(o['peak_mib'], r['peak_mib']):>10}   (ours: {100 * (o['peak_mib'] / base - 1):+.0f}% on the first)")
 
 
 if __name__ == "__main__":
