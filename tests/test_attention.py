@@ -104,9 +104,14 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotate_in_place_equals_apply_rope_with_gradients(dtype):
-    """layers.rotate_ (complex multiply in place, on a slice) gives apply_rope's values and
-    gradients."""
-    from vdit_core.layers import apply_rope, rope_3d, rope_rotations, rotate_
+    """layers.rotate_ (complex multiply in place, on a slice) gives the rotary embedding's values
+    and gradients as its textbook formula, x * cos + rotate_half(x) * sin in float32."""
+    from vdit_core.layers import rope_3d, rope_rotations, rotate_
+
+    def apply_rope(x, cos, sin):  # interleaved pairs: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
+        pairs = x.float().unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        return (x.float() * cos[None, :, None] + rotated * sin[None, :, None]).to(x.dtype)
 
     cos, sin = rope_3d(16, 2, 3, 4, "slice", 3, 4)  # 24 positions
     x = torch.randn(2, 30, 3, 16, dtype=dtype, requires_grad=True)  # 6 text tokens, then 24 video tokens

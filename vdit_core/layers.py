@@ -161,18 +161,11 @@ def rope_rotations(cos: torch.Tensor, sin: torch.Tensor, device) -> torch.Tensor
 
 
 def rotate_(x: torch.Tensor, rot: torch.Tensor) -> None:
-    """Rotate interleaved channel pairs of x [B, S, H, D] in place (x may be a slice of a larger
-    tensor) by ``rot`` [S, D/2] from :func:`rope_rotations`: as :func:`apply_rope`, computed in
-    float32, without the copies of stacking the rotated pairs and re-joining a slice."""
+    """Rotary embedding: rotate the interleaved channel pairs (x[2i], x[2i+1]) of x [B, S, H, D]
+    in place by the angles of ``rot`` [S, D/2] (from :func:`rope_rotations`), computed in float32.
+    x may be a slice of a larger tensor (the video tokens of a joint sequence); nothing is copied
+    for float32."""
     if x.dtype == torch.float32:
         torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rot[None, :, None])
     else:
         x.copy_(torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rot[None, :, None]).flatten(-2))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x [B, S, H, D] by tables [S, D] (computed in float32)."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    cos, sin = cos[None, :, None].to(x.device), sin[None, :, None].to(x.device)
-    return (x.float() * cos + rotated * sin).to(x.dtype)

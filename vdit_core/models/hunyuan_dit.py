@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
-from ..layers import FeedForward, apply_rope, rope_1d, timestep_embedding
+from ..layers import FeedForward, rope_1d, rope_rotations, rotate_, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -171,16 +171,16 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
         self.backend: str | None = None
 
-    def forward(self, x: torch.Tensor, rope, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: [B, N, D], context: [B, L, Dc] -> [B, N, D]
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, N, D], context: [B, L, Dc] -> [B, N, D]; rope: rotations [N, Dh/2] (complex)
         b, n, _ = x.shape
         kv = x if context is None else context
         q = self.norm_q(self.to_q(x).view(b, n, self.heads, self.head_dim))
         k = self.norm_k(self.to_k(kv).view(b, kv.shape[1], self.heads, self.head_dim))
         v = self.to_v(kv).view(b, kv.shape[1], self.heads, self.head_dim)
-        q = apply_rope(q, *rope)
+        rotate_(q, rope)  # q and k are fresh (the norms' outputs): rotated in place
         if not self.cross:
-            k = apply_rope(k, *rope)
+            rotate_(k, rope)
         return self.to_out[0](attention(q, k, v, backend=self.backend).reshape(b, n, -1))
 
 
@@ -298,7 +298,7 @@ class HunyuanDiT(nn.Module):
         text = torch.cat([context.to(dtype), t5], dim=1)
         mask = torch.cat([context_mask, context_t5_mask], dim=1).bool()[..., None]
         text = torch.where(mask, text, self.text_embedding_padding.to(dtype))  # masked positions: the learned padding
-        rope = tuple(r.to(x.device) for r in rope_2d(cfg.attention_head_dim, h // p, w // p, 512 // cfg.vae_scale // p))
+        rope = rope_rotations(*rope_2d(cfg.attention_head_dim, h // p, w // p, 512 // cfg.vae_scale // p), x.device)
 
         skips = []
         for i, block in enumerate(self.blocks):

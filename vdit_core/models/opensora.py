@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
-from ..layers import apply_rope, timestep_embedding
+from ..layers import rope_rotations, rotate_, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -130,13 +130,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend: str | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        # x: [B', N, D] -> [B', N, D]
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        # x: [B', N, D] -> [B', N, D]; rope: rotations [N, Dh/2] (complex) or None
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if isinstance(self.q_norm, nn.Identity):  # q and k are still views of the fused projection
+                q, k = q.clone(), k.clone()
+            rotate_(q, rope)  # in place: fresh tensors
+            rotate_(k, rope)
         return self.proj(attention(q, k, v, backend=self.backend).reshape(b, n, d))
 
 
@@ -280,10 +283,10 @@ class STDiT3(nn.Module):
         for block in [*self.spatial_blocks, *self.temporal_blocks]:
             block.attn.backend = block.cross_attn.backend = backend
 
-    def _rope(self, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        # interleaved pairs rotated by position * freqs (rotary-embedding-torch's layout)
+    def _rope(self, t: int, device) -> torch.Tensor:
+        # interleaved pairs rotated by position * freqs (rotary-embedding-torch's layout): [t, Dh/2]
         angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.rope.freqs.float())
-        return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)
+        return rope_rotations(angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1), device)
 
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None, drop_text=None):
         cfg = self.config
