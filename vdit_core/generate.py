@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--sampler", default=None, help="sampler (default: the model's scheduler); see vdit_core.sampling.SAMPLERS")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic CFG schedule (recommended with cogvideox_dpm)")
+    p.add_argument("--step-cache", type=float, default=0.0, metavar="T",
+                   help="skip the transformer on steps whose input changed by less than T in total (faster, slightly different; 0: off, 0.08-0.1: mild)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", default=None, help="first frame for image-to-video models; the input image for image-to-image (with --denoise)")
     p.add_argument("--video", default=None, help="an input video: video-to-video with --denoise below 1; with denoise 1, Open-Sora continues it (the new clip starts with its last 17 frames)")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.motion_score is not None:
             options["motion_score"] = args.motion_score
         # everything a user typed is checked before the model loads: minutes of work never end in a refusal
-        check_request(args.frames, args.height, args.width, args.steps, args.cfg, args.denoise)
+        check_request(args.frames, args.height, args.width, args.steps, args.cfg, args.denoise, args.step_cache)
         check_video_path(args.out, overwrite=args.overwrite)
         if Path(args.out).suffix.lower() in WRITABLE_IMAGE_SUFFIXES and args.frames not in (None, 1):
             raise ValueError(f"{args.out}: an image holds one frame; --frames is {args.frames} (use .mp4, or --frames 1)")
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             image=image,
             video=video,
             dynamic_cfg=args.dynamic_cfg,
+            step_cache=args.step_cache,
             denoise=args.denoise,
             check_memory=not args.no_memory_check,
             fps=args.fps,

@@ -30,6 +30,7 @@ from .checkpoint import CheckpointError, parse_dtype
 from .guidance import CFGDenoiser
 from .memory import available_bytes, fmt_bytes
 from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise
+from .step_cache import StepCache
 from .vae.common import VideoVAE, frames_to_pixels, image_tensor, pixels_to_frames
 
 
@@ -39,7 +40,7 @@ def network_call(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, **con
 
 
 def check_request(num_frames: int | None = None, height: int | None = None, width: int | None = None,
-                  steps: int | None = None, cfg: float | None = None, denoise: float = 1.0) -> None:
+                  steps: int | None = None, cfg: float | None = None, denoise: float = 1.0, step_cache: float = 0.0) -> None:
     """Refuse nonsense numbers before any work (None means "the model's default"): counts and sizes
     below 1, a guidance scale that is not a finite number >= 0, a denoise outside (0, 1]."""
     for name, v, example in (("num_frames", num_frames, 49), ("height", height, 480), ("width", width, 720), ("steps", steps, 50)):
@@ -49,6 +50,8 @@ def check_request(num_frames: int | None = None, height: int | None = None, widt
         raise ValueError(f"cfg={cfg}: the guidance scale must be a finite number >= 0 (1 turns guidance off; 6 is typical)")
     if not (0.0 < denoise <= 1.0):
         raise ValueError(f"denoise={denoise}: must be in (0, 1] (1: from pure noise)")
+    if not (math.isfinite(step_cache) and step_cache >= 0):
+        raise ValueError(f"step_cache={step_cache}: must be a number >= 0 (0 turns step caching off; 0.1 is a mild setting)")
 
 
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +85,7 @@ class Pipeline:
     vae_scale: int = 8  # pixels per latent cell when no VAE is loaded (the folder's VAE config says)
     family: families.Family | None = None
     latent_rgb: tuple | None = None  # latent -> RGB preview factors (default: the family's)
+    last_step_cache: StepCache | None = None  # the last sampling run's step cache (computed/skipped counts)
 
     def __post_init__(self):
         if self.family is None:
@@ -283,6 +287,7 @@ class Pipeline:
         progress: bool = True,
         spacing: str | None = None,
         fps: float | None = None,
+        step_cache: float = 0.0,
     ) -> torch.Tensor:
         """Latents [B, C, T, h, w] from standard-normal ``noise`` of that shape.
 
@@ -290,12 +295,14 @@ class Pipeline:
         image conditioning), batched like ``noise``. ``init_latents`` + ``denoise < 1``: start
         from those latents noised to the level of the first kept step.
         ``noise_source(sigma, sigma_next)`` feeds stochastic samplers. ``fps``: the frame rate
-        families that condition on it are told (default: the family's).
+        families that condition on it are told (default: the family's). ``step_cache`` > 0: skip
+        the transformer on steps whose input changed by less than that in total
+        (:mod:`vdit_core.step_cache`; 0: off).
         """
         steps = self.steps if steps is None else steps
         cfg = self.cfg if cfg is None else cfg
         sampler = sampler or self.sampler
-        check_request(steps=steps, cfg=cfg, denoise=denoise)
+        check_request(steps=steps, cfg=cfg, denoise=denoise, step_cache=step_cache)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
         check_finite("noise", noise)
@@ -323,7 +330,11 @@ class Pipeline:
         kwargs = {}
         if sampler in STOCHASTIC_SAMPLERS and noise_source is not None:
             kwargs["noise_sampler"] = noise_source
-        return SAMPLERS[sampler](model, x, sigmas, extra_args=extra, callback=callback, disable=not progress, **kwargs)
+        self.transformer.step_cache = StepCache(step_cache) if step_cache > 0 else None
+        try:
+            return SAMPLERS[sampler](model, x, sigmas, extra_args=extra, callback=callback, disable=not progress, **kwargs)
+        finally:  # what it skipped stays readable (last_step_cache); the model forgets it
+            self.last_step_cache, self.transformer.step_cache = self.transformer.step_cache, None
 
     def decode(self, latents: torch.Tensor, **vae_kwargs) -> torch.Tensor:
         """Latents [1, C, T, h, w] -> frames [F, H, W, 3] in [0, 1] (float32, CPU)."""
@@ -355,6 +366,7 @@ class Pipeline:
         check_memory: bool = True,
         conditioning: dict[str, torch.Tensor] | None = None,
         fps: float | None = None,
+        step_cache: float = 0.0,
         **options,
     ) -> torch.Tensor:
         """Generate a video; returns frames [F, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout).
@@ -367,10 +379,10 @@ class Pipeline:
         noise (T padded as the family's transformer needs). ``conditioning``: extra inputs of the
         transformer for both CFG branches (HunyuanDiT v1.1: ``image_meta_size``, ``style``). A request that cannot fit in the device's free memory is refused before anything is
         allocated (``check_memory=False`` tries anyway). ``fps``: the frame rate families that
-        condition on it are told (Open-Sora; default 24). ``options``: the family's prompt
+        condition on it are told (Open-Sora; default 24). ``step_cache``: see :meth:`sample`. ``options``: the family's prompt
         options (Open-Sora: ``aesthetic_score=6.5``, None to leave it out; ``motion_score``).
         """
-        check_request(num_frames, height, width, steps, cfg, denoise)
+        check_request(num_frames, height, width, steps, cfg, denoise, step_cache)
         self.family.check_options(options)  # before any work
         if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps={fps!r}: must be a positive number (e.g. 24)")
@@ -435,6 +447,7 @@ class Pipeline:
             raise ValueError(f"noise must have shape {shape} for {num_frames}x{height}x{width}, got {tuple(noise.shape)}")
         latents = self.sample(
             cond, uncond, noise.to(self.device), steps, cfg_, sampler, source, denoise, init, dynamic_cfg, callback, progress, fps=fps,
+            step_cache=step_cache,
         )
         latents = latents[:, :, t_pad - t :]  # drop the padding frame(s) the family adds in front, as the reference
         return self.decode(latents, **({"tiling": vae_tiling} if vae_tiling is not None else {}))

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import attention
 from ..checkpoint import known_fields
 from ..layers import FeedForward, TimestepMLP, rope_3d, rope_rotations, rotate_, sincos_3d, timestep_embedding
+from ..step_cache import StepCache, fingerprint
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class CogVideoXTransformer(nn.Module):
         pt = cfg.patch_size_t or 1
         self.proj_out = nn.Linear(d, cfg.patch_size**2 * pt * cfg.out_channels)
         self.gradient_checkpointing = False
+        self.step_cache: StepCache | None = None  # set for a sampling run (vdit_core.step_cache)
 
     def load_lora(self, path, strength: float = 1.0):
         """Attach a LoRA file (ours, ComfyUI, diffusers/PEFT or kohya keys); returns its handle."""
@@ -302,11 +304,20 @@ class CogVideoXTransformer(nn.Module):
             # the video grid must equal the trained one in H and W; fewer frames use a prefix
             vid = vid + table[:, cfg.max_text_seq_length : cfg.max_text_seq_length + n_vid]
 
-        for block in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                vid, text = checkpoint(block, vid, text, temb, rope, use_reentrant=False)
-            else:
-                vid, text = block(vid, text, temb, rope)
+        def blocks(vid: torch.Tensor) -> torch.Tensor:
+            text_ = text
+            for block in self.transformer_blocks:
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    vid, text_ = checkpoint(block, vid, text_, temb, rope, use_reentrant=False)
+                else:
+                    vid, text_ = block(vid, text_, temb, rope)
+            return vid
+
+        if self.step_cache is None:
+            vid = blocks(vid)
+        else:  # the first block's modulated video tokens tell how much this step's input changed
+            signal = self.transformer_blocks[0].norm1(vid, text, temb)[0]
+            vid = self.step_cache.run(fingerprint(context), vid, signal, blocks)
 
         vid = self.norm_out(self.norm_final(vid), temb)
         out = self.proj_out(vid)  # [B, N, C_out * pt * p * p]

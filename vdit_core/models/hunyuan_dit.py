@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
 from ..layers import FeedForward, rope_1d, rope_rotations, rotate_, timestep_embedding
+from ..step_cache import StepCache, fingerprint
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ class HunyuanDiT(nn.Module):
         self.norm_out.norm = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
         self.proj_out = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
         self.gradient_checkpointing = False
+        self.step_cache: StepCache | None = None  # set for a sampling run (vdit_core.step_cache)
 
     def set_attention_backend(self, backend: str | None) -> None:
         for block in self.blocks:
@@ -300,15 +302,22 @@ class HunyuanDiT(nn.Module):
         text = torch.where(mask, text, self.text_embedding_padding.to(dtype))  # masked positions: the learned padding
         rope = rope_rotations(*rope_2d(cfg.attention_head_dim, h // p, w // p, 512 // cfg.vae_scale // p), x.device)
 
-        skips = []
-        for i, block in enumerate(self.blocks):
-            skip = skips.pop() if i > cfg.num_layers // 2 else None
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, temb, text, rope, skip, use_reentrant=False)
-            else:
-                tokens = block(tokens, temb, text, rope, skip)
-            if i < cfg.num_layers // 2 - 1:
-                skips.append(tokens)
+        def blocks(tokens: torch.Tensor) -> torch.Tensor:
+            skips = []
+            for i, block in enumerate(self.blocks):
+                skip = skips.pop() if i > cfg.num_layers // 2 else None
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    tokens = checkpoint(block, tokens, temb, text, rope, skip, use_reentrant=False)
+                else:
+                    tokens = block(tokens, temb, text, rope, skip)
+                if i < cfg.num_layers // 2 - 1:
+                    skips.append(tokens)
+            return tokens
+
+        if self.step_cache is None:
+            tokens = blocks(tokens)
+        else:  # the first block's modulated input tells how much this step's input changed
+            tokens = self.step_cache.run(fingerprint(text), tokens, self.blocks[0].norm1(tokens, temb), blocks)
 
         scale, shift = self.norm_out.linear(F.silu(temb.float()).to(dtype)).chunk(2, dim=1)
         tokens = self.norm_out.norm(tokens) * (1 + scale[:, None]) + shift[:, None]

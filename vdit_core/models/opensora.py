@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
 from ..layers import rope_rotations, rotate_, timestep_embedding
+from ..step_cache import StepCache, fingerprint
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,11 @@ class STDiT3Block(nn.Module):
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.zeros(6, d))
 
+    def modulated_input(self, x: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
+        """norm1(x) * (1 + scale) + shift of the noisy frames' modulation (step caching's signal)."""
+        shift, scale = (self.scale_shift_table[None, :2] + t_mod.reshape(x.shape[0], 6, -1)[:, :2]).chunk(2, dim=1)
+        return self.norm1(x) * (1 + scale) + shift
+
     def forward(self, x, text, mask, t_mod, t0_mod, x_mask, t: int, s: int, rope):
         # x: [B, T*S, D]; t_mod / t0_mod: [B, 6D]; x_mask: [B, T] (True: noisy frame) or None
         b, n, d = x.shape
@@ -278,6 +284,7 @@ class STDiT3(nn.Module):
         self.temporal_blocks = nn.ModuleList([STDiT3Block(cfg, temporal=True) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg)
         self.gradient_checkpointing = False
+        self.step_cache: StepCache | None = None  # set for a sampling run (vdit_core.step_cache)
 
     def set_attention_backend(self, backend: str | None) -> None:
         for block in [*self.spatial_blocks, *self.temporal_blocks]:
@@ -330,13 +337,22 @@ class STDiT3(nn.Module):
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # [B, T*S, D]
         tokens = (tokens.view(b, t, s, -1) + pos[None, None]).view(b, t * s, -1)
         rope = self._rope(t, x.device)
-        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            for block in (spatial, temporal):
-                args = (tokens, text, text_mask, t_mod, t0_mod, x_mask, t, s, rope)
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    tokens = checkpoint(block, *args, use_reentrant=False)
-                else:
-                    tokens = block(*args)
+
+        def blocks(tokens: torch.Tensor) -> torch.Tensor:
+            for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
+                for block in (spatial, temporal):
+                    args = (tokens, text, text_mask, t_mod, t0_mod, x_mask, t, s, rope)
+                    if self.gradient_checkpointing and torch.is_grad_enabled():
+                        tokens = checkpoint(block, *args, use_reentrant=False)
+                    else:
+                        tokens = block(*args)
+            return tokens
+
+        if self.step_cache is None:
+            tokens = blocks(tokens)
+        else:  # the first block's modulated input tells how much this step's input changed
+            signal = self.spatial_blocks[0].modulated_input(tokens, t_mod)
+            tokens = self.step_cache.run(fingerprint(text), tokens, signal, blocks)
 
         out = self.final_layer(tokens, t_emb, t0_emb, x_mask, t)  # [B, N, pt*ph*pw*C]
         co = cfg.out_channels
