@@ -111,6 +111,7 @@ class VDITSampler:
             "optional": {
                 "image_latent": ("LATENT", {"tooltip": "image-to-video: the first frame, from VDIT VAE Encode (CogVideoX I2V needs it; Open-Sora takes it optionally, or an encoded clip to continue: its last 17 frames start the video)"}),
                 "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "CogVideoX's dynamic guidance (recommended with cogvideox_dpm)"}),
+                "step_cache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "faster, slightly different: skip the transformer on steps whose input changed by less than this in total, reusing the last computed change (0: off; 0.08-0.1: mild)"}),
             },
         }
 
@@ -121,7 +122,8 @@ class VDITSampler:
                    "image-to-video, video extension, video-to-video), with live previews.")
     CATEGORY = "vdit"
 
-    def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, denoise, image_latent=None, dynamic_cfg=False):
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, schedule, denoise, image_latent=None, dynamic_cfg=False,
+               step_cache=0.0):
         pipe = model.pipeline()
         x = latent["samples"]
         b, t = x.shape[0], x.shape[2]
@@ -165,7 +167,7 @@ class VDITSampler:
                 out = pipe.sample(
                     cond, uncond, source(), steps, cfg, None if sampler == "default" else sampler, source, denoise,
                     x.to(device) if denoise < 1.0 else None, dynamic_cfg, callback, progress=False,
-                    spacing=None if schedule == "default" else schedule,
+                    spacing=None if schedule == "default" else schedule, step_cache=step_cache,
                 )
         finally:
             for h in handles:  # non-destructive: the loaded model is as it was

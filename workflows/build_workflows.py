@@ -244,7 +244,7 @@ def text_to_video(pack, model: str, note: str, width: int, height: int, frames: 
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text=negative)
     lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1, resolution="custom", duration="custom")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=steps, cfg=cfg,
-              sampler=sampler, schedule="default", denoise=1.0, dynamic_cfg=dynamic_cfg)
+              sampler=sampler, schedule="default", denoise=1.0, dynamic_cfg=dynamic_cfg, step_cache=0.0)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
     g.add("VDITSaveVideo", images=(d, 0), fps=fps, filename_prefix=prefix, format="mp4")
     return g
@@ -269,7 +269,7 @@ def image_to_video(pack) -> Graph:
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
     lat = g.add("VDITEmptyLatent", model=(m, 0), width=720, height=480, frames=49, batch_size=1, resolution="custom", duration="custom")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
-              sampler="cogvideox_dpm", schedule="default", denoise=1.0, image_latent=(enc, 0), dynamic_cfg=True)
+              sampler="cogvideox_dpm", schedule="default", denoise=1.0, image_latent=(enc, 0), dynamic_cfg=True, step_cache=0.0)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
     g.add("VDITSaveVideo", images=(d, 0), fps=8.0, filename_prefix="vdit/i2v", format="mp4")
     return g
@@ -288,7 +288,7 @@ def video_to_video(pack) -> Graph:
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the same scene as a watercolour painting")
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(enc, 0), seed=42, steps=50, cfg=6.0,
-              sampler="default", schedule="default", denoise=0.7, dynamic_cfg=False)
+              sampler="default", schedule="default", denoise=0.7, dynamic_cfg=False, step_cache=0.0)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
     g.add("VDITSaveVideo", images=(d, 0), fps=8.0, filename_prefix="vdit/v2v", format="mp4")
     return g
@@ -317,7 +317,7 @@ def hunyuandit(pack, image_to_image: bool) -> Graph:
     else:
         lat = g.add("VDITEmptyLatent", model=(m, 0), width=1024, height=1024, frames=1, batch_size=1, resolution="HunyuanDiT 1024x1024", duration="custom")
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
-              sampler="default", schedule="default", denoise=0.6 if image_to_image else 1.0, dynamic_cfg=False)
+              sampler="default", schedule="default", denoise=0.6 if image_to_image else 1.0, dynamic_cfg=False, step_cache=0.0)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
     g.add("SaveImage", images=(d, 0), filename_prefix="vdit/hunyuandit_i2i" if image_to_image else "vdit/hunyuandit")
     return g
@@ -351,7 +351,7 @@ def opensora(pack, image_to_video: bool) -> Graph:
         extra["image_latent"] = (g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(scaled, 0), chunk_frames=8,
                                        tiling="auto", tile_height=0, tile_width=0), 0)
     s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=30, cfg=7.0,
-              sampler="default", schedule="default", denoise=1.0, dynamic_cfg=False, **extra)
+              sampler="default", schedule="default", denoise=1.0, dynamic_cfg=False, step_cache=0.0, **extra)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=5, tiling="auto", tile_height=0, tile_width=0)
     g.add("VDITSaveVideo", images=(d, 0), fps=24.0, filename_prefix="vdit/opensora_i2v" if image_to_video else "vdit/opensora", format="mp4")
     return g
