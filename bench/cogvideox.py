@@ -96,8 +96,16 @@ def worker(args) -> dict:
         from vdit_core.pipeline import Pipeline as Ours
         from vdit_core.schedules import DiscreteSchedule
 
-        if impl == "ours":
+        if impl in ("ours", "compiled"):
             model = load_transformer(root / "transformer", dtype=dtype, device=dev)
+            if impl == "compiled":  # regional torch.compile; the untimed warm-up call compiles
+                import warnings
+
+                from vdit_core.pipeline import compile_blocks
+
+                warnings.filterwarnings("ignore", message=".*complex operators.*")
+                compile_blocks(model)
+                impl = "ours"
             dim = model.config.text_embed_dim
         else:
             model = CogVideoXTransformer3DModel.from_pretrained(str(root / "transformer"), torch_dtype=dtype).to(dev).eval()
@@ -200,6 +208,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3, help="interleaved fresh-process runs of each side per case")
     p.add_argument("--vae-frames", default="49,97")
     p.add_argument("--sections", default="forward,pipeline,vae")
+    p.add_argument("--compile", action="store_true", help="also time the forward with compiled blocks (torch.compile)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--frames", type=int, help=argparse.SUPPRESS)
@@ -217,13 +226,18 @@ def main() -> None:
           f"ratios are ours/diffusers, medians of {args.pairs} interleaved fresh-process pairs")
     sections = args.sections.split(",")
     if "forward" in sections:
-        runs = interleaved(__file__, common, "forward:{}", ("ours", "ref"), args.pairs)
+        impls = ("ours", "ref", "compiled") if args.compile else ("ours", "ref")
+        runs = interleaved(__file__, common, "forward:{}", impls, args.pairs)
         if isinstance(runs, str):
             print(f"transformer forward: {runs}")
         else:
             o, r = runs["ours"], runs["ref"]
             print(f"transformer forward (CFG pair): ours {o['s']:.3f} s, diffusers {r['s']:.3f} s, time ratio {ratio(o['s'], r['s'])}; "
                   f"peak {o['peak_mib']:.0f} vs {r['peak_mib']:.0f} MiB, ratio {ratio(o['peak_mib'], r['peak_mib'])}")
+            if args.compile:
+                c = runs["compiled"]
+                print(f"  compiled blocks (torch.compile): {c['s']:.3f} s, {ratio(c['s'], o['s'])} of eager, {ratio(c['s'], r['s'])} of diffusers; "
+                      f"peak {c['peak_mib']:.0f} MiB")
     if "pipeline" in sections:
         runs = interleaved(__file__, common, "pipeline:{}", ("ours", "ref"), args.pairs)
         if isinstance(runs, str):

@@ -11,6 +11,7 @@ import torch
 from vdit_core import families
 from vdit_core.checkpoint import parse_dtype
 from vdit_core.demo import demo_model_path
+from vdit_core.pipeline import check_compiler, compile_blocks
 
 from . import comfy
 from .types import DEMO, ModelHandle, TextEncoderHandle, VAEHandle
@@ -64,6 +65,8 @@ class VDITModelLoader:
             "model": (sources(cls.KIND), {"default": DEMO, "tooltip": "a file in models/diffusion_models, a model folder in models/vdit, or the bundled demo"}),
             "weight_dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype (fp32 on a CPU)"}),
             "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: xformers on CUDA when installed, else PyTorch SDPA"}),
+        }, "optional": {
+            "compile": ("BOOLEAN", {"default": False, "tooltip": "compile each transformer block with torch.compile: faster steps after a slower first one (needs triton on CUDA, a C++ compiler on a CPU)"}),
         }}
 
     RETURN_TYPES = ("VDIT_MODEL",)
@@ -72,11 +75,15 @@ class VDITModelLoader:
                    "or the bundled demo. The model family is detected from the folder or the weights.")
     CATEGORY = "vdit"
 
-    def load(self, model, weight_dtype, attention):
+    def load(self, model, weight_dtype, attention, compile=False):
+        if compile:
+            check_compiler(comfy.devices("diffusion")[0])  # before anything is loaded
         path, folder = resolve(model, self.KIND)
         family = families.for_folder(path) if folder else families.for_file(path, "transformer")
         transformer = family.load_transformer(path / "transformer" if folder else path, dtype=_dtype(weight_dtype, "diffusion"), device="cpu")
         transformer.set_attention_backend(None if attention == "auto" else attention)
+        if compile:
+            compile_blocks(transformer, family)
         defaults = family.model_defaults(path if folder else None, transformer.config)
         return (ModelHandle(transformer, comfy.Managed(transformer, "diffusion"), defaults, model.rstrip("/"), family),)
 

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--attention", default=None, help="attention backend: auto, sdpa, xformers, flash_attn, sageattention")
+    p.add_argument("--compile", action="store_true", help="compile each transformer block with torch.compile (the first step waits for it)")
     p.add_argument("--out", required=True, help="output path: a video (.mp4, .webm, .gif, .webp) or, for one frame, an image (.png, .jpg)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (without it an existing file is never touched)")
     p.add_argument("--no-memory-check", action="store_true", help="run even when the request looks larger than the free memory")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         video = read_video(args.video)[0] if args.video else None
         model = args.model or demo_model_path()  # no --model: the bundled demo
         for_folder(model).check_options(options)  # before the model loads
-        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, attention=args.attention)
+        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile)
         frames = pipe(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,

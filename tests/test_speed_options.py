@@ -1,6 +1,7 @@
-"""Step caching (vdit_core.step_cache) for every family: off below any change (the uncached
-result exactly), everything after the first step skipped above any, and between the two a result
-close to the uncached one; bad thresholds refused."""
+"""The speed options. Step caching (vdit_core.step_cache) for every family: off below any change
+(the uncached result exactly), everything after the first step skipped above any, and between the
+two a result close to the uncached one; bad thresholds refused. Regional torch.compile: the eager
+result within float rounding, refused without a compiler."""
 
 from __future__ import annotations
 
@@ -71,3 +72,33 @@ def test_bad_thresholds_are_refused(pipelines, bad):
     pipe, kw = pipelines["cogvideox"]
     with pytest.raises(ValueError, match="step_cache=.*must be a number >= 0"):
         pipe(**kw, steps=2, step_cache=bad)
+
+
+def test_compiled_blocks_equal_eager():
+    """Regional torch.compile (each block compiled; the blocks share the compiled code) gives the
+    eager output within 1e-5, where a compiler is available; without one, compile is refused
+    before loading."""
+    import warnings
+
+    from vdit_core.pipeline import check_compiler
+
+    try:
+        check_compiler("cpu")
+    except ValueError as e:
+        pytest.skip(str(e))
+    warnings.filterwarnings("ignore", message=".*complex operators.*")  # RoPE's complex multiply runs eagerly
+    eager = load_pipeline(demo_model_path(), device="cpu")
+    compiled = load_pipeline(demo_model_path(), device="cpu", compile=True)
+    x, t, ctx = torch.randn(2, 2, 5, 8, 8), torch.tensor([500.0, 300.0]), torch.randn(2, 16, 64)
+    with torch.no_grad():
+        assert (compiled.transformer(x, t, ctx) - eager.transformer(x, t, ctx)).abs().max() < 1e-5
+    kw = dict(prompt="a red circle moving right", steps=4, seed=0, progress=False)
+    assert (compiled(**kw) - eager(**kw)).abs().max() < 1e-4  # frames in [0, 1] after 4 steps with CFG
+
+
+def test_compile_without_a_compiler_is_refused(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="compile: torch.compile on a CPU needs a C\\+\\+ compiler"):
+        load_pipeline(demo_model_path(), device="cpu", compile=True)
