@@ -196,7 +196,8 @@ class Upsample(nn.Module):
 
 
 class _Stage(nn.Module):
-    """Resnets then an optional resampler (``downsamplers.0`` / ``upsamplers.0``)."""
+    """Resnets then an optional resampler (``downsamplers.0`` / ``upsamplers.0``); run by
+    :func:`_run_stages`."""
 
     def __init__(self, resnets: list[ResnetBlock3D], sampler: nn.Module | None, kind: str):
         super().__init__()
@@ -205,15 +206,22 @@ class _Stage(nn.Module):
             setattr(self, kind, nn.ModuleList([sampler]))
         self.kind = kind if sampler is not None else None
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: Cache, first: bool = True) -> tuple[torch.Tensor, Cache]:
-        new = {}
-        for i, r in enumerate(self.resnets):
-            x, new[f"resnet_{i}"] = r(x, zq, cache.get(f"resnet_{i}", {}), first)
-        if self.kind == "upsamplers":
-            x = self.upsamplers[0](x, first)
-        elif self.kind is not None:
-            x = getattr(self, self.kind)[0](x)
-        return x, new
+
+def _run_stages(stages: list[tuple[str, _Stage]], x: torch.Tensor, zq: torch.Tensor | None, cache: Cache,
+                first: bool = True) -> tuple[torch.Tensor, Cache]:
+    """Every resnet and resampler of ``stages`` (cache key, stage) in one flat loop, not a call per
+    stage, so that no stage's input stays referenced while its later resnets run (at full
+    resolution that is 100+ MB). Returns the output and the stages' new caches."""
+    new = {}
+    for key, stage in stages:
+        old, new[key] = cache.get(key, {}), {}
+        for i, r in enumerate(stage.resnets):
+            x, new[key][f"resnet_{i}"] = r(x, zq, old.get(f"resnet_{i}", {}), first)
+        if stage.kind == "upsamplers":
+            x = stage.upsamplers[0](x, first)
+        elif stage.kind is not None:
+            x = getattr(stage, stage.kind)[0](x)
+    return x, new
 
 
 class Encoder(nn.Module):
@@ -237,9 +245,8 @@ class Encoder(nn.Module):
         # x: [B, 3, T, H, W] -> moments [B, 2C, T', H/8, W/8]
         new = {}
         x, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
-        for i, blk in enumerate(self.down_blocks):
-            x, new[f"down_{i}"] = blk(x, None, cache.get(f"down_{i}", {}))
-        x, new["mid"] = self.mid_block(x, None, cache.get("mid", {}))
+        x, stages = _run_stages([(f"down_{i}", blk) for i, blk in enumerate(self.down_blocks)] + [("mid", self.mid_block)], x, None, cache)
+        new.update(stages)
         x = F.silu(self.norm_out(x))
         x, new["conv_out"] = self.conv_out(x, cache.get("conv_out"))
         return x, new
@@ -266,14 +273,8 @@ class Decoder(nn.Module):
         # z: [B, C, T', h, w] -> [B, 3, T, 8h, 8w]; ``first``: this chunk starts the video
         new = {}
         x, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
-        # one flat loop over every resnet and upsampler (not a call per stage), so that no stage's
-        # input stays referenced while its later resnets run: at full resolution that is 100+ MB
-        for key, stage in [("mid", self.mid_block)] + [(f"up_{i}", blk) for i, blk in enumerate(self.up_blocks)]:
-            old, new[key] = cache.get(key, {}), {}
-            for i, r in enumerate(stage.resnets):
-                x, new[key][f"resnet_{i}"] = r(x, z, old.get(f"resnet_{i}", {}), first)
-            if stage.kind == "upsamplers":
-                x = stage.upsamplers[0](x, first)
+        x, stages = _run_stages([("mid", self.mid_block)] + [(f"up_{i}", blk) for i, blk in enumerate(self.up_blocks)], x, z, cache, first)
+        new.update(stages)
         x = F.silu(self.norm_out(x, z, first))
         x, new["conv_out"] = self.conv_out(x, cache.get("conv_out"))
         return x, new
