@@ -51,6 +51,11 @@ class StepCache:
         return out
 
 
-def fingerprint(t: torch.Tensor) -> float:
-    """A cheap identity of a conditioning tensor (the same prompt gives the same number every step)."""
-    return float(t.float().sum())
+def run_blocks(cache: StepCache | None, tokens: torch.Tensor, blocks: Callable[[torch.Tensor], torch.Tensor],
+               signal: Callable[[], torch.Tensor], cond: torch.Tensor) -> torch.Tensor:
+    """A model's blocks on ``tokens``: directly without a cache, else through it, with ``signal()``
+    (the first block's modulated input) and the branch told apart by its conditioning ``cond``
+    (the same prompt gives the same sum every step)."""
+    if cache is None:
+        return blocks(tokens)
+    return cache.run(float(cond.float().sum()), tokens, signal(), blocks)

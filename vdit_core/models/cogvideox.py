@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import attention
 from ..checkpoint import known_fields
 from ..layers import FeedForward, TimestepMLP, rope_3d, rope_rotations, rotate_, sincos_3d, timestep_embedding
-from ..step_cache import StepCache, fingerprint
+from ..step_cache import StepCache, run_blocks
 
 
 @dataclass(frozen=True)
@@ -313,11 +313,8 @@ class CogVideoXTransformer(nn.Module):
                     vid, text_ = block(vid, text_, temb, rope)
             return vid
 
-        if self.step_cache is None:
-            vid = blocks(vid)
-        else:  # the first block's modulated video tokens tell how much this step's input changed
-            signal = self.transformer_blocks[0].norm1(vid, text, temb)[0]
-            vid = self.step_cache.run(fingerprint(context), vid, signal, blocks)
+        # with a step cache, the first block's modulated video tokens tell how much this step's input changed
+        vid = run_blocks(self.step_cache, vid, blocks, lambda: self.transformer_blocks[0].norm1(vid, text, temb)[0], context)
 
         vid = self.norm_out(self.norm_final(vid), temb)
         out = self.proj_out(vid)  # [B, N, C_out * pt * p * p]

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
 from ..layers import FeedForward, rope_1d, rope_rotations, rotate_, timestep_embedding
-from ..step_cache import StepCache, fingerprint
+from ..step_cache import StepCache, run_blocks
 
 
 @dataclass(frozen=True)
@@ -314,10 +314,8 @@ class HunyuanDiT(nn.Module):
                     skips.append(tokens)
             return tokens
 
-        if self.step_cache is None:
-            tokens = blocks(tokens)
-        else:  # the first block's modulated input tells how much this step's input changed
-            tokens = self.step_cache.run(fingerprint(text), tokens, self.blocks[0].norm1(tokens, temb), blocks)
+        # with a step cache, the first block's modulated input tells how much this step's input changed
+        tokens = run_blocks(self.step_cache, tokens, blocks, lambda: self.blocks[0].norm1(tokens, temb), text)
 
         scale, shift = self.norm_out.linear(F.silu(temb.float()).to(dtype)).chunk(2, dim=1)
         tokens = self.norm_out.norm(tokens) * (1 + scale[:, None]) + shift[:, None]

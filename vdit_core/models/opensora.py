@@ -29,8 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
-from ..layers import rope_rotations, rotate_, timestep_embedding
-from ..step_cache import StepCache, fingerprint
+from ..layers import rotate_, timestep_embedding
+from ..step_cache import StepCache, run_blocks
 
 
 @dataclass(frozen=True)
@@ -186,16 +186,20 @@ class STDiT3Block(nn.Module):
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.zeros(6, d))
 
+    def _modulation(self, t_mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift, scale, gate) of attention, then of the MLP, each [B, 1, D], from t_mod [B, 6D]."""
+        return (self.scale_shift_table[None] + t_mod.reshape(t_mod.shape[0], 6, -1)).chunk(6, dim=1)
+
     def modulated_input(self, x: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
         """norm1(x) * (1 + scale) + shift of the noisy frames' modulation (step caching's signal)."""
-        shift, scale = (self.scale_shift_table[None, :2] + t_mod.reshape(x.shape[0], 6, -1)[:, :2]).chunk(2, dim=1)
+        shift, scale = self._modulation(t_mod)[:2]
         return self.norm1(x) * (1 + scale) + shift
 
     def forward(self, x, text, mask, t_mod, t0_mod, x_mask, t: int, s: int, rope):
         # x: [B, T*S, D]; t_mod / t0_mod: [B, 6D]; x_mask: [B, T] (True: noisy frame) or None
         b, n, d = x.shape
-        mod = (self.scale_shift_table[None] + t_mod.reshape(b, 6, d)).chunk(6, dim=1)  # 6 x [B, 1, D]
-        mod0 = (self.scale_shift_table[None] + t0_mod.reshape(b, 6, d)).chunk(6, dim=1) if x_mask is not None else mod
+        mod = self._modulation(t_mod)
+        mod0 = self._modulation(t0_mod) if x_mask is not None else mod
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         shift_msa0, scale_msa0, gate_msa0, shift_mlp0, scale_mlp0, gate_mlp0 = mod0
 
@@ -293,7 +297,7 @@ class STDiT3(nn.Module):
     def _rope(self, t: int, device) -> torch.Tensor:
         # interleaved pairs rotated by position * freqs (rotary-embedding-torch's layout): [t, Dh/2]
         angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.rope.freqs.float())
-        return rope_rotations(angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1), device)
+        return torch.complex(angles.cos(), angles.sin())
 
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None, drop_text=None):
         cfg = self.config
@@ -348,11 +352,8 @@ class STDiT3(nn.Module):
                         tokens = block(*args)
             return tokens
 
-        if self.step_cache is None:
-            tokens = blocks(tokens)
-        else:  # the first block's modulated input tells how much this step's input changed
-            signal = self.spatial_blocks[0].modulated_input(tokens, t_mod)
-            tokens = self.step_cache.run(fingerprint(text), tokens, signal, blocks)
+        # with a step cache, the first block's modulated input tells how much this step's input changed
+        tokens = run_blocks(self.step_cache, tokens, blocks, lambda: self.spatial_blocks[0].modulated_input(tokens, t_mod), text)
 
         out = self.final_layer(tokens, t_emb, t0_emb, x_mask, t)  # [B, N, pt*ph*pw*C]
         co = cfg.out_channels
