@@ -6,6 +6,10 @@
 
 Without ``--model`` the bundled demo model is used. Writes a video at the model's frame rate, or
 a PNG/JPEG when ``--out`` names one (one frame).
+
+Several GPUs (or CPU processes) for one video: ``torchrun --nproc_per_node N -m vdit_core.generate
+...`` splits the CFG branches and the token sequence over the ranks (:mod:`vdit_core.parallel`);
+rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--attention", default=None, help="attention backend: auto, sdpa, xformers, flash_attn, sageattention")
     p.add_argument("--compile", action="store_true", help="compile each transformer block with torch.compile (the first step waits for it)")
+    p.add_argument("--no-cfg-split", action="store_true",
+                   help="under torchrun: keep both CFG branches on every rank and split only the sequence (by default an even number of ranks splits the branches first)")
     p.add_argument("--out", required=True, help="output path: a video (.mp4, .webm, .gif, .webp) or, for one frame, an image (.png, .jpg)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (without it an existing file is never touched)")
     p.add_argument("--no-memory-check", action="store_true", help="run even when the request looks larger than the free memory")
@@ -69,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import parallel
+
+    if not parallel.launched():
+        return _run(args, None)
+    try:
+        return _run(args, parallel)
+    finally:
+        parallel.finish()
+
+
+def _run(args: argparse.Namespace, parallel) -> int:
+    """One generation; ``parallel`` (the module) when torchrun started several processes."""
     from .attention import AttentionBackendError
     from .checkpoint import CheckpointError
     from .demo import demo_model_path
@@ -98,8 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         video = read_video(args.video)[0] if args.video else None
         model = args.model or demo_model_path()  # no --model: the bundled demo
         for_folder(model).check_options(options)  # before the model loads
-        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile)
-        frames = pipe(
+        device, split, main = args.device, None, True
+        if parallel is not None:  # every rank joins, and the split is settled (and refused) before loading
+            device = parallel.init(args.device)
+            split = parallel.plan(guidance=args.cfg is None or args.cfg > 1, split_cfg=not args.no_cfg_split,
+                                  heads=parallel.configured_heads(model))
+            main = split.is_main
+        pipe = load_pipeline(model, device=device, dtype=args.dtype, attention=args.attention, compile=args.compile)
+        if split is not None:
+            parallel.enable(pipe, split)
+            if main:
+                print(f"parallel: {split.describe()}", flush=True)
+        latents = pipe(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
             num_frames=args.frames,
@@ -116,12 +144,18 @@ def main(argv: list[str] | None = None) -> int:
             denoise=args.denoise,
             check_memory=not args.no_memory_check,
             fps=args.fps,
+            progress=main,
+            decode=False,
             **options,
         )
+        if not main:  # every rank ends with the same latents; rank 0 decodes and writes them
+            return 0
+        frames = pipe.decode(latents)
         fps = args.fps or pipe.fps
         path = write_output(args.out, frames, fps=fps)
     except (ValueError, CheckpointError, FileNotFoundError, AttentionBackendError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if parallel is None or parallel.is_main_rank():  # the ranks ran the same checks: one says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

@@ -86,6 +86,7 @@ class Pipeline:
     family: families.Family | None = None
     latent_rgb: tuple | None = None  # latent -> RGB preview factors (default: the family's)
     last_step_cache: StepCache | None = None  # the last sampling run's step cache (computed/skipped counts)
+    parallel: object | None = None  # a vdit_core.parallel.Parallel when several processes share the run (set by parallel.enable)
 
     def __post_init__(self):
         if self.family is None:
@@ -323,7 +324,8 @@ class Pipeline:
         else:
             x = model.prior(noise.float(), float(sigmas[0]))  # as the reference pipelines start
         if cfg > 1.0 and uncond is not None:
-            model = CFGDenoiser(model, self.family.guidance_scale(cfg, steps, self.schedule, dynamic_cfg))
+            scale = self.family.guidance_scale(cfg, steps, self.schedule, dynamic_cfg)
+            model = CFGDenoiser(model, scale) if self.parallel is None else self.parallel.guidance(model, scale)
             extra = {"cond": cond, "uncond": uncond}
         else:
             extra = cond
@@ -367,9 +369,11 @@ class Pipeline:
         conditioning: dict[str, torch.Tensor] | None = None,
         fps: float | None = None,
         step_cache: float = 0.0,
+        decode: bool = True,
         **options,
     ) -> torch.Tensor:
-        """Generate a video; returns frames [F, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout).
+        """Generate a video; returns frames [F, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout), or
+        with ``decode=False`` the latents [1, C, T, h, w] that :meth:`decode` turns into them.
 
         ``num_frames``, ``height``, ``width``, ``steps``, ``cfg``: None takes the model's default.
         ``image``: the first frame for image-to-video models (IMAGE tensor or PIL image).
@@ -450,6 +454,8 @@ class Pipeline:
             step_cache=step_cache,
         )
         latents = latents[:, :, t_pad - t :]  # drop the padding frame(s) the family adds in front, as the reference
+        if not decode:
+            return latents
         return self.decode(latents, **({"tiling": vae_tiling} if vae_tiling is not None else {}))
 
 

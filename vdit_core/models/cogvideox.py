@@ -154,6 +154,7 @@ class JointAttention(nn.Module):
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True)])
         self.backend: str | None = None  # attention backend override (None: automatic)
+        self.parallel = None  # a vdit_core.parallel.SequenceParallel: vid holds this rank's part of the video tokens
 
     def forward(self, vid: torch.Tensor, text: torch.Tensor, rope: torch.Tensor | None):
         # rope: the video tokens' rotations [N, Dh/2] (complex), from rope_rotations
@@ -166,7 +167,11 @@ class JointAttention(nn.Module):
         if rope is not None:  # q and k are fresh tensors: rotate their video tokens in place
             rotate_(q[:, n_text:], rope)
             rotate_(k[:, n_text:], rope)
-        out = attention(q, k, v, backend=self.backend).reshape(b, s, -1)  # [B, L+N, H*Dh]
+        if self.parallel is None:
+            out = attention(q, k, v, backend=self.backend)
+        else:  # the text tokens, alike on every rank, go first
+            out = self.parallel.attention(q, k, v, prefix=n_text, backend=self.backend)
+        out = out.reshape(b, s, -1)  # [B, L+N, H*Dh]
         out = self.to_out[0](out)
         return out[:, n_text:], out[:, :n_text]
 
@@ -230,6 +235,15 @@ class CogVideoXTransformer(nn.Module):
         self.proj_out = nn.Linear(d, cfg.patch_size**2 * pt * cfg.out_channels)
         self.gradient_checkpointing = False
         self.step_cache: StepCache | None = None  # set for a sampling run (vdit_core.step_cache)
+        self.parallel = None  # a vdit_core.parallel.SequenceParallel splitting the video tokens, or None
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Split the video tokens over ``sp``'s ranks (None: one process)."""
+        if sp is not None:
+            sp.check_heads(self.config.num_attention_heads)
+        self.parallel = sp
+        for block in self.transformer_blocks:
+            block.attn1.parallel = sp
 
     def load_lora(self, path, strength: float = 1.0):
         """Attach a LoRA file (ours, ComfyUI, diffusers/PEFT or kohya keys); returns its handle."""
@@ -304,6 +318,11 @@ class CogVideoXTransformer(nn.Module):
             # the video grid must equal the trained one in H and W; fewer frames use a prefix
             vid = vid + table[:, cfg.max_text_seq_length : cfg.max_text_seq_length + n_vid]
 
+        sp = self.parallel
+        if sp is not None:  # this rank's part of the video tokens: [B, N/W, D]
+            vid = sp.split(vid, 1)
+            rope = sp.split(rope, 0) if rope is not None else None
+
         def blocks(vid: torch.Tensor) -> torch.Tensor:
             text_ = text
             for block in self.transformer_blocks:
@@ -313,11 +332,17 @@ class CogVideoXTransformer(nn.Module):
                     vid, text_ = block(vid, text_, temb, rope)
             return vid
 
-        # with a step cache, the first block's modulated video tokens tell how much this step's input changed
-        vid = run_blocks(self.step_cache, vid, blocks, lambda: self.transformer_blocks[0].norm1(vid, text, temb)[0], context)
+        def signal() -> torch.Tensor:  # the first block's modulated video tokens (every rank's, so all decide alike)
+            first = self.transformer_blocks[0].norm1(vid, text, temb)[0]
+            return first if sp is None else sp.gather(first, 1)
+
+        # with a step cache, the signal tells how much this step's input changed
+        vid = run_blocks(self.step_cache, vid, blocks, signal, context)
 
         vid = self.norm_out(self.norm_final(vid), temb)
         out = self.proj_out(vid)  # [B, N, C_out * pt * p * p]
+        if sp is not None:
+            out = sp.gather(out, 1)
         co = cfg.out_channels
         out = out.reshape(b, tt, hh, ww, co, pt, p, p)
         out = out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, co, t, h, w)

@@ -171,6 +171,7 @@ class Attention(nn.Module):
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
         self.backend: str | None = None
+        self.parallel = None  # self-attention: a vdit_core.parallel.SequenceParallel (x holds this rank's part of the tokens)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, N, D], context: [B, L, Dc] -> [B, N, D]; rope: rotations [N, Dh/2] (complex)
@@ -182,7 +183,11 @@ class Attention(nn.Module):
         rotate_(q, rope)  # q and k are fresh (the norms' outputs): rotated in place
         if not self.cross:
             rotate_(k, rope)
-        return self.to_out[0](attention(q, k, v, backend=self.backend).reshape(b, n, -1))
+        if self.parallel is None:
+            out = attention(q, k, v, backend=self.backend)
+        else:
+            out = self.parallel.attention(q, k, v, backend=self.backend)
+        return self.to_out[0](out.reshape(b, n, -1))
 
 
 class ShiftNorm(nn.Module):
@@ -270,10 +275,20 @@ class HunyuanDiT(nn.Module):
         self.proj_out = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
         self.gradient_checkpointing = False
         self.step_cache: StepCache | None = None  # set for a sampling run (vdit_core.step_cache)
+        self.parallel = None  # a vdit_core.parallel.SequenceParallel splitting the image tokens, or None
 
     def set_attention_backend(self, backend: str | None) -> None:
         for block in self.blocks:
             block.attn1.backend = block.attn2.backend = backend
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Split the image tokens over ``sp``'s ranks (None: one process); cross-attention needs
+        no exchange (its keys are the text, on every rank)."""
+        if sp is not None:
+            sp.check_heads(self.config.num_attention_heads)
+        self.parallel = sp
+        for block in self.blocks:
+            block.attn1.parallel = sp
 
     def default_meta(self, batch: int, h: int, w: int, device) -> torch.Tensor:
         """v1.1's image-size conditioning for a latent grid, as Tencent's inference builds it:
@@ -301,6 +316,9 @@ class HunyuanDiT(nn.Module):
         mask = torch.cat([context_mask, context_t5_mask], dim=1).bool()[..., None]
         text = torch.where(mask, text, self.text_embedding_padding.to(dtype))  # masked positions: the learned padding
         rope = rope_rotations(*rope_2d(cfg.attention_head_dim, h // p, w // p, 512 // cfg.vae_scale // p), x.device)
+        sp = self.parallel
+        if sp is not None:  # this rank's part of the image tokens: [B, N/W, D]
+            tokens, rope = sp.split(tokens, 1), sp.split(rope, 0)
 
         def blocks(tokens: torch.Tensor) -> torch.Tensor:
             skips = []
@@ -314,12 +332,18 @@ class HunyuanDiT(nn.Module):
                     skips.append(tokens)
             return tokens
 
-        # with a step cache, the first block's modulated input tells how much this step's input changed
-        tokens = run_blocks(self.step_cache, tokens, blocks, lambda: self.blocks[0].norm1(tokens, temb), text)
+        def signal() -> torch.Tensor:  # the first block's modulated input (every rank's, so all decide alike)
+            first = self.blocks[0].norm1(tokens, temb)
+            return first if sp is None else sp.gather(first, 1)
+
+        # with a step cache, the signal tells how much this step's input changed
+        tokens = run_blocks(self.step_cache, tokens, blocks, signal, text)
 
         scale, shift = self.norm_out.linear(F.silu(temb.float()).to(dtype)).chunk(2, dim=1)
         tokens = self.norm_out.norm(tokens) * (1 + scale[:, None]) + shift[:, None]
         out = self.proj_out(tokens)  # [B, N, p*p*C_out]
+        if sp is not None:
+            out = sp.gather(out, 1)
         co = cfg.out_channels
         out = out.reshape(b, h // p, w // p, p, p, co).permute(0, 5, 1, 3, 2, 4).reshape(b, co, h, w)
         return out[:, :, None]

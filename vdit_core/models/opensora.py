@@ -130,6 +130,7 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.backend: str | None = None
+        self.parallel = None  # spatial blocks: a vdit_core.parallel.SequenceParallel (x holds this rank's part of each frame)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
         # x: [B', N, D] -> [B', N, D]; rope: rotations [N, Dh/2] (complex) or None
@@ -141,7 +142,11 @@ class SelfAttention(nn.Module):
                 q, k = q.clone(), k.clone()
             rotate_(q, rope)  # in place: fresh tensors
             rotate_(k, rope)
-        return self.proj(attention(q, k, v, backend=self.backend).reshape(b, n, d))
+        if self.parallel is None:
+            out = attention(q, k, v, backend=self.backend)
+        else:
+            out = self.parallel.attention(q, k, v, backend=self.backend)
+        return self.proj(out.reshape(b, n, d))
 
 
 class CrossAttention(nn.Module):
@@ -289,10 +294,21 @@ class STDiT3(nn.Module):
         self.final_layer = FinalLayer(cfg)
         self.gradient_checkpointing = False
         self.step_cache: StepCache | None = None  # set for a sampling run (vdit_core.step_cache)
+        self.parallel = None  # a vdit_core.parallel.SequenceParallel splitting each frame's tokens, or None
 
     def set_attention_backend(self, backend: str | None) -> None:
         for block in [*self.spatial_blocks, *self.temporal_blocks]:
             block.attn.backend = block.cross_attn.backend = backend
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Split each frame's tokens over ``sp``'s ranks (None: one process). Temporal attention
+        (over the frames of one position) and cross-attention need no exchange; spatial
+        attention exchanges through ``sp``."""
+        if sp is not None:
+            sp.check_heads(self.config.num_heads)
+        self.parallel = sp
+        for block in self.spatial_blocks:
+            block.attn.parallel = sp
 
     def _rope(self, t: int, device) -> torch.Tensor:
         # interleaved pairs rotated by position * freqs (rotary-embedding-torch's layout): [t, Dh/2]
@@ -341,6 +357,10 @@ class STDiT3(nn.Module):
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # [B, T*S, D]
         tokens = (tokens.view(b, t, s, -1) + pos[None, None]).view(b, t * s, -1)
         rope = self._rope(t, x.device)
+        sp = self.parallel
+        if sp is not None:  # this rank's part of every frame: [B, T*S/W, D]
+            tokens = sp.split(tokens.view(b, t, s, -1), 2).flatten(1, 2)
+            s = tokens.shape[1] // t
 
         def blocks(tokens: torch.Tensor) -> torch.Tensor:
             for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
@@ -352,12 +372,18 @@ class STDiT3(nn.Module):
                         tokens = block(*args)
             return tokens
 
-        # with a step cache, the first block's modulated input tells how much this step's input changed
-        tokens = run_blocks(self.step_cache, tokens, blocks, lambda: self.spatial_blocks[0].modulated_input(tokens, t_mod), text)
+        def signal() -> torch.Tensor:  # the first block's modulated input (every rank's, so all decide alike)
+            first = self.spatial_blocks[0].modulated_input(tokens, t_mod)
+            return first if sp is None else sp.gather(first.view(b, t, s, -1), 2)
+
+        # with a step cache, the signal tells how much this step's input changed
+        tokens = run_blocks(self.step_cache, tokens, blocks, signal, text)
 
         out = self.final_layer(tokens, t_emb, t0_emb, x_mask, t)  # [B, N, pt*ph*pw*C]
+        if sp is not None:
+            out = sp.gather(out.view(b, t, s, -1), 2)
         co = cfg.out_channels
-        out = out.view(b, t, h, w, pt, ph, pw, co).permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, co, t * pt, h * ph, w * pw)
+        out = out.reshape(b, t, h, w, pt, ph, pw, co).permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, co, t * pt, h * ph, w * pw)
         return out[:, :, :tx, :hx, :wx].float()
 
 
