@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from . import fp8
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -72,8 +74,8 @@ def unwrap_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
-    if dtype is not None and t.is_floating_point():
+def _convert(key: str, t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point() and not fp8.keeps_dtype(key, t):
         t = t.to(dtype)
     return t.to(device) if device is not None else t
 
@@ -87,7 +89,7 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None, device=None, 
             names = list(f.keys()) if keys is None else list(keys)
             out = {}
             for k in names:
-                out[k] = _convert(f.get_tensor(k), dtype, device)
+                out[k] = _convert(k, f.get_tensor(k), dtype, device)
             return out
     except SafetensorError as e:
         raise CheckpointError(
@@ -131,7 +133,7 @@ def read_pickle(path: Path, dtype: torch.dtype | None = None, device=None) -> di
     sd = _unwrap(sd)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors")
-    return {k: _convert(v, dtype, device) for k, v in sd.items()}
+    return {k: _convert(k, v, dtype, device) for k, v in sd.items()}
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -303,6 +305,9 @@ def load_model(
                               f"{label(config) if label else 'the closest release'}; add the release's config.json if the output looks wrong",
                               stacklevel=3)
     model = build_on_meta(lambda: build(config))
+    if fp8.holds_fp8(sd):  # float8 weights (ComfyUI's scaled fp8, plain casts): linear layers stay float8
+        fp8.check_support(device)
+        sd = fp8.adopt(model, sd, dtype)
     return assign_state_dict(model, sd, str(path), label(config) if label else expected).eval()
 
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 from . import families
 from .attention import resolve_backend
 from .checkpoint import CheckpointError, parse_dtype
+from .fp8 import check_support as check_fp8, is_fp8, quantize
 from .guidance import CFGDenoiser
 from .memory import available_bytes, fmt_bytes
 from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise
@@ -155,7 +156,7 @@ class Pipeline:
         seq = self.family.tokens(self.config, shape)
         if seq is not None:
             n, d = seq
-            item = torch.finfo(next(self.transformer.parameters()).dtype).bits // 8
+            item = torch.finfo(next(p.dtype for p in self.transformer.parameters() if not is_fp8(p))).bits // 8  # activations' dtype
             out["transformer"] = (2 if guidance else 1) * batch * n * d * item * 12  # q, k, v, attention out, 4x MLP, residuals
         if self.vae is not None:
             out["vae decode"] = self.vae.decode_bytes(num_frames, height, width)
@@ -516,6 +517,7 @@ def load_pipeline(
     attention: str | None = None,
     transformer: str | Path | None = None,
     compile: bool = False,
+    fp8: bool = False,
 ) -> Pipeline:
     """Load a model folder of any family (a diffusers-format folder: ``model_index.json``,
     ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``).
@@ -523,7 +525,9 @@ def load_pipeline(
     The family is detected from the folder; the sampler defaults come from its scheduler config.
     ``transformer``: a transformer file or folder to use instead of the folder's own (an official
     checkpoint, a finetune), checked to be of the folder's family. ``compile``: compile each
-    transformer block with ``torch.compile`` (:func:`compile_blocks`).
+    transformer block with ``torch.compile`` (:func:`compile_blocks`). ``fp8``: store the linear
+    layers of the transformer's blocks in float8 (:mod:`vdit_core.fp8`; about half the weight
+    memory of bf16, computed in ``dtype``); a weight file that is already float8 stays so without it.
     (The bundled demo model's folder is ``vdit_core.demo.demo_model_path()``.)
     """
     path = Path(path)
@@ -533,6 +537,8 @@ def load_pipeline(
         resolve_backend(attention, device, dtype)  # an unknown or unusable backend is refused before loading
     if compile:
         check_compiler(device)
+    if fp8:
+        check_fp8(device)
     if not path.is_dir():
         raise CheckpointError(
             f"{path}: load_pipeline needs a model folder (model_index.json, transformer/, vae/, ...); "
@@ -542,7 +548,12 @@ def load_pipeline(
     if transformer is not None and not Path(transformer).is_dir() and families.for_file(transformer, "transformer") is not family:
         raise CheckpointError(f"{transformer}: a {families.for_file(transformer, 'transformer').label} transformer cannot run in "
                               f"{path}, a {family.label} model folder")
-    transformer = family.load_transformer(Path(transformer) if transformer is not None else path / "transformer", dtype=dtype, device=device)
+    # fp8: loaded on the CPU and converted there, so the device never holds the full-precision weights
+    transformer = family.load_transformer(Path(transformer) if transformer is not None else path / "transformer", dtype=dtype,
+                                          device="cpu" if fp8 else device)
+    if fp8:
+        quantize(transformer, family.blocks(transformer))
+        transformer.to(device)
     if attention:
         transformer.set_attention_backend(attention)
     if compile:

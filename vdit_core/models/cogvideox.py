@@ -283,7 +283,7 @@ class CogVideoXTransformer(nn.Module):
         ofs: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         cfg = self.config
-        dtype = self.proj_out.weight.dtype
+        dtype = self.norm_final.weight.dtype  # (not a linear layer's: those may hold float8)
         if concat is not None:
             x = torch.cat([x, concat], dim=1)
         b, c, t, h, w = x.shape

@@ -298,7 +298,7 @@ class HunyuanDiT(nn.Module):
 
     def forward(self, x, timestep, context, context_mask, context_t5, context_t5_mask, image_meta_size=None, style=None):
         cfg = self.config
-        dtype = self.proj_out.weight.dtype
+        dtype = self.pos_embed.proj.weight.dtype  # (not a linear layer's: those may hold float8)
         b, c, f, h, w = x.shape
         p = cfg.patch_size
         if c != cfg.in_channels or f != 1:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..fp8 import is_fp8
 from .. import families
 from ..checkpoint import CheckpointError, parse_dtype, read_json
 from ..families import Family
@@ -286,6 +287,9 @@ def _load_model(cfg: TrainConfig, device: torch.device, mp_dtype: torch.dtype | 
     family = families.for_folder(folder)
     base_dtype = torch.float32 if cfg.full or mp_dtype is None else mp_dtype  # fp32 master weights when trained
     transformer = family.load_transformer(folder / "transformer", dtype=base_dtype, device=device)
+    if cfg.full and any(is_fp8(p) for p in transformer.parameters()):
+        raise ValueError(f"{folder / 'transformer'}: its weights are float8; full finetuning needs the full-precision release "
+                         "(a LoRA trains on float8 weights)")
     return Model(family, transformer, family.model_defaults(folder, transformer.config), folder)
 
 

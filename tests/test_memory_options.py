@@ -1,0 +1,134 @@
+"""The memory options: float8 weights (vdit_core.fp8: quantised at load, and the fp8 files users
+already have: ComfyUI's scaled fp8 and plain casts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from vdit_core import families
+from vdit_core.checkpoint import load_state_dict
+from vdit_core.demo import demo_model_path
+from vdit_core.models.cogvideox import load_transformer
+from vdit_core.fp8 import FP8Linear, check_support, quantize, quantize_weight
+from vdit_core.pipeline import load_pipeline
+
+E4M3 = torch.float8_e4m3fn
+COG = families.get("cogvideox")
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
+
+
+def test_quantised_weights_are_within_float8_rounding():
+    torch.manual_seed(0)
+    w = torch.randn(64, 48) * 0.02
+    q, scale = quantize_weight(w)
+    assert q.dtype == E4M3 and scale.dtype == torch.float32 and scale.ndim == 0
+    back = q.float() * scale
+    assert float(back.abs().max()) == pytest.approx(float(w.abs().max()), rel=1e-6)  # the largest maps exactly
+    normal = w.abs() > scale * 2**-6  # e4m3's normal range: 3 mantissa bits, half a step of relative error
+    assert ((back - w).abs()[normal] <= w.abs()[normal] * 2**-4 + 1e-12).all()
+    assert 0 < float((back - w).abs().max()) < float(w.abs().max()) * 2**-4
+
+    lin = FP8Linear(48, 64, device="cpu")
+    lin.weight.data, lin.scale_weight, lin.bias.data = q, scale, torch.randn(64)
+    x = torch.randn(3, 48)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, q.float() * scale, lin.bias))
+    assert lin(x.bfloat16()).dtype == torch.bfloat16  # computes in the input's dtype
+
+
+@pytest.fixture(scope="module")
+def demo_runs():
+    kw = dict(prompt="a blue square moving up on a dark background", steps=12, seed=0, progress=False)
+    plain = load_pipeline(demo_model_path(), device="cpu")
+    small = load_pipeline(demo_model_path(), device="cpu", fp8=True)
+    return plain, small, kw
+
+
+def test_fp8_pipeline_stores_block_linears_in_float8_and_stays_close(demo_runs):
+    plain, small, kw = demo_runs
+    blocks = [m for b in COG.blocks(small.transformer) for m in b.modules() if isinstance(m, nn.Linear)]
+    assert blocks and all(isinstance(m, FP8Linear) and m.weight.dtype == E4M3 for m in blocks)
+    # outside the blocks (embeddings, output) nothing changed
+    assert type(small.transformer.proj_out) is nn.Linear and small.transformer.proj_out.weight.dtype == torch.float32
+    size = lambda t: sum(p.numel() * p.element_size() for p in t.parameters())  # noqa: E731
+    assert size(small.transformer) < 0.5 * size(plain.transformer)  # fp32 -> fp8 in the blocks
+    a, b = plain(**kw), small(**kw)
+    assert not torch.equal(a, b)
+    assert _psnr(a, b) > 30, _psnr(a, b)
+
+
+def _saved(tmp_path, name, sd):
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def test_comfyui_scaled_fp8_and_plain_fp8_files_load_as_float8(tmp_path, demo_runs):
+    _, small, _ = demo_runs
+    sd = load_state_dict(demo_model_path() / "transformer")
+    model = COG.load_transformer(demo_model_path() / "transformer", dtype=torch.float32, device="cpu")
+    block_linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer_blocks.")}
+
+    # ComfyUI's scaled fp8: block linears as float8 + float32 scale_weight (+ scale_input), the marker, the rest as it was
+    scaled = {"scaled_fp8": torch.empty(0, dtype=E4M3)}
+    for k, v in sd.items():
+        layer = k.rsplit(".", 1)[0]
+        if layer in block_linears and k.endswith(".weight"):
+            scaled[k], scaled[layer + ".scale_weight"] = quantize_weight(v)
+            scaled[layer + ".scale_input"] = torch.ones(())
+        else:
+            scaled[k] = v
+    loaded = load_transformer(_saved(tmp_path, "scaled.safetensors", scaled), dtype=torch.bfloat16, config=model.config)
+    fp8_layers = {n: m for n, m in loaded.named_modules() if isinstance(m, FP8Linear)}
+    assert set(fp8_layers) == block_linears
+    assert all(m.scale_weight.dtype == torch.float32 for m in fp8_layers.values())  # not rounded to bf16
+    cfg = model.config
+    x = torch.randn(1, cfg.in_channels, 3, 8, 8)
+    ctx = torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim)
+    t = torch.tensor([500.0])
+    # the same float8 weights as quantising at load: the same output, here in float32 (scales exact)
+    loaded32 = load_transformer(_saved(tmp_path, "scaled32.safetensors", scaled), config=model.config)
+    with torch.no_grad():
+        assert torch.equal(loaded32(x, t, ctx), small.transformer(x, t, ctx))
+        assert loaded(x, t, ctx).dtype == torch.bfloat16
+
+    # a plain cast: every tensor float8, no scales: linear layers keep float8 (scale 1), the rest is dequantised
+    plain = {k: v.to(E4M3) for k, v in sd.items()}
+    cast = load_transformer(_saved(tmp_path, "cast.safetensors", plain), config=model.config)
+    assert isinstance(cast.proj_out, FP8Linear) and float(cast.proj_out.scale_weight) == 1.0
+    assert cast.norm_final.weight.dtype == torch.float32 and cast.patch_embed.proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        out = cast(x, t, ctx)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_fp8_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="fp8: float8 weights are not supported on mps; use cpu or cuda"):
+        check_support("mps")
+    model = nn.Sequential(nn.Linear(4, 4))
+    assert quantize(model, [model]) == 1 and isinstance(model[0], FP8Linear)
+
+
+def test_a_lora_runs_on_float8_weights(tmp_path, demo_runs):
+    """LoRA adapters on float8 layers compute in the activations' dtype; strength 0 is the base."""
+    from vdit_core.lora import inject_lora, save_lora
+
+    _, small, kw = demo_runs
+    lora = inject_lora(small.transformer, rank=2)
+    with torch.no_grad():
+        for a in lora.adapters.values():
+            a.lora_B.normal_(0, 0.05)
+    path = tmp_path / "l.safetensors"
+    save_lora(lora, path)
+    small.unload_loras()
+    base = small(**kw)
+    handle = small.load_lora(path, 1.0)
+    assert all(a.lora_A.dtype == torch.float32 for a in handle.adapters.values())
+    assert not torch.equal(small(**kw), base)
+    small.unload_loras()
+    assert torch.equal(small(**kw), base)
