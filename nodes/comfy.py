@@ -160,19 +160,47 @@ class _Held(torch.nn.Module):
 
 class Managed:
     """A model under ComfyUI's memory management: loaded to its device on :meth:`load`, offloaded
-    when ComfyUI needs the memory or the user frees it. Outside ComfyUI: moved once, kept."""
+    when ComfyUI needs the memory or the user frees it. Outside ComfyUI: moved once, kept.
 
-    def __init__(self, module: torch.nn.Module, role: str):
+    A transformer (``blocks`` given) that does not fit in the free memory ComfyUI can make, or
+    whose ``gpu_blocks`` is set, runs with block swap instead (:mod:`vdit_core.offload`): its
+    other blocks stream from CPU memory as they run."""
+
+    def __init__(self, module: torch.nn.Module, role: str, blocks: list | None = None, gpu_blocks: int | None = None):
         self.module = module
         self.load_device, self.offload_device = devices(role)
+        self.blocks, self.gpu_blocks, self.swap = blocks, gpu_blocks, None
         if IN_COMFY:
             held = type(type(module).__name__, (_Held,), {})(module)  # ComfyUI's log names the class it loads
             self.patcher = comfy.model_patcher.ModelPatcher(held, self.load_device, self.offload_device)
         else:
             self.patcher = None
 
+    def _blocks_on_device(self) -> int | None:
+        """Blocks to keep on the device (None: load the whole model): the user's count, else what
+        fits once ComfyUI has freed what it can, leaving its inference reserve."""
+        from vdit_core.offload import blocks_that_fit, module_bytes
+
+        if self.blocks is None or self.load_device.type != "cuda":
+            return None
+        if self.gpu_blocks is not None:
+            return self.gpu_blocks
+        if not IN_COMFY:
+            return None
+        reserve = mm.minimum_inference_memory()
+        mm.free_memory(module_bytes(self.module) + reserve, self.load_device)
+        return blocks_that_fit(self.module, self.blocks, mm.get_free_memory(self.load_device), reserve)
+
     def load(self) -> torch.device:
-        if self.patcher is not None:
+        if self.swap is not None:
+            return self.load_device
+        kept = self._blocks_on_device()
+        if kept is not None:
+            from vdit_core.offload import BlockSwap
+
+            self.swap = BlockSwap(self.module, self.blocks, self.load_device, kept)
+            print(f"vdit: block swap: {kept} of {len(self.blocks)} transformer blocks on {self.load_device}, the rest streamed from CPU memory")
+        elif self.patcher is not None:
             # full load: our modules are plain torch ones, which ComfyUI cannot stream in low-VRAM mode
             mm.load_models_gpu([self.patcher], force_full_load=True)
         else:

@@ -69,6 +69,7 @@ class VDITModelLoader:
             "attention": (ATTENTION, {"default": "auto", "tooltip": "auto: xformers on CUDA when installed, else PyTorch SDPA"}),
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": "compile each transformer block with torch.compile: faster steps after a slower first one (needs triton on CUDA, a C++ compiler on a CPU)"}),
+            "gpu_blocks": ("INT", {"default": -1, "min": -1, "max": 200, "tooltip": "block swap: transformer blocks kept on the GPU, the others streamed from CPU memory as they run (slower, much less GPU memory). -1: automatic (the whole model when it fits in the free GPU memory, else as many blocks as fit)"}),
         }}
 
     RETURN_TYPES = ("VDIT_MODEL",)
@@ -77,7 +78,9 @@ class VDITModelLoader:
                    "or the bundled demo. The model family is detected from the folder or the weights.")
     CATEGORY = "vdit"
 
-    def load(self, model, weight_dtype, attention, compile=False):
+    def load(self, model, weight_dtype, attention, compile=False, gpu_blocks=-1):
+        if compile and gpu_blocks >= 0:
+            raise ValueError("compile and gpu_blocks (block swap) cannot be combined yet: set gpu_blocks to -1 or compile off")
         if compile:
             check_compiler(comfy.devices("diffusion")[0])  # before anything is loaded
         path, folder = resolve(model, self.KIND)
@@ -92,7 +95,8 @@ class VDITModelLoader:
         if compile:
             compile_blocks(transformer, family)
         defaults = family.model_defaults(path if folder else None, transformer.config)
-        return (ModelHandle(transformer, comfy.Managed(transformer, "diffusion"), defaults, model.rstrip("/"), family),)
+        return (ModelHandle(transformer, comfy.Managed(transformer, "diffusion", None if compile else list(family.blocks(transformer)),
+                                                                 None if gpu_blocks < 0 else gpu_blocks), defaults, model.rstrip("/"), family),)
 
 
 class VDITTextEncoderLoader:

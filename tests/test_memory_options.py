@@ -1,5 +1,6 @@
 """The memory options: float8 weights (vdit_core.fp8: quantised at load, and the fp8 files users
-already have: ComfyUI's scaled fp8 and plain casts)."""
+already have: ComfyUI's scaled fp8 and plain casts), and block swap (vdit_core.offload). Block swap
+saves memory only on a GPU; here its bookkeeping runs on the CPU (copies instead of transfers)."""
 
 from __future__ import annotations
 
@@ -132,3 +133,41 @@ def test_a_lora_runs_on_float8_weights(tmp_path, demo_runs):
     assert not torch.equal(small(**kw), base)
     small.unload_loras()
     assert torch.equal(small(**kw), base)
+
+
+def test_block_swap_streams_blocks_and_gives_the_plain_output(demo_runs):
+    from vdit_core.offload import BlockSwap
+
+    plain, _, kw = demo_runs
+    pipe = load_pipeline(demo_model_path(), device="cpu")
+    blocks = list(COG.blocks(pipe.transformer))
+    swap = BlockSwap(pipe.transformer, blocks, "cpu", resident=2)
+    host = {h.data_ptr() for held in swap.host for h in held}
+    seen = []
+    for b in blocks[2:]:  # what each streamed block runs with (hooks after the swap's)
+        b.register_forward_pre_hook(lambda m, a: seen.append(all(p.data_ptr() not in host for p in m.parameters())))
+    out = pipe(**kw)
+    assert torch.equal(out, plain(**kw))
+    assert seen and all(seen)  # streamed blocks ran on device copies, never on the CPU-held weights
+    held = {h.data_ptr() for h in swap.host[0]}
+    assert all(p.data_ptr() in held for p in blocks[2].parameters())  # and went back to them after running
+    swap.detach()
+    with pytest.raises(ValueError, match=r"gpu_blocks=7: the model has 6 blocks; use 0..6"):
+        BlockSwap(pipe.transformer, blocks, "cpu", resident=7)
+
+
+def test_block_swap_budget_and_refusals():
+    from vdit_core.offload import blocks_that_fit, check_block_swap
+
+    model = nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(4)], nn.Linear(16, 4, bias=False))
+    blocks = list(model)[:4]  # 1 KiB each; the rest 256 B
+    assert blocks_that_fit(model, blocks, free=10_000, reserve=1000) is None  # 4352 B + reserve fits
+    # 4000 free - 1000 reserve - 256 other - 2 x 1024 in flight = 696: no block stays
+    assert blocks_that_fit(model, blocks, free=4000, reserve=1000) == 0
+    assert blocks_that_fit(model, blocks, free=5000, reserve=1000) == 1
+    with pytest.raises(ValueError, match="gpu_blocks=2: block swap streams blocks from CPU memory to a CUDA GPU; the device is cpu"):
+        check_block_swap("cpu", 2)
+    with pytest.raises(ValueError, match="gpu_blocks=-1: the number of transformer blocks kept on the GPU must be a whole number >= 0"):
+        check_block_swap("cuda", -1)
+    with pytest.raises(ValueError, match="gpu_blocks=2: block swap"):
+        load_pipeline(demo_model_path(), device="cpu", gpu_blocks=2)

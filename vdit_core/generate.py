@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--attention", default=None, help="attention backend: auto, sdpa, xformers, flash_attn, sageattention")
     p.add_argument("--fp8", action="store_true", help="store the transformer blocks' linear weights in float8 (about half the memory of bf16; computed in --dtype)")
+    p.add_argument("--gpu-blocks", type=int, default=None, metavar="N",
+                   help="block swap: keep N transformer blocks on the GPU and stream the others from CPU memory as they run (0: stream all; unset: the whole model on the GPU)")
     p.add_argument("--compile", action="store_true", help="compile each transformer block with torch.compile (the first step waits for it)")
     p.add_argument("--no-cfg-split", action="store_true",
                    help="under torchrun: keep both CFG branches on every rank and split only the sequence (by default an even number of ranks splits the branches first)")
@@ -123,7 +125,8 @@ def _run(args: argparse.Namespace, parallel) -> int:
             split = parallel.plan(guidance=args.cfg is None or args.cfg > 1, split_cfg=not args.no_cfg_split,
                                   heads=parallel.configured_heads(model))
             main = split.is_main
-        pipe = load_pipeline(model, device=device, dtype=args.dtype, attention=args.attention, compile=args.compile, fp8=args.fp8)
+        pipe = load_pipeline(model, device=device, dtype=args.dtype, attention=args.attention, compile=args.compile, fp8=args.fp8,
+                             gpu_blocks=args.gpu_blocks)
         if split is not None:
             parallel.enable(pipe, split)
             if main:

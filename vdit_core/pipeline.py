@@ -29,6 +29,7 @@ from .attention import resolve_backend
 from .checkpoint import CheckpointError, parse_dtype
 from .fp8 import check_support as check_fp8, is_fp8, quantize
 from .guidance import CFGDenoiser
+from .offload import BlockSwap, check_block_swap
 from .memory import available_bytes, fmt_bytes
 from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise
 from .step_cache import StepCache
@@ -518,6 +519,7 @@ def load_pipeline(
     transformer: str | Path | None = None,
     compile: bool = False,
     fp8: bool = False,
+    gpu_blocks: int | None = None,
 ) -> Pipeline:
     """Load a model folder of any family (a diffusers-format folder: ``model_index.json``,
     ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``).
@@ -528,6 +530,8 @@ def load_pipeline(
     transformer block with ``torch.compile`` (:func:`compile_blocks`). ``fp8``: store the linear
     layers of the transformer's blocks in float8 (:mod:`vdit_core.fp8`; about half the weight
     memory of bf16, computed in ``dtype``); a weight file that is already float8 stays so without it.
+    ``gpu_blocks``: keep that many transformer blocks on the GPU and stream the others from CPU
+    memory as they run (:mod:`vdit_core.offload`; None: the whole transformer on the device).
     (The bundled demo model's folder is ``vdit_core.demo.demo_model_path()``.)
     """
     path = Path(path)
@@ -539,6 +543,9 @@ def load_pipeline(
         check_compiler(device)
     if fp8:
         check_fp8(device)
+    check_block_swap(device, gpu_blocks)
+    if compile and gpu_blocks is not None:
+        raise ValueError("compile and gpu_blocks (block swap) cannot be combined yet; choose one")
     if not path.is_dir():
         raise CheckpointError(
             f"{path}: load_pipeline needs a model folder (model_index.json, transformer/, vae/, ...); "
@@ -548,11 +555,15 @@ def load_pipeline(
     if transformer is not None and not Path(transformer).is_dir() and families.for_file(transformer, "transformer") is not family:
         raise CheckpointError(f"{transformer}: a {families.for_file(transformer, 'transformer').label} transformer cannot run in "
                               f"{path}, a {family.label} model folder")
-    # fp8: loaded on the CPU and converted there, so the device never holds the full-precision weights
+    # fp8 / block swap: loaded in CPU memory first, so the device never holds what it should not
+    staged = fp8 or gpu_blocks is not None
     transformer = family.load_transformer(Path(transformer) if transformer is not None else path / "transformer", dtype=dtype,
-                                          device="cpu" if fp8 else device)
+                                          device="cpu" if staged else device)
     if fp8:
         quantize(transformer, family.blocks(transformer))
+    if gpu_blocks is not None:
+        transformer.block_swap = BlockSwap(transformer, family.blocks(transformer), device, gpu_blocks)
+    elif staged:
         transformer.to(device)
     if attention:
         transformer.set_attention_backend(attention)

@@ -226,7 +226,7 @@ class Graph:
 
 def loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[dict, dict, dict]:
     """The three loaders of a model folder (or file): transformer, text encoder, VAE."""
-    m = g.add("VDITModelLoader", model=source, weight_dtype=dtype, attention="auto", compile=False)
+    m = g.add("VDITModelLoader", model=source, weight_dtype=dtype, attention="auto", compile=False, gpu_blocks=-1)
     te = g.add("VDITTextEncoderLoader", text_encoder=source, dtype=dtype, max_length=0, family=family)
     vae = g.add("VDITVAELoader", vae=source, dtype=dtype, variant="auto")
     return m, te, vae
