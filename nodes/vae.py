@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vdit_core.memory import available_bytes
 from vdit_core.pipeline import check_finite
 from vdit_core.vae.common import Tiling, frames_to_pixels, pixels_to_frames
 
@@ -21,21 +22,32 @@ def _tiling(vae, mode: str, tile_height: int, tile_width: int) -> Tiling | None:
 
 def _tile_inputs():
     return {
-        "tiling": (TILING, {"default": "auto", "tooltip": "auto: untiled, retried tiled if the GPU runs out of memory"}),
+        "tiling": (TILING, {"default": "auto", "tooltip": "auto: tiles sized from the free memory (untiled when it fits), retried with the default tiles if memory still runs out"}),
         "tile_height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip": "0: half the model's trained height"}),
         "tile_width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip": "0: half the model's trained width"}),
     }
 
 
-def _run(fn, vae, mode, tile_height, tile_width):
-    """Run untiled (or tiled when asked); on out-of-memory, free memory and retry tiled."""
+def _run(fn, vae, mode, tile_height, tile_width, frames: int, height: int, width: int):
+    """Run with tiles as asked; "auto": tiles sized from the free memory (untiled when it fits),
+    and on out-of-memory, free memory and retry with the default tiles (or half the sized ones)."""
+    if mode == "on":
+        tiling = _tiling(vae, mode, tile_height, tile_width)
+    elif mode == "auto":
+        tiling = vae.tiling_for_memory(frames, height, width, available_bytes(vae.device))
+    else:
+        tiling = None
     try:
-        return fn(_tiling(vae, mode, tile_height, tile_width) if mode == "on" else None)
+        return fn(tiling)
     except torch.OutOfMemoryError:
         if mode != "auto":
             raise
         comfy.free_cache()
-        return fn(_tiling(vae, "on", tile_height, tile_width))
+        if tiling is None:
+            return fn(_tiling(vae, "on", tile_height, tile_width))
+        s = vae.spatial_compression  # the sized tiles were too big after all: halve them
+        return fn(Tiling(max(2 * s, tiling.tile_height // 2 // s * s), max(2 * s, tiling.tile_width // 2 // s * s),
+                         tiling.overlap_height, tiling.overlap_width))
 
 
 class VDITVAEEncode:
@@ -64,7 +76,8 @@ class VDITVAEEncode:
         device = vae.managed.load()
         video = frames_to_pixels(pixels.to(device))  # [1, 3, F, H, W]
         with torch.no_grad():
-            z = _run(lambda t: vae.vae.encode(video, chunk_frames=chunk_frames, tiling=t), vae.vae, tiling, tile_height, tile_width)
+            z = _run(lambda t: vae.vae.encode(video, chunk_frames=chunk_frames, tiling=t), vae.vae, tiling, tile_height, tile_width,
+                     f, *video.shape[-2:])
         return ({"samples": z.to(comfy.intermediate_device()), "vdit_vae": vae.vae.info(), "vdit_frames": f},)
 
 
@@ -96,7 +109,8 @@ class VDITVAEDecode:
         with torch.no_grad():
             for i in range(z.shape[0]):
                 zz = z[i : i + 1].to(device)
+                s = vae.vae.spatial_compression
                 video = _run(lambda t: vae.vae.decode(zz, chunk_frames=chunk_frames, tiling=t, output_device=out_device),
-                             vae.vae, tiling, tile_height, tile_width)
+                             vae.vae, tiling, tile_height, tile_width, vae.vae.pixel_frames(zz.shape[2]), zz.shape[3] * s, zz.shape[4] * s)
                 videos.append(pixels_to_frames(video[0]))
         return (torch.cat(videos).to(out_device),)

@@ -171,3 +171,30 @@ def test_block_swap_budget_and_refusals():
         check_block_swap("cuda", -1)
     with pytest.raises(ValueError, match="gpu_blocks=2: block swap"):
         load_pipeline(demo_model_path(), device="cpu", gpu_blocks=2)
+
+
+def test_vae_tiles_are_sized_from_free_memory(monkeypatch):
+    """Untiled when the decode fits; else the largest tiles estimated to fit, and the pipeline's
+    decode (and the nodes') ask the free memory at decode time."""
+    import vdit_core.pipeline as pipeline_mod
+
+    pipe = load_pipeline(demo_model_path(), device="cpu")
+    vae = pipe.vae
+    f, h, w = 17, 64, 64
+    need = vae.decode_bytes(f, h, w)
+    assert vae.tiling_for_memory(f, h, w, None) is None and vae.tiling_for_memory(f, h, w, need) is None
+    tiles = vae.tiling_for_memory(f, h, w, need // 3)
+    assert tiles is not None and tiles.tile_height < h and tiles.tile_height % vae.spatial_compression == 0
+    assert vae.decode_bytes(f, tiles.tile_height, tiles.tile_width) <= need // 3
+    floor = vae.tiling_for_memory(f, h, w, 1)  # nothing fits: the smallest tiles, and the caller's retry
+    assert floor.tile_height == max(2 * vae.spatial_compression, vae.default_tiling().tile_height // 4 // 8 * 8)
+
+    seen = []
+    real = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda z, **kw: seen.append(kw.get("tiling")) or real(z, **kw))
+    kw = dict(prompt="a red circle moving right", steps=2, seed=0, progress=False)
+    plain = pipe(**kw)
+    monkeypatch.setattr(pipeline_mod, "available_bytes", lambda device: need // 3)
+    tiled = pipe(**kw, check_memory=False)
+    assert seen[0] is None and seen[1] == tiles
+    assert tiled.shape == plain.shape and (tiled - plain).abs().mean() < 0.05

@@ -7,12 +7,13 @@ import torch
 
 
 def available_bytes(device: torch.device | str) -> int | None:
-    """Free memory of ``device`` in bytes (CUDA: the driver's free memory; CPU: the kernel's
-    MemAvailable), or None where it cannot be told."""
+    """Free memory of ``device`` in bytes (CUDA: the driver's free memory plus what PyTorch's
+    cache holds unused; CPU: the kernel's MemAvailable), or None where it cannot be told."""
     device = torch.device(device)
     if device.type == "cuda":
         try:
-            return int(torch.cuda.mem_get_info(device)[0])
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(torch.cuda.mem_get_info(device)[0]) + cached
         except RuntimeError:
             return None
     if device.type == "cpu":

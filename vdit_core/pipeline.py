@@ -160,7 +160,10 @@ class Pipeline:
             item = torch.finfo(next(p.dtype for p in self.transformer.parameters() if not is_fp8(p))).bits // 8  # activations' dtype
             out["transformer"] = (2 if guidance else 1) * batch * n * d * item * 12  # q, k, v, attention out, 4x MLP, residuals
         if self.vae is not None:
-            out["vae decode"] = self.vae.decode_bytes(num_frames, height, width)
+            # decoding tiles itself to the free memory (tiling_for_memory): count its smallest tiles and the frames
+            small = self.vae.tiling_for_memory(num_frames, height, width, 0)  # free 0: the smallest tiles
+            tiled = self.vae.decode_bytes(num_frames, small.tile_height, small.tile_width) + 2 * num_frames * 3 * height * width * 4
+            out["vae decode"] = min(self.vae.decode_bytes(num_frames, height, width), tiled)
         return out
 
     def check_memory(self, num_frames: int, height: int, width: int, guidance: bool = True) -> None:
@@ -341,9 +344,14 @@ class Pipeline:
             self.last_step_cache, self.transformer.step_cache = self.transformer.step_cache, None
 
     def decode(self, latents: torch.Tensor, **vae_kwargs) -> torch.Tensor:
-        """Latents [1, C, T, h, w] -> frames [F, H, W, 3] in [0, 1] (float32, CPU)."""
+        """Latents [1, C, T, h, w] -> frames [F, H, W, 3] in [0, 1] (float32, CPU). Without a
+        ``tiling`` argument the tile size comes from the memory free now (untiled when it fits)."""
         if self.vae is None:
             raise ValueError("this pipeline has no VAE loaded")
+        if "tiling" not in vae_kwargs:
+            f, (h, w) = self.vae.pixel_frames(latents.shape[2]), latents.shape[-2:]
+            s = self.spatial_scale
+            vae_kwargs["tiling"] = self.vae.tiling_for_memory(f, h * s, w * s, available_bytes(self.vae.device))
         video = self.vae.decode(latents.to(self.vae.device), **vae_kwargs)  # [1, 3, F, H, W]
         return pixels_to_frames(video[0].cpu())
 

@@ -163,6 +163,10 @@ class VideoVAE(nn.Module):
     def latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.temporal_compression + 1
 
+    def pixel_frames(self, latent_t: int) -> int:
+        """Frames decoded from ``latent_t`` latent frames."""
+        return (latent_t - 1) * self.temporal_compression + 1
+
     def frames_problem(self, num_frames: int) -> str | None:
         return frames_problem(num_frames, self.temporal_compression)
 
@@ -188,6 +192,24 @@ class VideoVAE(nn.Module):
         chunk = min(num_frames, chunk_frames * self.temporal_compression)
         item = torch.finfo(self.dtype).bits // 8
         return 6 * chunk * height * width * widest * item + 2 * num_frames * 3 * height * width * 4
+
+    def tiling_for_memory(self, num_frames: int, height: int, width: int, free: int | None) -> Tiling | None:
+        """Tiles sized from the memory free at decode time: None (untiled) when decoding the whole
+        frame is estimated (:meth:`decode_bytes`) to fit in ``free`` bytes; else the largest tiles
+        of the frame's aspect, in whole latents and with the model's overlaps, estimated to fit;
+        never smaller than a quarter of the default tile's side (an out-of-memory error is then
+        left to the caller's retry)."""
+        if free is None or self.decode_bytes(num_frames, height, width) <= free:
+            return None
+        s = self.spatial_compression
+        default = self.default_tiling()
+        floor_h, floor_w = max(2 * s, default.tile_height // 4 // s * s), max(2 * s, default.tile_width // 4 // s * s)
+        r = 1.0
+        while True:
+            r *= 0.9
+            th, tw = max(floor_h, int(height * r) // s * s), max(floor_w, int(width * r) // s * s)
+            if self.decode_bytes(num_frames, th, tw) <= free or (th, tw) == (floor_h, floor_w):
+                return Tiling(th, tw, default.overlap_height, default.overlap_width)
 
     # -- what a VAE implements -----------------------------------------------------------------
     def _encode_chunked(self, video: torch.Tensor, chunk_frames: int) -> torch.Tensor:
