@@ -181,7 +181,11 @@ class Managed:
         fits once ComfyUI has freed what it can, leaving its inference reserve."""
         from vdit_core.offload import blocks_that_fit, module_bytes
 
-        if self.blocks is None or self.load_device.type != "cuda":
+        if self.blocks is None:
+            return None
+        if self.load_device.type != "cuda":
+            if self.gpu_blocks is not None:
+                print(f"vdit: gpu_blocks={self.gpu_blocks} ignored: block swap streams to a CUDA GPU, and this model runs on {self.load_device.type}")
             return None
         if self.gpu_blocks is not None:
             return self.gpu_blocks
