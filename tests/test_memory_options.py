@@ -198,3 +198,16 @@ def test_vae_tiles_are_sized_from_free_memory(monkeypatch):
     tiled = pipe(**kw, check_memory=False)
     assert seen[0] is None and seen[1] == tiles
     assert tiled.shape == plain.shape and (tiled - plain).abs().mean() < 0.05
+
+
+def test_cli_fp8_and_block_swap(tmp_path, capsys):
+    from vdit_core.generate import main
+
+    out = tmp_path / "fp8.mp4"
+    assert main(["--prompt", "a red circle moving right", "--steps", "3", "--fp8", "--out", str(out)]) == 0 and out.is_file()
+    capsys.readouterr()
+    # block swap off CUDA: one line, before anything loads or is written
+    bad = tmp_path / "swap.mp4"
+    assert main(["--prompt", "x", "--gpu-blocks", "2", "--device", "cpu", "--out", str(bad)]) == 2 and not bad.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: gpu_blocks=2: block swap streams blocks from CPU memory to a CUDA GPU; the device is cpu (leave it unset)"]
