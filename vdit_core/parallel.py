@@ -225,7 +225,7 @@ def init(device: str | None) -> torch.device:
         want = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(want)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if want.type == "cuda" else "gloo", device_id=want if want.type == "cuda" else None)
+        dist.init_process_group("nccl" if want.type == "cuda" else "gloo")
     return want
 
 
