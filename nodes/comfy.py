@@ -189,7 +189,7 @@ class Managed:
             return None
         if self.gpu_blocks is not None:
             return self.gpu_blocks
-        if not IN_COMFY:
+        if not IN_COMFY or any(m is self.patcher for m in mm.loaded_models()):  # already loaded whole: it fit
             return None
         reserve = mm.minimum_inference_memory()
         mm.free_memory(module_bytes(self.module) + reserve, self.load_device)
@@ -198,11 +198,14 @@ class Managed:
     def load(self) -> torch.device:
         if self.swap is not None:
             return self.load_device
+        for other in list(_SWAPPED):  # ComfyUI does not see their memory: they make room themselves
+            other.release()
         kept = self._blocks_on_device()
         if kept is not None:
             from vdit_core.offload import BlockSwap
 
             self.swap = BlockSwap(self.module, self.blocks, self.load_device, kept)
+            _SWAPPED.append(self)
             print(f"vdit: block swap: {kept} of {len(self.blocks)} transformer blocks on {self.load_device}, the rest streamed from CPU memory")
         elif self.patcher is not None:
             # full load: our modules are plain torch ones, which ComfyUI cannot stream in low-VRAM mode
@@ -210,6 +213,19 @@ class Managed:
         else:
             self.module.to(self.load_device)
         return self.load_device
+
+    def release(self) -> None:
+        """A block-swapped model hands the GPU back (to its offload device) before another model
+        loads; its next :meth:`load` sets block swap up again."""
+        if self.swap is not None:
+            self.swap.detach()
+            self.module.to(self.offload_device)
+            self.swap = None
+            _SWAPPED.remove(self)
+            free_cache()
+
+
+_SWAPPED: list[Managed] = []  # models running with block swap: outside ComfyUI's accounting
 
 
 def free_cache() -> None:

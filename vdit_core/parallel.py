@@ -14,7 +14,7 @@ Two splits, combinable (world = CFG groups x sequence ranks):
 
 Every rank runs the same sampler on the same noise and ends each step with the same latents;
 models take a :class:`SequenceParallel` through ``set_sequence_parallel`` and know nothing of
-ranks. This module and ``vdit_core.train.dist`` are the only places that speak to
+ranks. Outside training (``vdit_core.train``), this module is the only code that speaks to
 ``torch.distributed``.
 """
 
