@@ -211,3 +211,21 @@ def test_cli_fp8_and_block_swap(tmp_path, capsys):
     assert main(["--prompt", "x", "--gpu-blocks", "2", "--device", "cpu", "--out", str(bad)]) == 2 and not bad.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: gpu_blocks=2: block swap streams blocks from CPU memory to a CUDA GPU; the device is cpu (leave it unset)"]
+
+
+def test_each_familys_blocks_are_listed_in_the_order_they_run():
+    """Block swap keeps the first blocks and prefetches the next one in this order."""
+    import test_parallel
+
+    jobs = test_parallel._forward_jobs()
+    for name in ("cogvideox-5b", "hunyuandit-6x8", "opensora-8x12"):
+        job = jobs[name]
+        model = job["model"]
+        listed = list(families.for_transformer(model).blocks(model))
+        ran = []
+        handles = [b.register_forward_pre_hook(lambda m, a: ran.append(m)) for b in listed]
+        with torch.no_grad():
+            model(*job["args"], **job["kwargs"])
+        for h in handles:
+            h.remove()
+        assert len(ran) == len(listed) and all(a is b for a, b in zip(ran, listed)), name

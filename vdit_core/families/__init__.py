@@ -271,7 +271,8 @@ class Family:
         return []
 
     def blocks(self, transformer: nn.Module) -> Iterable[nn.Module]:
-        """The transformer blocks (FSDP's units)."""
+        """The transformer blocks, in the order they run (FSDP's units; block swap streams them in
+        this order)."""
         raise NotImplementedError
 
 

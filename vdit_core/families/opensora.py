@@ -239,7 +239,7 @@ class OpenSora(Family):
 
     # -- training ------------------------------------------------------------------------------
     def blocks(self, transformer):
-        return [*transformer.spatial_blocks, *transformer.temporal_blocks]
+        return [b for pair in zip(transformer.spatial_blocks, transformer.temporal_blocks) for b in pair]  # as they run
 
 
 class FrameConditioned:
