@@ -4,12 +4,13 @@
     python bench/cogvideox.py --size 2b --device cuda --dtype bf16   # real 2B, 49x480x720
     python bench/cogvideox.py --size 5b --device cuda --dtype bf16
 
-Prints, as ours/diffusers ratios: transformer forward time; the whole pipeline (sampling with
-CFG, DDIM, then the VAE decode; both sides' frames compared) and its split into the two; VAE
-decode time and peak memory as the number of frames grows (diffusers with tiling and slicing on,
-ours chunked with its defaults). Every run is a fresh process; the two sides alternate
-(``--pairs`` rounds) and medians are reported, with the fastest run of each side for the
-pipeline.
+Prints, as ours/diffusers ratios: transformer forward time (batch 1, and a CFG pair of batch 2 as
+sampling runs it), timed with both sides in one process, calls alternating (``--rounds``), and
+its peak memory from fresh processes; the whole pipeline (sampling with CFG, DDIM, then the VAE
+decode; both sides' frames compared) and its split into the two; VAE decode time and peak memory
+as the number of frames grows (diffusers with tiling and slicing on, ours chunked with its
+defaults). Apart from the alternating forward, every run is a fresh process; the two sides
+alternate (``--pairs`` rounds) and medians are reported, with the fastest run of each side.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import interleaved, measure, ratio, weights_once  # noqa: E402
+from _harness import interleaved, measure, ratio, run_worker, weights_once  # noqa: E402
 
 SIZES = {
     # transformer, VAE channels, (frames, height, width) of the transformer/pipeline cases
@@ -75,9 +76,72 @@ def _inputs(args, torch, cfg_dim):
     frames, h, w = SIZES[args.size]["video"]
     g = torch.Generator().manual_seed(0)
     t = (frames - 1) // 4 + 1
-    x = torch.randn(1, 16, t, h // 8, w // 8, generator=g)
-    ctx = torch.randn(1, 226, cfg_dim, generator=g)
+    x = torch.randn(args.batch, 16, t, h // 8, w // 8, generator=g)
+    ctx = torch.randn(args.batch, 226, cfg_dim, generator=g)
     return x, ctx
+
+
+def _load(impl: str, args, torch):
+    """(model, latents x, text states ctx, "ours" or "ref") for one side of the comparison."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from vdit_core.models.cogvideox import load_transformer
+
+    dtype, dev, root = getattr(torch, DTYPES[args.dtype]), args.device, Path(args.root)
+    if impl in ("ours", "compiled"):
+        model = load_transformer(root / "transformer", dtype=dtype, device=dev)
+        if impl == "compiled":  # regional torch.compile; the untimed warm-up call compiles
+            import warnings
+
+            from vdit_core.pipeline import compile_blocks
+
+            warnings.filterwarnings("ignore", message=".*complex operators.*")
+            compile_blocks(model)
+            impl = "ours"
+    else:
+        model = CogVideoXTransformer3DModel.from_pretrained(str(root / "transformer"), torch_dtype=dtype).to(dev).eval()
+    x, ctx = _inputs(args, torch, model.config.text_embed_dim)
+    return model, x.to(dev), ctx.to(dev, dtype), impl
+
+
+def _forward_fn(model, impl: str, x, ctx, args, torch):
+    """One transformer call of either side on the same inputs."""
+    dev, dtype = args.device, ctx.dtype
+    t = torch.full((args.batch,), 500.0, device=dev)
+    if impl == "ours":
+        return lambda: model(x, t, ctx)
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    c = model.config
+    rope = None
+    if c.use_rotary_positional_embeddings:
+        gh, gw = x.shape[3] // 2, x.shape[4] // 2
+        crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // 2, c.sample_height // 2)
+        rope = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), x.shape[2], device=dev)
+    xr = x.permute(0, 2, 1, 3, 4).to(dtype)
+    return lambda: model(hidden_states=xr, encoder_hidden_states=ctx, timestep=t.long(), image_rotary_emb=rope, return_dict=False)
+
+
+def _alternate(args, torch) -> dict:
+    """Both sides in one process, their calls alternating for ``--rounds`` rounds (which side goes
+    first alternates too): the machine's drifts hit both alike. Median and fastest seconds of each."""
+    fns = {}
+    for impl in ("ours", "ref"):
+        model, x, ctx, impl = _load(impl, args, torch)
+        fns[impl] = _forward_fn(model, impl, x, ctx, args, torch)
+    times = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for r in range(args.rounds):
+            for k in (("ours", "ref") if r % 2 else ("ref", "ours")):
+                t0 = time.perf_counter()
+                fns[k]()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - t0)
+    return {f"{k}_{stat}": f(v) for k, v in times.items() for stat, f in (("s", lambda v: sorted(v)[len(v) // 2]), ("min", min))}
 
 
 def worker(args) -> dict:
@@ -88,48 +152,19 @@ def worker(args) -> dict:
     dev = args.device
     root = Path(args.root)
     kind, impl = args.worker.split(":")
+    if kind == "alternate":
+        return _alternate(args, torch)
     if kind in ("forward", "pipeline"):
-        from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+        from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
 
-        from vdit_core.models.cogvideox import load_transformer
         from vdit_core.families.cogvideox import release_schedule
         from vdit_core.pipeline import Pipeline as Ours
         from vdit_core.schedules import DiscreteSchedule
 
-        if impl in ("ours", "compiled"):
-            model = load_transformer(root / "transformer", dtype=dtype, device=dev)
-            if impl == "compiled":  # regional torch.compile; the untimed warm-up call compiles
-                import warnings
-
-                from vdit_core.pipeline import compile_blocks
-
-                warnings.filterwarnings("ignore", message=".*complex operators.*")
-                compile_blocks(model)
-                impl = "ours"
-            dim = model.config.text_embed_dim
-        else:
-            model = CogVideoXTransformer3DModel.from_pretrained(str(root / "transformer"), torch_dtype=dtype).to(dev).eval()
-            dim = model.config.text_embed_dim
-        x, ctx = _inputs(args, torch, dim)
-        x, ctx = x.to(dev), ctx.to(dev, dtype)
+        model, x, ctx, impl = _load(impl, args, torch)
         if kind == "forward":
-            t = torch.tensor([500.0], device=dev)
-            if impl == "ours":
-                fn = lambda: model(x, t, ctx)  # noqa: E731
-            else:
-                from diffusers.models.embeddings import get_3d_rotary_pos_embed
-                from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-
-                c = model.config
-                rope = None
-                if c.use_rotary_positional_embeddings:
-                    gh, gw = x.shape[3] // 2, x.shape[4] // 2
-                    crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // 2, c.sample_height // 2)
-                    rope = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), x.shape[2], device=dev)
-                xr = x.permute(0, 2, 1, 3, 4).to(dtype)
-                fn = lambda: model(hidden_states=xr, encoder_hidden_states=ctx, timestep=t.long(), image_rotary_emb=rope, return_dict=False)  # noqa: E731
             with torch.no_grad():
-                res = measure(fn, dev, repeat=args.repeat)
+                res = measure(_forward_fn(model, impl, x, ctx, args, torch), dev, repeat=args.repeat)
             return {"case": args.worker, **res}
         steps = args.steps
         frames, h, w = SIZES[args.size]["video"]
@@ -212,6 +247,8 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--frames", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)  # the forward's batch (2: a CFG pair)
+    p.add_argument("--rounds", type=int, default=12, help="forward: alternating calls of each side in one process")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -227,12 +264,16 @@ def main() -> None:
     sections = args.sections.split(",")
     if "forward" in sections:
         impls = ("ours", "ref", "compiled") if args.compile else ("ours", "ref")
-        runs = interleaved(__file__, common, "forward:{}", impls, args.pairs)
-        if isinstance(runs, str):
-            print(f"transformer forward: {runs}")
-        else:
+        for batch, label in ((1, "batch 1"), (2, "CFG pair, batch 2")):
+            alt = run_worker(__file__, [*common, "--batch", str(batch), "--rounds", str(args.rounds), "--worker", "alternate:both"])
+            runs = interleaved(__file__, [*common, "--batch", str(batch)], "forward:{}", impls, args.pairs)
+            if isinstance(runs, str) or "error" in alt:
+                print(f"transformer forward ({label}): {runs if isinstance(runs, str) else alt['error']}")
+                continue
             o, r = runs["ours"], runs["ref"]
-            print(f"transformer forward (CFG pair): ours {o['s']:.3f} s, diffusers {r['s']:.3f} s, time ratio {ratio(o['s'], r['s'])}; "
+            print(f"transformer forward ({label}): in one process, {args.rounds} alternating rounds: ours {alt['ours_s']:.3f} s, "
+                  f"diffusers {alt['ref_s']:.3f} s, time ratio {ratio(alt['ours_s'], alt['ref_s'])} (fastest calls "
+                  f"{ratio(alt['ours_min'], alt['ref_min'])}); fresh processes: time ratio {ratio(o['s'], r['s'])}, "
                   f"peak {o['peak_mib']:.0f} vs {r['peak_mib']:.0f} MiB, ratio {ratio(o['peak_mib'], r['peak_mib'])}")
             if args.compile:
                 c = runs["compiled"]
