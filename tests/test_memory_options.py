@@ -159,12 +159,13 @@ def test_block_swap_streams_blocks_and_gives_the_plain_output(demo_runs):
 def test_block_swap_budget_and_refusals():
     from vdit_core.offload import blocks_that_fit, check_block_swap
 
-    model = nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(4)], nn.Linear(16, 4, bias=False))
-    blocks = list(model)[:4]  # 1 KiB each; the rest 256 B
-    assert blocks_that_fit(model, blocks, free=10_000, reserve=1000) is None  # 4352 B + reserve fits
-    # 4000 free - 1000 reserve - 256 other - 2 x 1024 in flight = 696: no block stays
-    assert blocks_that_fit(model, blocks, free=4000, reserve=1000) == 0
-    assert blocks_that_fit(model, blocks, free=5000, reserve=1000) == 1
+    model = nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(8)], nn.Linear(16, 4, bias=False))
+    blocks = list(model)[:8]  # 1 KiB each; the rest 256 B
+    assert blocks_that_fit(model, blocks, free=9448, reserve=1000) is None  # 8448 B + reserve fits
+    assert blocks_that_fit(model, blocks, free=9447, reserve=1000) == 4  # 9447 - 1000 - 256 - 3 x 1024 = 5119
+    # 5000 free - 1000 reserve - 256 other - 3 x 1024 streamed = 672: no block stays
+    assert blocks_that_fit(model, blocks, free=5000, reserve=1000) == 0
+    assert blocks_that_fit(model, blocks, free=6000, reserve=1000) == 1
     with pytest.raises(ValueError, match="gpu_blocks=2: block swap streams blocks from CPU memory to a CUDA GPU; the device is cpu"):
         check_block_swap("cpu", 2)
     with pytest.raises(ValueError, match="gpu_blocks=-1: the number of transformer blocks kept on the GPU must be a whole number >= 0"):

@@ -4,8 +4,9 @@ there and streaming the rest from (pinned) CPU memory, one block ahead, on a sid
 The first ``resident`` blocks and everything outside the blocks (embeddings, output layers) live
 on the device. Each streamed block's weights stay in CPU memory; just before the block runs its
 copy is waited for and the next streamed block's copy starts, so the transfer overlaps compute;
-right after it runs its device copy is dropped. At most two streamed blocks are on the device at
-once. The output is the plain run's exactly: the same weights, the same operations.
+right after it runs its device copy is dropped. At most two streamed blocks are in use on the device at
+once (a third may wait to be freed until the GPU is past it). The output is the plain run's
+exactly: the same weights, the same operations.
 """
 
 from __future__ import annotations
@@ -118,12 +119,13 @@ def module_bytes(module: nn.Module) -> int:
 def blocks_that_fit(model: nn.Module, blocks: Iterable[nn.Module], free: int, reserve: int) -> int | None:
     """How many blocks to keep on a device with ``free`` bytes when ``reserve`` bytes must stay
     free for activations: None when the whole model fits, else the largest count that leaves room
-    for the rest of the model and two streamed blocks in flight (0 at the least)."""
+    for the rest of the model and three streamed blocks (the one running, the next one arriving,
+    and the last one, whose memory returns once the GPU is done with it), 0 at the least."""
     sizes = [module_bytes(b) for b in blocks]
     total = module_bytes(model)
     if total + reserve <= free:
         return None
-    room = free - reserve - (total - sum(sizes)) - 2 * max(sizes, default=0)
+    room = free - reserve - (total - sum(sizes)) - 3 * max(sizes, default=0)
     kept = 0
     for s in sizes:
         if room < s:
