@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from vdit_core.memory import available_bytes
 from vdit_core.pipeline import check_finite
 from vdit_core.vae.common import Tiling, frames_to_pixels, pixels_to_frames
 
@@ -34,7 +33,7 @@ def _run(fn, vae, mode, tile_height, tile_width, frames: int, height: int, width
     if mode == "on":
         tiling = _tiling(vae, mode, tile_height, tile_width)
     elif mode == "auto":
-        tiling = vae.tiling_for_memory(frames, height, width, available_bytes(vae.device))
+        tiling = vae.auto_tiling(frames, height, width)
     else:
         tiling = None
     try:

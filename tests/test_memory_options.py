@@ -177,7 +177,7 @@ def test_block_swap_budget_and_refusals():
 def test_vae_tiles_are_sized_from_free_memory(monkeypatch):
     """Untiled when the decode fits; else the largest tiles estimated to fit, and the pipeline's
     decode (and the nodes') ask the free memory at decode time."""
-    import vdit_core.pipeline as pipeline_mod
+    import vdit_core.vae.common as vae_common
 
     pipe = load_pipeline(demo_model_path(), device="cpu")
     vae = pipe.vae
@@ -195,7 +195,7 @@ def test_vae_tiles_are_sized_from_free_memory(monkeypatch):
     monkeypatch.setattr(vae, "decode", lambda z, **kw: seen.append(kw.get("tiling")) or real(z, **kw))
     kw = dict(prompt="a red circle moving right", steps=2, seed=0, progress=False)
     plain = pipe(**kw)
-    monkeypatch.setattr(pipeline_mod, "available_bytes", lambda device: need // 3)
+    monkeypatch.setattr(vae_common, "available_bytes", lambda device: need // 3)
     tiled = pipe(**kw, check_memory=False)
     assert seen[0] is None and seen[1] == tiles
     assert tiled.shape == plain.shape and (tiled - plain).abs().mean() < 0.05

@@ -33,7 +33,7 @@ from .offload import BlockSwap, check_block_swap
 from .memory import available_bytes, fmt_bytes
 from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise
 from .step_cache import StepCache
-from .vae.common import VideoVAE, frames_to_pixels, image_tensor, pixels_to_frames
+from .vae.common import VideoVAE, frames_bytes, frames_to_pixels, image_tensor, pixels_to_frames
 
 
 def network_call(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -162,7 +162,7 @@ class Pipeline:
         if self.vae is not None:
             # decoding tiles itself to the free memory (tiling_for_memory): count its smallest tiles and the frames
             small = self.vae.tiling_for_memory(num_frames, height, width, 0)  # free 0: the smallest tiles
-            tiled = self.vae.decode_bytes(num_frames, small.tile_height, small.tile_width) + 2 * num_frames * 3 * height * width * 4
+            tiled = self.vae.decode_bytes(num_frames, small.tile_height, small.tile_width) + frames_bytes(num_frames, height, width)
             out["vae decode"] = min(self.vae.decode_bytes(num_frames, height, width), tiled)
         return out
 
@@ -351,7 +351,7 @@ class Pipeline:
         if "tiling" not in vae_kwargs:
             f, (h, w) = self.vae.pixel_frames(latents.shape[2]), latents.shape[-2:]
             s = self.spatial_scale
-            vae_kwargs["tiling"] = self.vae.tiling_for_memory(f, h * s, w * s, available_bytes(self.vae.device))
+            vae_kwargs["tiling"] = self.vae.auto_tiling(f, h * s, w * s)
         video = self.vae.decode(latents.to(self.vae.device), **vae_kwargs)  # [1, 3, F, H, W]
         return pixels_to_frames(video[0].cpu())
 

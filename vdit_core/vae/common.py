@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..memory import available_bytes
+
 
 @dataclass(frozen=True)
 class Tiling:
@@ -80,6 +82,11 @@ def frames_problem(num_frames: int, temporal_compression: int) -> str | None:
 
 # ----------------------------------------------------------------------------------------------
 # spatial tiling
+
+
+def frames_bytes(num_frames: int, height: int, width: int) -> int:
+    """Decoded frames in float32, counted twice (the output and a conversion of it)."""
+    return 2 * num_frames * 3 * height * width * 4
 
 
 def _blend_rows(a: torch.Tensor, b: torch.Tensor, extent: int) -> None:
@@ -191,7 +198,11 @@ class VideoVAE(nn.Module):
         widest = getattr(self.config, "block_out_channels", (128,))[0]  # the full-resolution stage's width
         chunk = min(num_frames, chunk_frames * self.temporal_compression)
         item = torch.finfo(self.dtype).bits // 8
-        return 6 * chunk * height * width * widest * item + 2 * num_frames * 3 * height * width * 4
+        return 6 * chunk * height * width * widest * item + frames_bytes(num_frames, height, width)
+
+    def auto_tiling(self, num_frames: int, height: int, width: int) -> Tiling | None:
+        """:meth:`tiling_for_memory` with the memory free on the VAE's device now."""
+        return self.tiling_for_memory(num_frames, height, width, available_bytes(self.device))
 
     def tiling_for_memory(self, num_frames: int, height: int, width: int, free: int | None) -> Tiling | None:
         """Tiles sized from the memory free at decode time: None (untiled) when decoding the whole

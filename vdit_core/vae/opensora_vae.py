@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import unwrap_prefixes, unwrapped_keys
 from . import kl2d
-from .common import Tiling, VideoVAE
+from .common import Tiling, VideoVAE, frames_bytes
 
 SPATIAL_SCALE = 0.18215  # the release scales the SDXL VAE's latents by SD 1.x's factor
 
@@ -289,7 +289,7 @@ class OpenSoraVAE(VideoVAE):
         t_cfg = cfg.temporal
         temporal = 6 * (cfg.micro_latent_size * t_cfg.time_compression) * (height // s) * (width // s) * t_cfg.filters * max(t_cfg.channel_multipliers) * item
         spatial = 6 * min(chunk_frames, num_frames) * height * width * cfg.spatial.block_out_channels[0] * item
-        return temporal + spatial + 2 * num_frames * 3 * height * width * 4
+        return temporal + spatial + frames_bytes(num_frames, height, width)
 
     # -- coding ------------------------------------------------------------------------------
     def _encode_chunked(self, video: torch.Tensor, chunk_frames: int) -> torch.Tensor:
