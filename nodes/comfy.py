@@ -9,6 +9,7 @@ Outside ComfyUI, model folders come from ``VDIT_MODELS_DIR`` (with ``diffusion_m
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -185,7 +186,7 @@ class Managed:
             return None
         if self.load_device.type != "cuda":
             if self.gpu_blocks is not None:
-                print(f"vdit: gpu_blocks={self.gpu_blocks} ignored: block swap streams to a CUDA GPU, and this model runs on {self.load_device.type}")
+                logging.warning(f"vdit: gpu_blocks={self.gpu_blocks} ignored: block swap streams to a CUDA GPU, and this model runs on {self.load_device.type}")
             return None
         if self.gpu_blocks is not None:
             return self.gpu_blocks
@@ -206,7 +207,7 @@ class Managed:
 
             self.swap = BlockSwap(self.module, self.blocks, self.load_device, kept)
             _SWAPPED.append(self)
-            print(f"vdit: block swap: {kept} of {len(self.blocks)} transformer blocks on {self.load_device}, the rest streamed from CPU memory")
+            logging.info(f"vdit: block swap: {kept} of {len(self.blocks)} transformer blocks on {self.load_device}, the rest streamed from CPU memory")
         elif self.patcher is not None:
             # full load: our modules are plain torch ones, which ComfyUI cannot stream in low-VRAM mode
             mm.load_models_gpu([self.patcher], force_full_load=True)
