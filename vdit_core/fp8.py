@@ -20,7 +20,8 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .layers import Linear, linear
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 E4M3_MAX = 448.0  # the largest float8_e4m3fn value
@@ -67,7 +68,7 @@ class FP8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out], in x's dtype
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), bias)
+        return linear(x, self.dequantized(x.dtype), bias)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -93,7 +94,7 @@ def quantize(model: nn.Module, modules: Iterable[nn.Module], dtype: torch.dtype 
     inside = {id(m) for block in modules for m in block.modules()}
     count = 0
     for name, m in list(model.named_modules()):
-        if id(m) not in inside or type(m) is not nn.Linear:
+        if id(m) not in inside or type(m) not in (nn.Linear, Linear):
             continue
         q, scale = quantize_weight(m.weight, dtype)
         new = FP8Linear(m.in_features, m.out_features, m.bias is not None, device="meta", weight_dtype=q.dtype)
@@ -118,7 +119,7 @@ def adopt(model: nn.Module, sd: dict[str, torch.Tensor], dtype: torch.dtype | No
     dequantised to ``dtype`` (bf16 when None). Returns the state dict to assign."""
     dtype = dtype or torch.bfloat16
     sd = {k: v for k, v in sd.items() if k != MARKER and not k.endswith(".scale_input")}
-    linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    linears = {n for n, m in model.named_modules() if type(m) in (nn.Linear, Linear)}
     out = {}
     for key, t in sd.items():
         if key.endswith(".scale_weight"):

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields
-from ..layers import FeedForward, TimestepMLP, rope_3d, rope_rotations, rotate_, sincos_3d, timestep_embedding
+from ..layers import FeedForward, Linear, TimestepMLP, rope_3d, rope_rotations, rotate_, sincos_3d, timestep_embedding
 from ..step_cache import StepCache, run_blocks
 
 
@@ -103,8 +103,8 @@ class PatchEmbed(nn.Module):
         if pt is None:
             self.proj = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p, bias=cfg.patch_bias)
         else:
-            self.proj = nn.Linear(cfg.in_channels * pt * p * p, d)
-        self.text_proj = nn.Linear(cfg.text_embed_dim, d)
+            self.proj = Linear(cfg.in_channels * pt * p * p, d)
+        self.text_proj = Linear(cfg.text_embed_dim, d)
         if cfg.use_learned_positional_embeddings:
             t = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
             n = t * (cfg.sample_height // p) * (cfg.sample_width // p)
@@ -130,7 +130,7 @@ class AdaLayerNormZero(nn.Module):
 
     def __init__(self, time_dim: int, dim: int, eps: float):
         super().__init__()
-        self.linear = nn.Linear(time_dim, 6 * dim)
+        self.linear = Linear(time_dim, 6 * dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, vid, text, temb):
@@ -147,12 +147,12 @@ class JointAttention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim = heads, head_dim
-        self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_k = nn.Linear(dim, inner, bias=bias)
-        self.to_v = nn.Linear(dim, inner, bias=bias)
+        self.to_q = Linear(dim, inner, bias=bias)
+        self.to_k = Linear(dim, inner, bias=bias)
+        self.to_v = Linear(dim, inner, bias=bias)
         self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=True)])
+        self.to_out = nn.ModuleList([Linear(inner, dim, bias=True)])
         self.backend: str | None = None  # attention backend override (None: automatic)
         self.parallel = None  # a vdit_core.parallel.SequenceParallel: vid holds this rank's part of the video tokens
 
@@ -202,7 +202,7 @@ class AdaLayerNormOut(nn.Module):
 
     def __init__(self, time_dim: int, dim: int, eps: float):
         super().__init__()
-        self.linear = nn.Linear(time_dim, 2 * dim)
+        self.linear = Linear(time_dim, 2 * dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x, temb):
@@ -232,7 +232,7 @@ class CogVideoXTransformer(nn.Module):
         self.norm_final = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.norm_out = AdaLayerNormOut(cfg.time_embed_dim, d, cfg.norm_eps)
         pt = cfg.patch_size_t or 1
-        self.proj_out = nn.Linear(d, cfg.patch_size**2 * pt * cfg.out_channels)
+        self.proj_out = Linear(d, cfg.patch_size**2 * pt * cfg.out_channels)
         self.gradient_checkpointing = False
         self.step_cache: StepCache | None = None  # set for a sampling run (vdit_core.step_cache)
         self.parallel = None  # a vdit_core.parallel.SequenceParallel splitting the video tokens, or None

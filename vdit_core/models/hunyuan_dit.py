@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
-from ..layers import FeedForward, rope_1d, rope_rotations, rotate_, timestep_embedding
+from ..layers import FeedForward, Linear, rope_1d, rope_rotations, rotate_, timestep_embedding
 from ..step_cache import StepCache, run_blocks
 
 
@@ -101,8 +101,8 @@ class MLP(nn.Module):
 
     def __init__(self, cin: int, hidden: int, cout: int, fp32_act: bool = True):
         super().__init__()
-        self.linear_1 = nn.Linear(cin, hidden)
-        self.linear_2 = nn.Linear(hidden, cout)
+        self.linear_1 = Linear(cin, hidden)
+        self.linear_2 = Linear(hidden, cout)
         self.fp32_act = fp32_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,10 +117,10 @@ class AttentionPool(nn.Module):
     def __init__(self, seq_len: int, dim: int, heads: int, out_dim: int):
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.zeros(seq_len + 1, dim))
-        self.k_proj = nn.Linear(dim, dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.c_proj = nn.Linear(dim, out_dim)
+        self.k_proj = Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.c_proj = Linear(dim, out_dim)
         self.heads = heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,12 +164,12 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim, self.cross = heads, head_dim, kv_dim is not None
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(kv_dim or dim, inner)
-        self.to_v = nn.Linear(kv_dim or dim, inner)
+        self.to_q = Linear(dim, inner)
+        self.to_k = Linear(kv_dim or dim, inner)
+        self.to_v = Linear(kv_dim or dim, inner)
         self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.to_out = nn.ModuleList([Linear(inner, dim)])
         self.backend: str | None = None
         self.parallel = None  # self-attention: a vdit_core.parallel.SequenceParallel (x holds this rank's part of the tokens)
 
@@ -195,7 +195,7 @@ class ShiftNorm(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, dim)
+        self.linear = Linear(dim, dim)
         self.norm = FP32LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -215,7 +215,7 @@ class HunyuanDiTBlock(nn.Module):
         self.ff = FeedForward(d, inner_dim=cfg.ff_inner_dim)
         if skip:
             self.skip_norm = FP32LayerNorm(2 * d, eps=1e-6)
-            self.skip_linear = nn.Linear(2 * d, d)
+            self.skip_linear = Linear(2 * d, d)
         else:
             self.skip_linear = None
 
@@ -270,9 +270,9 @@ class HunyuanDiT(nn.Module):
         self.time_extra_emb = ConditionEmbedding(cfg)
         self.blocks = nn.ModuleList([HunyuanDiTBlock(cfg, skip=i > cfg.num_layers // 2) for i in range(cfg.num_layers)])
         self.norm_out = nn.Module()
-        self.norm_out.linear = nn.Linear(cfg.hidden_size, 2 * d)
+        self.norm_out.linear = Linear(cfg.hidden_size, 2 * d)
         self.norm_out.norm = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
-        self.proj_out = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
+        self.proj_out = Linear(d, cfg.patch_size**2 * cfg.out_channels)
         self.gradient_checkpointing = False
         self.step_cache: StepCache | None = None  # set for a sampling run (vdit_core.step_cache)
         self.parallel = None  # a vdit_core.parallel.SequenceParallel splitting the image tokens, or None

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
-from ..layers import rotate_, timestep_embedding
+from ..layers import Linear, linear_gelu, rotate_, timestep_embedding
 from ..step_cache import StepCache, run_blocks
 
 
@@ -100,11 +100,11 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, out or dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, out or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(linear_gelu(self.fc1, x))
 
 
 class SinusoidMLP(nn.Module):
@@ -112,7 +112,7 @@ class SinusoidMLP(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(256, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # s: [B] -> [B, D]
@@ -125,10 +125,10 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.backend: str | None = None
         self.parallel = None  # spatial blocks: a vdit_core.parallel.SequenceParallel (x holds this rank's part of each frame)
 
@@ -155,9 +155,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.q_linear = nn.Linear(dim, dim)
-        self.kv_linear = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q_linear = Linear(dim, dim)
+        self.kv_linear = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
         self.backend: str | None = None
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -231,7 +231,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.norm_final = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
-        self.linear = nn.Linear(d, math.prod(cfg.patch_size) * cfg.out_channels)
+        self.linear = Linear(d, math.prod(cfg.patch_size) * cfg.out_channels)
         self.scale_shift_table = nn.Parameter(torch.zeros(2, d))
 
     def forward(self, x, t_emb, t0_emb, x_mask, t: int):
@@ -283,7 +283,7 @@ class STDiT3(nn.Module):
         self.x_embedder.proj = nn.Conv3d(cfg.in_channels, d, cfg.patch_size, stride=cfg.patch_size)
         self.t_embedder = SinusoidMLP(d)
         self.fps_embedder = SinusoidMLP(d)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.t_block = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
         self.y_embedder = nn.Module()
         self.y_embedder.y_proj = Mlp(cfg.caption_channels, d, d)
         self.y_embedder.register_buffer("y_embedding", torch.zeros(cfg.model_max_length, cfg.caption_channels))
