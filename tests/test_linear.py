@@ -72,3 +72,25 @@ def test_a_hooked_layer_is_not_fused_with_its_gelu():
         handle.remove()
     assert isinstance(ff.proj, Linear)
     assert torch.allclose(hooked, F.gelu(F.linear(x, w, b) + 1.0, approximate="tanh"), atol=1e-5)
+
+
+@onednn
+def test_compiled_code_keeps_the_onednn_call():
+    """Inductor lowers oneDNN's linear only for frozen weights: under torch.compile the call goes
+    in as an opaque op, so a compiled MLP gets the same kernel (and values) as eager."""
+    from vdit_core.pipeline import check_compiler
+
+    try:
+        check_compiler("cpu")
+    except ValueError as e:
+        pytest.skip(str(e))
+    x, w, b = _big()
+
+    def mlp(x):
+        return linear(linear(x, w, b, gelu=True), w, b) * 2.0
+
+    compiled = torch.compile(mlp)
+    with torch.no_grad():
+        eager = mlp(x)
+        assert "vdit::onednn_linear" in _ops(lambda: compiled(x))
+        assert torch.allclose(compiled(x), eager, atol=1e-5)

@@ -48,16 +48,31 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == weight.dtype == torch.float32
         and torch.backends.mkldnn.enabled
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()  # the compiler picks its own kernels
         and (x.numel() * weight.shape[0] >= 1 << 24 or weight.numel() >= 1 << 20)
     )
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "tanh" if gelu else None)
+
+
+# Under torch.compile the same call, as an opaque op: inductor lowers oneDNN's linear only for
+# frozen weights, and its own CPU matmul is the BLAS one.
+_compiled_onednn_linear = torch.library.custom_op("vdit::onednn_linear", mutates_args=())(_onednn_linear)
+
+
+@_compiled_onednn_linear.register_fake
+def _(x, weight, bias, gelu):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
     """``x @ weight.T + bias`` [..., in] -> [..., out], then tanh-approximated GELU when ``gelu``.
     Float32 inference on x86 CPUs goes through oneDNN (fused GELU); elsewhere ``F.linear``."""
     if _onednn(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
+        if torch.compiler.is_compiling():
+            return _compiled_onednn_linear(x, weight, bias, gelu)
+        return _onednn_linear(x, weight, bias, gelu)
     y = F.linear(x, weight, bias)
     return F.gelu(y, approximate="tanh") if gelu else y
 
