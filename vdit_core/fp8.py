@@ -33,6 +33,12 @@ def is_fp8(t: torch.Tensor) -> bool:
     return t.dtype in FP8_DTYPES
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in: its first parameter's that is not float8 (float8 weights
+    are only stored, and upcast to it)."""
+    return next(p.dtype for p in model.parameters() if not is_fp8(p))
+
+
 def keeps_dtype(key: str, t: torch.Tensor) -> bool:
     """Tensors a loader must not cast to the compute dtype: float8 weights and their float32
     scales (a bf16 scale would shift every weight of its layer by up to 0.4%)."""

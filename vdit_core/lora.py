@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, describe, load_state_dict, safetensors_metadata
-from .fp8 import is_fp8
+from .fp8 import compute_dtype
 
 PREFIXES = ("diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "unet.")
 FORMAT = "vdit-lora-v1"
@@ -325,7 +325,7 @@ def load_lora(model: nn.Module, path: str | Path, strength: float = 1.0, dtype: 
         raise ValueError(f"{path}: LoRA strength {strength} is not a finite number (1.0 is the trained effect, 0 none)")
     entries, metadata = read_lora(path, model)
     params = next(model.parameters())
-    dtype = dtype or next(p.dtype for p in model.parameters() if not is_fp8(p))  # the compute dtype (float8 weights are stored only)
+    dtype = dtype or compute_dtype(model)
     adapters = {}
     for name, (a, b, scale) in entries.items():
         ad = LoRAAdapter(a.shape[1], b.shape[0], a.shape[0], scale, dtype=dtype, device=params.device)

@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import families
 from .attention import resolve_backend
 from .checkpoint import CheckpointError, parse_dtype
-from .fp8 import check_support as check_fp8, is_fp8, quantize
+from .fp8 import check_support as check_fp8, compute_dtype, quantize
 from .guidance import CFGDenoiser
 from .offload import BlockSwap, check_block_swap
 from .memory import available_bytes, fmt_bytes
@@ -157,7 +157,7 @@ class Pipeline:
         seq = self.family.tokens(self.config, shape)
         if seq is not None:
             n, d = seq
-            item = torch.finfo(next(p.dtype for p in self.transformer.parameters() if not is_fp8(p))).bits // 8  # activations' dtype
+            item = torch.finfo(compute_dtype(self.transformer)).bits // 8  # activations' dtype
             out["transformer"] = (2 if guidance else 1) * batch * n * d * item * 12  # q, k, v, attention out, 4x MLP, residuals
         if self.vae is not None:
             # decoding tiles itself to the free memory (tiling_for_memory): count its smallest tiles and the frames
