@@ -79,13 +79,15 @@ def _peak_rss() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_worker(script: str, args: list[str]) -> dict:
-    """Run ``script --worker ...`` in a fresh interpreter; it prints one JSON line last."""
-    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
-    if res.returncode != 0:
+def run_worker(script: str, args: list[str], launcher: tuple[str, ...] = ()) -> dict:
+    """Run ``script --worker ...`` in a fresh interpreter (under ``launcher``'s module, e.g.
+    ``("-m", "torch.distributed.run", "--nproc_per_node", "2")``); its last JSON line is the result."""
+    res = subprocess.run([sys.executable, *launcher, script, *args], capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.strip().splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
         tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": tail}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(lines[-1])
 
 
 def ratio(a: float, b: float) -> str:

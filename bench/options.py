@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import bench_args, measure, ratio, weights_once  # noqa: E402
+from _harness import bench_args, measure, ratio, run_worker, weights_once  # noqa: E402
 from cogvideox import DTYPES, SIZES, _make_weights  # noqa: E402
 
 CASES = ["plain", "fp8", "step_cache", "compile", "block_swap", "cfg_split", "sequence"]
@@ -83,19 +82,6 @@ def worker(args) -> dict:
     return res
 
 
-def _run(script: str, common: list[str], case: str, device: str) -> dict:
-    if case in TWO_RANKS:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *common, "--worker", case]
-    else:
-        cmd = [sys.executable, script, *common, "--worker", case]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in res.stdout.strip().splitlines() if ln.startswith("{")]
-    if res.returncode != 0 or not lines:
-        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": tail}
-    return json.loads(lines[-1])
-
-
 def main() -> None:
     p = bench_args(__doc__, SIZES, DTYPES)
     p.set_defaults(size="5b-style", repeat=2)
@@ -121,7 +107,8 @@ def main() -> None:
         if case == "block_swap" and not args.device.startswith("cuda"):
             print(f"{case:>11}  (CUDA only: on a CPU there is nothing to swap to)")
             continue
-        res = _run(__file__, common, case, args.device)
+        res = run_worker(__file__, [*common, "--worker", case],
+                         ("-m", "torch.distributed.run", "--nproc_per_node", "2") if case in TWO_RANKS else ())
         if "error" in res:
             print(f"{case:>11}  failed: {res['error']}")
             continue
