@@ -102,3 +102,18 @@ def test_compile_without_a_compiler_is_refused(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match="compile: torch.compile on a CPU needs a C\\+\\+ compiler"):
         load_pipeline(demo_model_path(), device="cpu", compile=True)
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuandit", "opensora"])
+def test_the_residual_stream_is_token_major_in_every_block(pipelines, family):
+    """Patch embeddings come out of a convolution channel-major; kept as a transposed view, the
+    residual sum would keep that layout and every LayerNorm would copy it (a few % of the forward)."""
+    pipe, kw = pipelines[family]
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous())) for b in pipe.family.blocks(pipe.transformer)]
+    try:
+        pipe(**{**kw, "steps": 1, "seed": 0, "progress": False})
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and all(seen)

@@ -306,7 +306,7 @@ class HunyuanDiT(nn.Module):
         if h % p or w % p:
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
-        tokens = self.pos_embed.proj(x[:, :, 0].to(dtype)).flatten(2).transpose(1, 2)  # [B, N, D]
+        tokens = self.pos_embed.proj(x[:, :, 0].to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
         if cfg.use_style_cond_and_image_meta_size:
             image_meta_size = self.default_meta(b, h, w, x.device) if image_meta_size is None else image_meta_size.to(x.device)
             style = torch.zeros(b, dtype=torch.long, device=x.device) if style is None else style.to(x.device).long()

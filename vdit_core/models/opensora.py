@@ -354,7 +354,7 @@ class STDiT3(nn.Module):
                 y, text_mask = y[:, keep], text_mask[:, keep]
         text = self.y_embedder.y_proj(y)  # [B, L, D]
 
-        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)  # [B, T*S, D]
+        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2).contiguous()  # [B, T*S, D]
         tokens = (tokens.view(b, t, s, -1) + pos[None, None]).view(b, t * s, -1)
         rope = self._rope(t, x.device)
         sp = self.parallel
