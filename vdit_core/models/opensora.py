@@ -191,37 +191,43 @@ class STDiT3Block(nn.Module):
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.zeros(6, d))
 
-    def _modulation(self, t_mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(shift, scale, gate) of attention, then of the MLP, each [B, 1, D], from t_mod [B, 6D]."""
-        return (self.scale_shift_table[None] + t_mod.reshape(t_mod.shape[0], 6, -1)).chunk(6, dim=1)
+    def _modulation(self, t_mod: torch.Tensor, t0_mod: torch.Tensor | None = None, x_mask: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, ...]:
+        """(shift, scale, gate) of attention, then of the MLP, each [B, T, 1, D] per frame: the
+        conditioning frames' (``x_mask`` False) from t0_mod; [B, 1, 1, D] without a mask."""
+        b = t_mod.shape[0]
+        mod = (self.scale_shift_table[None] + t_mod.reshape(b, 6, -1))[:, :, None]  # [B, 6, 1, D]
+        if x_mask is not None:
+            mod0 = (self.scale_shift_table[None] + t0_mod.reshape(b, 6, -1))[:, :, None]
+            mod = torch.where(x_mask[:, None, :, None], mod, mod0)  # [B, 6, T, D]
+        return mod[:, :, :, None].unbind(1)
 
     def modulated_input(self, x: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
         """norm1(x) * (1 + scale) + shift of the noisy frames' modulation (step caching's signal)."""
-        shift, scale = self._modulation(t_mod)[:2]
-        return self.norm1(x) * (1 + scale) + shift
+        shift, scale = (m[:, 0] for m in self._modulation(t_mod)[:2])
+        return torch.addcmul(shift, self.norm1(x), 1 + scale)
 
     def forward(self, x, text, mask, t_mod, t0_mod, x_mask, t: int, s: int, rope):
         # x: [B, T*S, D]; t_mod / t0_mod: [B, 6D]; x_mask: [B, T] (True: noisy frame) or None
         b, n, d = x.shape
-        mod = self._modulation(t_mod)
-        mod0 = self._modulation(t0_mod) if x_mask is not None else mod
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        shift_msa0, scale_msa0, gate_msa0, shift_mlp0, scale_mlp0, gate_mlp0 = mod0
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self._modulation(t_mod, t0_mod, x_mask)
 
-        h = self.norm1(x)
-        h = _select(x_mask, h * (1 + scale_msa) + shift_msa, h * (1 + scale_msa0) + shift_msa0, t)
+        def frames(v: torch.Tensor) -> torch.Tensor:  # [B, T*S, D] -> [B, T, S, D]: the modulation is per frame
+            return v.view(b, t, s, d)
+
+        # addcmul: norm(x) * (1 + scale) + shift, and x + gate * h, in one pass each
+        h = torch.addcmul(shift_msa, frames(self.norm1(x)), 1 + scale_msa).view(b, n, d)
         if self.temporal:  # attend over frames: [B*S, T, D]
             h = h.view(b, t, s, d).transpose(1, 2).reshape(b * s, t, d)
             h = self.attn(h, rope).view(b, s, t, d).transpose(1, 2).reshape(b, n, d)
         else:  # attend within each frame: [B*T, S, D]
             h = self.attn(h.view(b * t, s, d), None).view(b, n, d)
-        x = x + _select(x_mask, gate_msa * h, gate_msa0 * h, t)
+        x = torch.addcmul(frames(x), gate_msa, frames(h)).view(b, n, d)
 
         x = x + self.cross_attn(x, text, mask)
 
-        h = self.norm2(x)
-        h = self.mlp(_select(x_mask, h * (1 + scale_mlp) + shift_mlp, h * (1 + scale_mlp0) + shift_mlp0, t))
-        return x + _select(x_mask, gate_mlp * h, gate_mlp0 * h, t)
+        h = torch.addcmul(shift_mlp, frames(self.norm2(x)), 1 + scale_mlp).view(b, n, d)
+        return torch.addcmul(frames(x), gate_mlp, frames(self.mlp(h))).view(b, n, d)
 
 
 class FinalLayer(nn.Module):
@@ -237,12 +243,12 @@ class FinalLayer(nn.Module):
     def forward(self, x, t_emb, t0_emb, x_mask, t: int):
         # x: [B, N, D], t_emb: [B, D] -> [B, N, prod(patch) * C_out]
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
-        h = self.norm_final(x) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.norm_final(x), 1 + scale)
         if x_mask is not None:
             # the release normalises the already modulated tokens again for conditioning frames
             # (T2IFinalLayer reuses its variable); kept, as the weights were trained with it
             shift0, scale0 = (self.scale_shift_table[None] + t0_emb[:, None]).chunk(2, dim=1)
-            h = _select(x_mask, h, self.norm_final(h) * (1 + scale0) + shift0, t)
+            h = _select(x_mask, h, torch.addcmul(shift0, self.norm_final(h), 1 + scale0), t)
         return self.linear(h)
 
 
