@@ -91,8 +91,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        h = (h * h.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()).to(x.dtype)
+        # in place where the dtypes allow: one [.., D] tensor fewer (they are the q and k of every token)
+        return h.mul_(self.weight) if self.weight.dtype == h.dtype else self.weight * h
 
 
 class Mlp(nn.Module):
