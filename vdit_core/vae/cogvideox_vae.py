@@ -174,25 +174,26 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, first: bool = True) -> torch.Tensor:
         # x: [B, C, T, h, w] -> [B, C, T', 2h, 2w]. Nearest-neighbour upsampling then the 3x3
         # convolution per frame, over slices of output frames written into the output: neither the
-        # whole upsampled video nor the convolution's buffers for all of it are ever held
+        # whole upsampled video nor the convolution's buffers for all of it are ever held. The
+        # output is contiguous in [B, C, T, H, W]: the next GroupNorm and 1x1x1 convolution would
+        # copy a frame-major one
         b, c, t, h, w = x.shape
         keep = 1 if self.compress_time and first else 0  # frames upsampled in space only
         r = 2 if self.compress_time else 1
         t_out = keep + r * (t - keep)
         src = [j if j < keep else keep + (j - keep) // r for j in range(t_out)]  # the input frame of each output frame
         step = max(1, causal_conv.SLICE_ELEMENTS // (b * c * 4 * h * w))
-        out = None
+        out = x.new_empty(b, c, t_out, 2 * h, 2 * w) if step < t_out else None
         for s in range(0, t_out, step):
             e = min(t_out, s + step)
-            frames = x.index_select(2, torch.tensor(src[s:e], device=x.device)).transpose(1, 2)  # [B, n, C, h, w]
-            up = frames[:, :, :, :, None, :, None].expand(b, e - s, c, h, 2, w, 2).reshape(b * (e - s), c, 2 * h, 2 * w)
-            y = self.conv(up).view(b, e - s, c, 2 * h, 2 * w)
-            if s == 0 and e == t_out:
-                return y.transpose(1, 2)
+            frames = x.index_select(2, torch.tensor(src[s:e], device=x.device)).transpose(1, 2).reshape(b * (e - s), c, h, w)
+            y = self.conv(F.interpolate(frames, size=(2 * h, 2 * w), mode="nearest"))  # [B*n, C, 2h, 2w]
+            y = y.view(b, e - s, c, 2 * h, 2 * w).transpose(1, 2)
             if out is None:
-                out = y.new_empty(b, t_out, c, 2 * h, 2 * w)
-            out[:, s:e] = y
-        return out.transpose(1, 2)
+                return y.contiguous()
+            out[:, :, s:e] = y
+            del y
+        return out
 
 
 class _Stage(nn.Module):
