@@ -93,6 +93,13 @@ def linear_gelu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(layer(x), approximate="tanh")
 
 
+def patch_tokens(patches: torch.Tensor) -> torch.Tensor:
+    """A patch-embedding convolution's output [B, D, *grid] as tokens [B, N, D], row-major. As a
+    transposed view the residual stream would keep that layout (a sum takes its first operand's),
+    and every LayerNorm of every block would copy it."""
+    return patches.flatten(2).transpose(1, 2).contiguous()
+
+
 class TimestepMLP(nn.Module):
     """Linear -> SiLU -> Linear on a timestep embedding (diffusers' ``TimestepEmbedding``)."""
 

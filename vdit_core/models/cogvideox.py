@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields
-from ..layers import FeedForward, Linear, TimestepMLP, rope_3d, rope_rotations, rotate_, sincos_3d, timestep_embedding
+from ..layers import FeedForward, Linear, TimestepMLP, patch_tokens, rope_3d, rope_rotations, rotate_, sincos_3d, timestep_embedding
 from ..step_cache import StepCache, run_blocks
 
 
@@ -118,7 +118,7 @@ class PatchEmbed(nn.Module):
         if self.pt is None:
             frames = x.transpose(1, 2).reshape(b * t, c, h, w)
             tok = self.proj(frames)  # [B*T, D, H/p, W/p]
-            return tok.flatten(2).transpose(1, 2).reshape(b, t * (h // p) * (w // p), -1).contiguous()
+            return patch_tokens(tok).reshape(b, t * (h // p) * (w // p), -1)
         pt = self.pt
         patches = x.reshape(b, c, t // pt, pt, h // p, p, w // p, p)
         patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, (t // pt) * (h // p) * (w // p), c * pt * p * p)

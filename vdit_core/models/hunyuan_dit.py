@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
-from ..layers import FeedForward, Linear, rope_1d, rope_rotations, rotate_, timestep_embedding
+from ..layers import FeedForward, Linear, patch_tokens, rope_1d, rope_rotations, rotate_, timestep_embedding
 from ..step_cache import StepCache, run_blocks
 
 
@@ -306,7 +306,7 @@ class HunyuanDiT(nn.Module):
         if h % p or w % p:
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
-        tokens = self.pos_embed.proj(x[:, :, 0].to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
+        tokens = patch_tokens(self.pos_embed.proj(x[:, :, 0].to(dtype)))  # [B, N, D]
         if cfg.use_style_cond_and_image_meta_size:
             image_meta_size = self.default_meta(b, h, w, x.device) if image_meta_size is None else image_meta_size.to(x.device)
             style = torch.zeros(b, dtype=torch.long, device=x.device) if style is None else style.to(x.device).long()

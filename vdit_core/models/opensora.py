@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
-from ..layers import Linear, linear_gelu, rotate_, timestep_embedding
+from ..layers import Linear, linear_gelu, patch_tokens, rotate_, timestep_embedding
 from ..step_cache import StepCache, run_blocks
 
 
@@ -219,7 +219,7 @@ class STDiT3Block(nn.Module):
         # addcmul: norm(x) * (1 + scale) + shift, and x + gate * h, in one pass each
         h = torch.addcmul(shift_msa, frames(self.norm1(x)), 1 + scale_msa).view(b, n, d)
         if self.temporal:  # attend over frames: [B*S, T, D]
-            h = h.view(b, t, s, d).transpose(1, 2).reshape(b * s, t, d)
+            h = frames(h).transpose(1, 2).reshape(b * s, t, d)
             h = self.attn(h, rope).view(b, s, t, d).transpose(1, 2).reshape(b, n, d)
         else:  # attend within each frame: [B*T, S, D]
             h = self.attn(h.view(b * t, s, d), None).view(b, n, d)
@@ -361,7 +361,7 @@ class STDiT3(nn.Module):
                 y, text_mask = y[:, keep], text_mask[:, keep]
         text = self.y_embedder.y_proj(y)  # [B, L, D]
 
-        tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2).contiguous()  # [B, T*S, D]
+        tokens = patch_tokens(self.x_embedder.proj(x))  # [B, T*S, D]
         tokens = (tokens.view(b, t, s, -1) + pos[None, None]).view(b, t * s, -1)
         rope = self._rope(t, x.device)
         sp = self.parallel
