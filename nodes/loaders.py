@@ -11,8 +11,7 @@ import torch
 from vdit_core import families
 from vdit_core.checkpoint import parse_dtype
 from vdit_core.demo import demo_model_path
-from vdit_core.fp8 import check_support as check_fp8, quantize
-from vdit_core.pipeline import check_compiler, compile_blocks
+from vdit_core.pipeline import check_transformer_options, setup_transformer
 
 from . import comfy
 from .types import DEMO, ModelHandle, TextEncoderHandle, VAEHandle
@@ -79,21 +78,15 @@ class VDITModelLoader:
     CATEGORY = "vdit"
 
     def load(self, model, weight_dtype, attention, compile=False, gpu_blocks=-1):
-        if compile and gpu_blocks >= 0:
-            raise ValueError("compile and gpu_blocks (block swap) cannot be combined yet: set gpu_blocks to -1 or compile off")
-        if compile:
-            check_compiler(comfy.devices("diffusion")[0])  # before anything is loaded
+        device = comfy.devices("diffusion")[0]
+        dtype = _dtype("default" if weight_dtype == FP8 else weight_dtype, "diffusion")
+        attention = None if attention == "auto" else attention
+        # block swap itself is ComfyUI's to place (Managed): loaded on the CPU here
+        options = dict(attention=attention, compile=compile, fp8=weight_dtype == FP8)
+        check_transformer_options(device, dtype, gpu_blocks=None if gpu_blocks < 0 else gpu_blocks, **options)
         path, folder = resolve(model, self.KIND)
         family = families.for_folder(path) if folder else families.for_file(path, "transformer")
-        if weight_dtype == FP8:
-            check_fp8(comfy.devices("diffusion")[0])
-        dtype = _dtype("default" if weight_dtype == FP8 else weight_dtype, "diffusion")
-        transformer = family.load_transformer(path / "transformer" if folder else path, dtype=dtype, device="cpu")
-        if weight_dtype == FP8:
-            quantize(transformer, family.blocks(transformer))
-        transformer.set_attention_backend(None if attention == "auto" else attention)
-        if compile:
-            compile_blocks(transformer, family)
+        transformer = setup_transformer(family, path / "transformer" if folder else path, "cpu", dtype, **options)
         defaults = family.model_defaults(path if folder else None, transformer.config)
         return (ModelHandle(transformer, comfy.Managed(transformer, "diffusion", None if compile else list(family.blocks(transformer)),
                                                                  None if gpu_blocks < 0 else gpu_blocks), defaults, model.rstrip("/"), family),)

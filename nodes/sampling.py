@@ -6,8 +6,8 @@ import torch
 
 from vdit_core import families
 from vdit_core.lora import load_lora
-from vdit_core.pipeline import batch_conditioning, check_finite
-from vdit_core.sampling import SAMPLERS, SEED_MAX, SeededNoise
+from vdit_core.pipeline import check_finite
+from vdit_core.sampling import SAMPLERS, SEED_MAX
 
 from . import comfy
 
@@ -126,7 +126,6 @@ class VDITSampler:
                step_cache=0.0):
         pipe = model.pipeline()
         x = latent["samples"]
-        b, t = x.shape[0], x.shape[2]
         problem = pipe.family.latent_problem(pipe.config, x)
         if problem:
             raise ValueError(f"{model.name}: {problem} (use VDIT Empty Latent or a VDIT VAE)")
@@ -134,27 +133,14 @@ class VDITSampler:
             if c.get("family", pipe.family.name) != pipe.family.name:
                 label = families.get(c["family"]).label
                 raise ValueError(f"{name}: encoded for {label}, but the model is {pipe.family.label}: set the text encoder loader's family to {pipe.family.name}")
-        image = {}
-        if pipe.is_i2v and (image_latent is None or "vdit_vae" not in image_latent):  # checked before anything is loaded
-            raise ValueError(f"{model.name} is an image-to-video model: connect the first frame's latent (from VDIT VAE Encode) to image_latent")
-        if image_latent is not None and not pipe.family.takes_image(pipe.config):
-            raise ValueError(f"{model.name} takes no image: disconnect image_latent (for video-to-video, connect the encoded clip to latent with denoise below 1)")
-        if image_latent is not None:
-            if "vdit_vae" not in image_latent:
-                raise ValueError("image_latent: connect the output of VDIT VAE Encode (it carries the VAE's scaling)")
-            info = image_latent["vdit_vae"]
-            # the node's latents carry the VAE's own scaling; the family may condition on another
-            z = check_finite("the image latent", image_latent["samples"].float()) * (pipe.family.image_latent_scale(info) / info["scaling_factor"])
-            if z.shape[2] > 1 and pipe.family.extends_videos:  # an encoded clip: continue it
-                image = pipe.family.video_conditioning(pipe.config, z, t)
-            else:
-                image = pipe.family.image_conditioning(pipe.config, z[:, :, :1], t)
+        frames = _frame_latents(model.name, pipe, image_latent)  # checked before anything is loaded
         device = model.managed.load()
-        cond = batch_conditioning({k: v.to(device) for k, v in {**positive["cond"], **image}.items()}, b)
-        uncond = batch_conditioning({k: v.to(device) for k, v in {**negative["cond"], **image}.items()}, b) if cfg > 1.0 else None
-        source = SeededNoise(seed, x.shape, device=device, permute=pipe.family.noise_permute)
-        n_steps = len(pipe.sigmas(steps, denoise, None if schedule == "default" else schedule, None if sampler == "default" else sampler)) - 1
-        progress = comfy.Progress(n_steps, desc="vdit sampling")
+        request = pipe.prepare(
+            cond=positive["cond"], uncond=negative["cond"], latents=x, seed=seed, steps=steps, cfg=cfg,
+            sampler=None if sampler == "default" else sampler, spacing=None if schedule == "default" else schedule,
+            denoise=denoise, dynamic_cfg=dynamic_cfg, frame_latents=frames,
+        )
+        progress = comfy.Progress(len(request.sigmas) - 1, desc=f"vdit {request.mode}")
         show = comfy.previews_enabled()
 
         def callback(info):
@@ -164,11 +150,7 @@ class VDITSampler:
         handles = [load_lora(pipe.transformer, path, strength) for path, strength in model.loras]
         try:
             with torch.no_grad():
-                out = pipe.sample(
-                    cond, uncond, source(), steps, cfg, None if sampler == "default" else sampler, source, denoise,
-                    x.to(device) if denoise < 1.0 else None, dynamic_cfg, callback, progress=False,
-                    spacing=None if schedule == "default" else schedule, step_cache=step_cache,
-                )
+                out = pipe.run(request, callback, progress=False, step_cache=step_cache)
         finally:
             for h in handles:  # non-destructive: the loaded model is as it was
                 h.detach()
@@ -176,3 +158,18 @@ class VDITSampler:
         result = {k: v for k, v in latent.items() if k != "samples"}
         result["samples"] = out.to(comfy.intermediate_device())
         return (result,)
+
+
+def _frame_latents(name: str, pipe, image_latent: dict | None) -> torch.Tensor | None:
+    """The image_latent input in the family's scaling (VDIT VAE Encode's latents carry the VAE's
+    own), after checking the model takes it."""
+    if pipe.is_i2v and (image_latent is None or "vdit_vae" not in image_latent):
+        raise ValueError(f"{name} is an image-to-video model: connect the first frame's latent (from VDIT VAE Encode) to image_latent")
+    if image_latent is None:
+        return None
+    if not pipe.family.takes_image(pipe.config):
+        raise ValueError(f"{name} takes no image: disconnect image_latent (for video-to-video, connect the encoded clip to latent with denoise below 1)")
+    if "vdit_vae" not in image_latent:
+        raise ValueError("image_latent: connect the output of VDIT VAE Encode (it carries the VAE's scaling)")
+    info = image_latent["vdit_vae"]
+    return check_finite("the image latent", image_latent["samples"].float()) * (pipe.family.image_latent_scale(info) / info["scaling_factor"])

@@ -82,6 +82,34 @@ def test_text_to_video_graph_writes_video_and_matches_the_pipeline(models_dir):
     assert (frames - expected).abs().max() < 1e-5
 
 
+def test_the_sampler_node_and_the_pipeline_prepare_requests_in_one_place(models_dir, monkeypatch):
+    """Both build their request with Pipeline.prepare, once per run, and the node's progress total
+    comes from that request's sigmas (no second schedule computed for the bar)."""
+    from vdit_core.pipeline import Pipeline
+
+    prepared, sigmas, totals = [], [], []
+    prepare, schedule = Pipeline.prepare, Pipeline.sigmas
+    monkeypatch.setattr(Pipeline, "prepare", lambda self, **kw: prepared.append(prepare(self, **kw)) or prepared[-1])
+    monkeypatch.setattr(Pipeline, "sigmas", lambda self, *a, **kw: sigmas.append(schedule(self, *a, **kw)) or sigmas[-1])
+    progress = comfy.Progress
+    monkeypatch.setattr(comfy, "Progress", lambda total, **kw: totals.append(total) or progress(total, **kw))
+    model, vae, pos, neg, latent, kw = _graph(models_dir, steps=5, denoise=0.6)
+    NODES["VDITSampler"]().sample(model, pos, neg, NODES["VDITVAEEncode"]().encode(vae, torch.rand(9, 32, 48, 3), 8, "off", 0, 0)[0], **kw)
+    assert [r.mode for r in prepared] == ["video-to-video"] and len(sigmas) == 1 and totals == [len(prepared[0].sigmas) - 1] == [3]
+    pipe = load_pipeline(models_dir / "vdit" / "tiny-5b")
+    pipe(prompt="a red circle", num_frames=9, height=32, width=48, steps=2, progress=False)
+    assert [r.mode for r in prepared] == ["video-to-video", "text-to-video"] and len(sigmas) == 2
+
+
+def test_the_loader_node_and_load_pipeline_share_one_recipe(models_dir):
+    """The same option checks, with the same words, before anything loads."""
+    with pytest.raises(ValueError) as node_error:
+        NODES["VDITModelLoader"]().load("tiny-5b/", "default", "auto", compile=True, gpu_blocks=2)
+    with pytest.raises(ValueError) as lib_error:
+        load_pipeline(models_dir / "vdit" / "tiny-5b", device="cpu", compile=True, gpu_blocks=2)
+    assert str(node_error.value) == str(lib_error.value) and "cannot be combined" in str(lib_error.value)
+
+
 def test_batch_samples_are_independent_of_batch_size(models_dir):
     model, vae, pos, neg, _, kw = _graph(models_dir)
     two = NODES["VDITEmptyLatent"]().generate(model, 48, 32, 9, 2)[0]

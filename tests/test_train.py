@@ -229,15 +229,21 @@ def test_full_finetune_saves_loadable_transformer(model_dir, tmp_path):
     assert changed  # the weights moved, and the folder loads like the original
 
 
-def test_validation_videos_take_the_model_size(model_dir, tmp_path):
+def test_validation_videos_take_the_model_size(model_dir, tmp_path, monkeypatch):
     """No --frames/--height/--width: validation samples at the model's trained size (latent grid x
-    the VAE's spatial compression) and rank 0 writes one mp4 per prompt."""
+    the VAE's spatial compression) and rank 0 writes one mp4 per prompt; the request is prepared
+    by the pipeline's one function, as every generation is."""
+    from vdit_core.pipeline import Pipeline
     from vdit_core.video_io import read_video
 
+    prepared = []
+    prepare = Pipeline.prepare
+    monkeypatch.setattr(Pipeline, "prepare", lambda self, **kw: prepared.append(prepare(self, **kw)) or prepared[-1])
     data = make_data(tmp_path / "data", 2)
     out = tmp_path / "out"
     assert main(["--model", str(model_dir), "--data", str(data), "--output", str(out), "--steps", "1", "--lora-rank", "4",
                  "--validation-prompt", "a red square moving right", "--validation-steps", "2"]) == 0
+    assert [(r.mode, len(r.sigmas)) for r in prepared] == [("text-to-video", 3)]
     videos = sorted((out / "validation" / "step-0000001").glob("*.mp4"))
     assert len(videos) == 1
     frames, fps = read_video(videos[0])

@@ -68,6 +68,38 @@ def batch_conditioning(cond: dict, batch: int) -> dict:
     return {k: v.expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v for k, v in cond.items()}
 
 
+def frames_conditioning(family: families.Family, config, latents: torch.Tensor, latent_t: int) -> dict[str, torch.Tensor]:
+    """Conditioning on given frames for ``latent_t`` latent frames, from their latents [B, C, T', h, w]
+    (scaled by :meth:`Family.image_latent_scale`): a clip to continue for families that extend
+    videos (T' > 1), else the first frame."""
+    z = check_finite("the image latent", latents.float())
+    if z.shape[2] > 1 and family.extends_videos:
+        return family.video_conditioning(config, z, latent_t)
+    return family.image_conditioning(config, z[:, :, :1], latent_t)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A generation request made ready to sample by :meth:`Pipeline.prepare`: nothing is left to
+    decide or check. :meth:`Pipeline.run` samples it."""
+
+    mode: str  # "text-to-video", "image-to-video", "video extension" or "video-to-video" (images: one-frame videos)
+    shape: tuple[int, ...]  # the latents' [B, C, T, h, w], T padded as the transformer needs
+    keep: int  # latent frames the result keeps: the last ``keep`` (the family pads in front)
+    sampler: str  # a key of vdit_core.sampling.SAMPLERS
+    sigmas: torch.Tensor  # noise levels from the first step's to 0 (fewer than steps + 1 with denoise < 1)
+    guidance: float | Callable | None  # the CFG scale (a function of sigma for dynamic CFG); None: unguided
+    cond: dict[str, torch.Tensor]  # the transformer's inputs besides x and t, batched like the latents
+    uncond: dict[str, torch.Tensor] | None  # the unconditional branch's (None: unguided)
+    noise: torch.Tensor  # the initial noise [B, C, T, h, w]
+    noise_source: Callable | None  # more noise for stochastic samplers (None: the sampler's own)
+    init_latents: torch.Tensor | None = None  # video-to-video: the latents noised to sigmas[0] to start from
+
+    def crop(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampled latents without the family's padding frames in front."""
+        return latents[:, :, latents.shape[2] - self.keep :]
+
+
 @dataclass
 class Pipeline:
     """A diffusion transformer with its VAE, text encoder and noise schedule, driven by its family.
@@ -234,15 +266,20 @@ class Pipeline:
         """The run's noise stream, drawing latents in the reference layout."""
         return SeededNoise(seed, latent_shape, device=self.device, permute=self.family.noise_permute)
 
-    def encode_image(self, image, height: int, width: int, latent_t: int, noise: SeededNoise) -> dict[str, torch.Tensor]:
-        """Image-to-video conditioning from the first frame (a posterior sample of its latents)."""
+    def encode_first_frame(self, image, height: int, width: int, noise: SeededNoise) -> torch.Tensor:
+        """Latents [1, C, 1, h, w] of a first frame (a posterior sample), scaled as the family
+        conditions on them (:meth:`Family.image_latent_scale`)."""
         if self.vae is None:
             raise ValueError("image-to-video needs the VAE")
         pixels = frames_to_pixels(image_tensor(image), height, width).to(self.vae.device)
         s = self.spatial_scale
         post = noise.draw((1, self.vae.latent_channels, 1, height // s, width // s))
         z = self.vae.encode(pixels, sample=True, noise=post, scale=self.family.image_latent_scale(self.vae.info()))
-        return {k: v.to(self.device) for k, v in self.family.image_conditioning(self.config, z, latent_t).items()}
+        return z.to(self.device)
+
+    def encode_image(self, image, height: int, width: int, latent_t: int, noise: SeededNoise) -> dict[str, torch.Tensor]:
+        """Image-to-video conditioning from the first frame, for ``latent_t`` latent frames."""
+        return self.family.image_conditioning(self.config, self.encode_first_frame(image, height, width, noise), latent_t)
 
     def encode_video(self, video: torch.Tensor, height: int, width: int, noise: SeededNoise) -> torch.Tensor:
         """Video-to-video: sampled latents of frames [F, H, W, 3] in [0, 1]."""
@@ -277,71 +314,195 @@ class Pipeline:
             sigmas = sigmas[steps - kept :]
         return sigmas
 
-    def sample(
+    def prepare(
         self,
-        cond: dict[str, torch.Tensor],
-        uncond: dict[str, torch.Tensor] | None,
-        noise: torch.Tensor,
+        *,
+        prompt: str | None = None,
+        negative_prompt: str = "",
+        cond: dict[str, torch.Tensor] | None = None,
+        uncond: dict[str, torch.Tensor] | None = None,
+        conditioning: dict[str, torch.Tensor] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        noise_source: SeededNoise | Callable | None = None,
+        seed: int | None = None,
         steps: int | None = None,
         cfg: float | None = None,
         sampler: str | None = None,
-        noise_source: SeededNoise | Callable | None = None,
-        denoise: float = 1.0,
-        init_latents: torch.Tensor | None = None,
-        dynamic_cfg: bool = False,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
         spacing: str | None = None,
+        denoise: float = 1.0,
+        dynamic_cfg: bool = False,
+        image=None,
+        video: torch.Tensor | None = None,
+        frame_latents: torch.Tensor | None = None,
         fps: float | None = None,
-        step_cache: float = 0.0,
-    ) -> torch.Tensor:
-        """Latents [B, C, T, h, w] from standard-normal ``noise`` of that shape.
+        check_memory: bool = False,
+        options: dict | None = None,
+    ) -> Request:
+        """A generation request checked and made ready to sample: the one place where what a
+        caller asked becomes mode, shapes, sigmas, noise and conditioning. Everything is refused
+        before any encoding or sampling starts.
 
-        ``cond`` / ``uncond``: the positive and negative conditioning dicts (text states, masks,
-        image conditioning), batched like ``noise``. ``init_latents`` + ``denoise < 1``: start
-        from those latents noised to the level of the first kept step.
-        ``noise_source(sigma, sigma_next)`` feeds stochastic samplers. ``fps``: the frame rate
-        families that condition on it are told (default: the family's). ``step_cache`` > 0: skip
-        the transformer on steps whose input changed by less than that in total
-        (:mod:`vdit_core.step_cache`; 0: off).
+        The text comes as a ``prompt`` (+ ``negative_prompt``, encoded here with the family's
+        prompt ``options``) or as encoded ``cond`` / ``uncond`` dicts (``uncond`` None: no
+        guidance). ``conditioning``: extra transformer inputs for both branches. The size comes
+        from ``num_frames`` / ``height`` / ``width`` (None: the model's, or the input video's),
+        or from ``latents`` [B, C, T, h, w] (their shape; with ``denoise < 1`` also where to
+        start). Frames to condition on come as pixels (``image``: a first frame; ``video`` with
+        denoise 1: a clip to continue) or as ``frame_latents``; ``video`` with ``denoise < 1`` is
+        video-to-video (an ``image`` with ``denoise < 1`` on an image model, image-to-image).
+        ``noise`` replaces the first draw of the seeded noise; ``noise_source`` (else one from
+        ``seed``) feeds stochastic samplers. ``check_memory``: refuse what cannot fit in the
+        device's free memory.
         """
         steps = self.steps if steps is None else steps
         cfg = self.cfg if cfg is None else cfg
         sampler = sampler or self.sampler
-        check_request(steps=steps, cfg=cfg, denoise=denoise, step_cache=step_cache)
+        check_request(num_frames, height, width, steps, cfg, denoise)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
-        check_finite("noise", noise)
-        if init_latents is not None:
-            check_finite("the input latents", init_latents)
-        sigmas = self.sigmas(steps, denoise, spacing, sampler, latent_shape=tuple(noise.shape))
-        model = self.denoiser()
-        size = {k: v.to(self.device) for k, v in self.family.sample_conditioning(self.config, tuple(noise.shape), self.spatial_scale, fps).items()}
-        cond = {**size, **cond}  # what a caller passes wins
-        uncond = {**size, **uncond} if uncond is not None else None
+        if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps={fps!r}: must be a positive number (e.g. 24)")
+        if (prompt is None) == (cond is None):
+            raise ValueError("pass either a prompt or its encoded conditioning (cond)")
+        options = options or {}
+        self.family.check_options(options)
+        if noise is not None:
+            check_finite("noise", noise)
+        if latents is not None:
+            check_finite("the input latents", latents)
+
+        image, video, extend = self._frame_inputs(image, video, frame_latents, denoise)
+        if latents is not None:
+            shape, keep = tuple(latents.shape), latents.shape[2]
+        else:
+            num_frames, height, width = self._size(num_frames, height, width, video, extend)
+            keep, t_pad = self.latent_frames(num_frames)
+            if video is not None and not extend and t_pad != keep:
+                raise ValueError(f"video-to-video with {self.name} needs its {keep} latent frames to fill the transformer's "
+                                 f"temporal patches ({t_pad}); pick a frame count that gives {t_pad} latent frames")
+            shape = self.latent_shape(num_frames, height, width)
+            if check_memory:
+                self.check_memory(num_frames, height, width, guidance=cfg > 1.0)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        if denoise < 1.0 and video is None and latents is None:
+            raise ValueError("denoise < 1 needs an input `video` (video-to-video)")
+        sigmas = self.sigmas(steps, denoise, spacing, sampler, latent_shape=shape)
+        if noise_source is None and (seed is not None or noise is None or image is not None or video is not None):
+            noise_source = self.noise_source(seed or 0, shape)  # (given noise alone: stochastic samplers draw their own)
+
+        if prompt is not None:  # encoded after every check: nothing is refused after this work
+            cond = self.encode_prompt(prompt, **options)
+            uncond = self.family.negative_conditioning(self.text_encoder, negative_prompt, cond) if cfg > 1.0 else None
+        extra = {k: v.to(self.device) for k, v in (conditioning or {}).items()}
+        cond = {**cond, **extra}
+        uncond = {**uncond, **extra} if uncond is not None and cfg > 1.0 else None
+
+        # the noise stream is drawn in the reference's order: the frames' posteriors, then the noise
+        if image is not None:
+            frame_latents = self.encode_first_frame(image, height, width, noise_source)
+        elif extend:
+            frame_latents = self.encode_video(video, height, width, noise_source)
+        init = latents.to(self.device) if latents is not None and denoise < 1.0 else None
+        if video is not None and not extend:
+            init = self.encode_video(video, height, width, noise_source)
+        if noise is None:
+            noise = noise_source()
+
+        # precedence: the family's size inputs, then what the caller passed, then the frames'
+        size = self.family.sample_conditioning(self.config, shape, self.spatial_scale, fps)
+        frames = frames_conditioning(self.family, self.config, frame_latents, shape[2]) if frame_latents is not None else {}
+        on_device = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
+        cond = batch_conditioning(on_device({**size, **cond, **frames}), shape[0])
+        if uncond is not None:
+            uncond = batch_conditioning(on_device({**size, **uncond, **frames}), shape[0])
         cond, uncond = self.family.pair_conditioning(cond, uncond)
-        if denoise < 1.0:
-            if init_latents is None:
-                raise ValueError("denoise < 1 needs latents to start from (an input video)")
-            if len(sigmas) < 2:
-                return init_latents
-            x = model.noise_form.add_noise(init_latents.float(), noise.float(), float(sigmas[0]))
+        guidance = self.family.guidance_scale(cfg, steps, self.schedule, dynamic_cfg) if cfg > 1.0 and uncond is not None else None
+        if init is not None:
+            mode = "video-to-video"
+        elif frame_latents is not None:
+            mode = "video extension" if frame_latents.shape[2] > 1 and self.family.extends_videos else "image-to-video"
         else:
-            x = model.prior(noise.float(), float(sigmas[0]))  # as the reference pipelines start
-        if cfg > 1.0 and uncond is not None:
-            scale = self.family.guidance_scale(cfg, steps, self.schedule, dynamic_cfg)
-            model = CFGDenoiser(model, scale) if self.parallel is None else self.parallel.guidance(model, scale)
-            extra = {"cond": cond, "uncond": uncond}
+            mode = "text-to-video"
+        return Request(mode=mode, shape=shape, keep=keep, sampler=sampler, sigmas=sigmas, guidance=guidance, cond=cond, uncond=uncond,
+                       noise=noise.to(self.device), noise_source=noise_source, init_latents=init)
+
+    def _frame_inputs(self, image, video, frame_latents, denoise: float):
+        """(image, video, extend) after checking what frames were given (pixels or latents)
+        against the model: an image with denoise < 1 on an image model becomes a one-frame video
+        (image-to-image)."""
+        if image is not None and not self.is_i2v and denoise < 1.0 and video is None:
+            image, video = None, image_tensor(image)
+        extend = video is not None and denoise >= 1.0
+        if video is not None:
+            check_finite("the input video", video)
+        if image is not None:
+            image = check_finite("the input image", image_tensor(image))
+        if extend and not self.family.extends_videos:
+            raise ValueError(f"{self.name} takes a video only for video-to-video: pass denoise < 1 (e.g. 0.7)")
+        if self.is_i2v and image is None and frame_latents is None:
+            raise ValueError(f"{self.name} is an image-to-video model: pass `image` (the first frame)")
+        if (image is not None or frame_latents is not None) and not self.family.takes_image(self.config):
+            raise ValueError(f"{self.name} is a text-to-video model; `image` needs an image-to-video model")
+        if image is not None and extend:
+            raise ValueError("pass `image` (a first frame) or `video` (a clip to continue), not both")
+        return image, video, extend
+
+    def _size(self, num_frames, height, width, video, extend: bool) -> tuple[int, int, int]:
+        """(frames, height, width) of the request: as asked, else the input video's, else the
+        model's; checked against the model's rules."""
+        if video is not None:
+            height = video.shape[1] if height is None else height
+            width = video.shape[2] if width is None else width
+            if not extend:
+                num_frames = video.shape[0] if num_frames is None else num_frames
+                if video.shape[0] != num_frames:
+                    raise ValueError(f"video has {video.shape[0]} frames but num_frames={num_frames}")
+        f0, h0, w0 = self.default_size
+        size = (f0 if num_frames is None else num_frames, h0 if height is None else height, w0 if width is None else width)
+        self.check_size(*size)
+        return size
+
+    def run(self, request: Request, callback: Callable[[dict], None] | None = None, progress: bool = True,
+            step_cache: float = 0.0) -> torch.Tensor:
+        """Sample a prepared request: latents [B, C, T, h, w] (T padded as the transformer needs;
+        ``request.crop`` drops the padding). ``step_cache`` > 0: skip the transformer on steps whose
+        input changed by less than that in total (:mod:`vdit_core.step_cache`; 0: off)."""
+        check_request(step_cache=step_cache)
+        r, model = request, self.denoiser()
+        if r.init_latents is not None:
+            if len(r.sigmas) < 2:
+                return r.init_latents
+            x = model.noise_form.add_noise(r.init_latents.float(), r.noise.float(), float(r.sigmas[0]))
         else:
-            extra = cond
-        kwargs = {}
-        if sampler in STOCHASTIC_SAMPLERS and noise_source is not None:
-            kwargs["noise_sampler"] = noise_source
+            x = model.prior(r.noise.float(), float(r.sigmas[0]))  # as the reference pipelines start
+        extra = r.cond
+        if r.guidance is not None:
+            model = CFGDenoiser(model, r.guidance) if self.parallel is None else self.parallel.guidance(model, r.guidance)
+            extra = {"cond": r.cond, "uncond": r.uncond}
+        kwargs = {"noise_sampler": r.noise_source} if r.sampler in STOCHASTIC_SAMPLERS and r.noise_source is not None else {}
         self.transformer.step_cache = StepCache(step_cache) if step_cache > 0 else None
         try:
-            return SAMPLERS[sampler](model, x, sigmas, extra_args=extra, callback=callback, disable=not progress, **kwargs)
+            return SAMPLERS[r.sampler](model, x, r.sigmas, extra_args=extra, callback=callback, disable=not progress, **kwargs)
         finally:  # what it skipped stays readable (last_step_cache); the model forgets it
             self.last_step_cache, self.transformer.step_cache = self.transformer.step_cache, None
+
+    def sample(self, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor] | None, noise: torch.Tensor, *,
+               init_latents: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None, progress: bool = True,
+               step_cache: float = 0.0, **request) -> torch.Tensor:
+        """Latents [B, C, T, h, w] from standard-normal ``noise`` of that shape, for encoded
+        ``cond`` / ``uncond`` batched like it: :meth:`prepare` (``request``: its ``steps``,
+        ``cfg``, ``sampler``, ``spacing``, ``denoise``, ``noise_source``, ``dynamic_cfg``,
+        ``fps``, ``frame_latents``), then :meth:`run`. ``init_latents`` + ``denoise < 1``: start
+        from those latents noised to the level of the first kept step."""
+        if request.get("denoise", 1.0) < 1.0 and init_latents is None:
+            raise ValueError("denoise < 1 needs latents to start from (an input video)")
+        prepared = self.prepare(cond=cond, uncond=uncond, noise=noise, latents=init_latents if init_latents is not None else noise, **request)
+        return self.run(prepared, callback, progress, step_cache)
 
     def decode(self, latents: torch.Tensor, **vae_kwargs) -> torch.Tensor:
         """Latents [1, C, T, h, w] -> frames [F, H, W, 3] in [0, 1] (float32, CPU). Without a
@@ -389,81 +550,22 @@ class Pipeline:
         ``image``: the first frame for image-to-video models (IMAGE tensor or PIL image).
         ``video`` [F, H, W, 3] + ``denoise < 1``: video-to-video (for image models, ``image`` +
         ``denoise < 1`` is image-to-image); ``video`` with ``denoise`` 1, for families that extend
-        videos (Open-Sora): the new clip continues the video's last frames. ``noise`` [1, C, T, h, w] replaces the seeded initial
-        noise (T padded as the family's transformer needs). ``conditioning``: extra inputs of the
-        transformer for both CFG branches (HunyuanDiT v1.1: ``image_meta_size``, ``style``). A request that cannot fit in the device's free memory is refused before anything is
-        allocated (``check_memory=False`` tries anyway). ``fps``: the frame rate families that
-        condition on it are told (Open-Sora; default 24). ``step_cache``: see :meth:`sample`. ``options``: the family's prompt
-        options (Open-Sora: ``aesthetic_score=6.5``, None to leave it out; ``motion_score``).
+        videos (Open-Sora): the new clip continues the video's last frames. ``noise`` [1, C, T, h, w]
+        replaces the seeded initial noise (T padded as the family's transformer needs).
+        ``conditioning``: extra inputs of the transformer for both CFG branches (HunyuanDiT v1.1:
+        ``image_meta_size``, ``style``). A request that cannot fit in the device's free memory is
+        refused before anything is allocated (``check_memory=False`` tries anyway). ``fps``: the
+        frame rate families that condition on it are told (Open-Sora). ``step_cache``: see
+        :meth:`run`. ``options``: the family's prompt options (Open-Sora: ``aesthetic_score=6.5``,
+        None to leave it out; ``motion_score``). See :meth:`prepare` for how the request is read.
         """
-        check_request(num_frames, height, width, steps, cfg, denoise, step_cache)
-        self.family.check_options(options)  # before any work
-        if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps={fps!r}: must be a positive number (e.g. 24)")
-        extend = video is not None and denoise >= 1.0
-        f0, h0, w0 = self.default_size
-        if image is not None and not self.is_i2v and denoise < 1.0 and video is None:
-            video = image_tensor(image)  # image-to-image: the image is a one-frame video
-            image = None
-        if extend:
-            check_finite("the input video", video)
-            height = video.shape[1] if height is None else height
-            width = video.shape[2] if width is None else width
-            if not self.family.extends_videos:
-                raise ValueError(f"{self.name} takes a video only for video-to-video: pass denoise < 1 (e.g. 0.7)")
-        elif video is not None:
-            check_finite("the input video", video)
-            num_frames = video.shape[0] if num_frames is None else num_frames
-            height = video.shape[1] if height is None else height
-            width = video.shape[2] if width is None else width
-            if video.shape[0] != num_frames:
-                raise ValueError(f"video has {video.shape[0]} frames but num_frames={num_frames}")
-        num_frames = f0 if num_frames is None else num_frames
-        height, width = (h0 if height is None else height), (w0 if width is None else width)
-        self.check_size(num_frames, height, width)
-        if image is not None:
-            image = check_finite("the input image", image_tensor(image))
-        if self.is_i2v and image is None:
-            raise ValueError(f"{self.name} is an image-to-video model: pass `image` (the first frame)")
-        if image is not None and not self.family.takes_image(self.config):
-            raise ValueError(f"{self.name} is a text-to-video model; `image` needs an image-to-video model")
-        if image is not None and extend:
-            raise ValueError("pass `image` (a first frame) or `video` (a clip to continue), not both")
-        if denoise < 1.0 and video is None:
-            raise ValueError("denoise < 1 needs an input `video` (video-to-video)")
-        t, t_pad = self.latent_frames(num_frames)
-        if video is not None and not extend and t_pad != t:
-            raise ValueError(f"video-to-video with {self.name} needs its {t} latent frames to fill the transformer's "
-                             f"temporal patches ({t_pad}); pick a frame count that gives {t_pad} latent frames")
-        shape = self.latent_shape(num_frames, height, width)
-        cfg_ = self.cfg if cfg is None else cfg
-        if check_memory:
-            self.check_memory(num_frames, height, width, guidance=cfg_ > 1.0)
-        if noise is not None:
-            check_finite("noise", noise)
-        source = self.noise_source(seed, shape)
-
-        extra = {k: v.to(self.device) for k, v in (conditioning or {}).items()}
-        cond = {**self.encode_prompt(prompt, **options), **extra}
-        uncond = {**self.family.negative_conditioning(self.text_encoder, negative_prompt, cond), **extra} if cfg_ > 1.0 else None
-        frame_cond = {}
-        if image is not None:
-            frame_cond = self.encode_image(image, height, width, t_pad, source)
-        elif extend:
-            frame_cond = self.family.video_conditioning(self.config, self.encode_video(video, height, width, source), t_pad)
-        if frame_cond:
-            cond = {**cond, **frame_cond}
-            uncond = {**uncond, **frame_cond} if uncond is not None else None
-        init = self.encode_video(video, height, width, source) if video is not None and not extend else None
-        if noise is None:
-            noise = source()
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape} for {num_frames}x{height}x{width}, got {tuple(noise.shape)}")
-        latents = self.sample(
-            cond, uncond, noise.to(self.device), steps, cfg_, sampler, source, denoise, init, dynamic_cfg, callback, progress, fps=fps,
-            step_cache=step_cache,
+        check_request(step_cache=step_cache)
+        request = self.prepare(
+            prompt=prompt, negative_prompt=negative_prompt, conditioning=conditioning, num_frames=num_frames, height=height,
+            width=width, noise=noise, seed=seed, steps=steps, cfg=cfg, sampler=sampler, denoise=denoise, dynamic_cfg=dynamic_cfg,
+            image=image, video=video, fps=fps, check_memory=check_memory, options=options,
         )
-        latents = latents[:, :, t_pad - t :]  # drop the padding frame(s) the family adds in front, as the reference
+        latents = request.crop(self.run(request, callback, progress, step_cache))  # the family's front padding dropped, as the reference
         if not decode:
             return latents
         return self.decode(latents, **({"tiling": vae_tiling} if vae_tiling is not None else {}))
@@ -517,6 +619,41 @@ def compile_blocks(transformer: nn.Module, family: families.Family | None = None
         block.compile()
 
 
+def check_transformer_options(device: str | torch.device, dtype: torch.dtype | None = None, attention: str | None = None,
+                              compile: bool = False, fp8: bool = False, gpu_blocks: int | None = None) -> None:
+    """Refuse transformer options that cannot work on ``device`` before anything loads: an
+    attention backend that cannot run (checked when the dtype is known), compile without a code
+    generator, float8 where it is not supported, compile with block swap."""
+    if compile and gpu_blocks is not None:
+        raise ValueError("compile and gpu_blocks (block swap) cannot be combined yet: turn compile off, or leave gpu_blocks unset")
+    if attention and dtype is not None:
+        resolve_backend(attention, device, dtype)
+    if compile:
+        check_compiler(device)
+    if fp8:
+        check_fp8(device)
+
+
+def setup_transformer(family: families.Family, path: Path, device: str | torch.device, dtype: torch.dtype | None,
+                      attention: str | None = None, compile: bool = False, fp8: bool = False, gpu_blocks: int | None = None) -> nn.Module:
+    """A family's transformer as every loader sets it up (:func:`check_transformer_options` first):
+    weights loaded in ``dtype`` (None: the file's), the blocks' linear layers in float8 with
+    ``fp8``, on ``device``, or with ``gpu_blocks`` blocks there and the rest streamed from CPU
+    memory (:mod:`vdit_core.offload`), ``attention`` as its backend, blocks compiled with ``compile``."""
+    staged = fp8 or gpu_blocks is not None  # loaded in CPU memory first, so the device never holds what it should not
+    transformer = family.load_transformer(path, dtype=dtype, device="cpu" if staged else device)
+    if fp8:
+        quantize(transformer, family.blocks(transformer))
+    if gpu_blocks is not None:
+        transformer.block_swap = BlockSwap(transformer, family.blocks(transformer), device, gpu_blocks)
+    elif staged:
+        transformer.to(device)
+    transformer.set_attention_backend(attention)
+    if compile:
+        compile_blocks(transformer, family)
+    return transformer
+
+
 def load_pipeline(
     path: str | Path,
     device: str | torch.device | None = None,
@@ -545,15 +682,8 @@ def load_pipeline(
     path = Path(path)
     device = check_device(device or _default_device())
     dtype = parse_dtype(dtype)
-    if attention:
-        resolve_backend(attention, device, dtype)  # an unknown or unusable backend is refused before loading
-    if compile:
-        check_compiler(device)
-    if fp8:
-        check_fp8(device)
+    check_transformer_options(device, dtype, attention, compile, fp8, gpu_blocks)
     check_block_swap(device, gpu_blocks)
-    if compile and gpu_blocks is not None:
-        raise ValueError("compile and gpu_blocks (block swap) cannot be combined yet; choose one")
     if not path.is_dir():
         raise CheckpointError(
             f"{path}: load_pipeline needs a model folder (model_index.json, transformer/, vae/, ...); "
@@ -563,20 +693,8 @@ def load_pipeline(
     if transformer is not None and not Path(transformer).is_dir() and families.for_file(transformer, "transformer") is not family:
         raise CheckpointError(f"{transformer}: a {families.for_file(transformer, 'transformer').label} transformer cannot run in "
                               f"{path}, a {family.label} model folder")
-    # fp8 / block swap: loaded in CPU memory first, so the device never holds what it should not
-    staged = fp8 or gpu_blocks is not None
-    transformer = family.load_transformer(Path(transformer) if transformer is not None else path / "transformer", dtype=dtype,
-                                          device="cpu" if staged else device)
-    if fp8:
-        quantize(transformer, family.blocks(transformer))
-    if gpu_blocks is not None:
-        transformer.block_swap = BlockSwap(transformer, family.blocks(transformer), device, gpu_blocks)
-    elif staged:
-        transformer.to(device)
-    if attention:
-        transformer.set_attention_backend(attention)
-    if compile:
-        compile_blocks(transformer, family)
+    transformer = setup_transformer(family, Path(transformer) if transformer is not None else path / "transformer", device, dtype,
+                                    attention, compile, fp8, gpu_blocks)
     vae = family.load_vae(path / "vae", dtype=parse_dtype(vae_dtype, dtype), device=device)
     text_encoder = family.load_text_encoder(path, dtype=parse_dtype(text_encoder_dtype, dtype), device=device)
     name = families.folder_defaults(path)[2].get("name", path.name)

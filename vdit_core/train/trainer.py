@@ -33,7 +33,7 @@ from ..checkpoint import CheckpointError, parse_dtype, read_json
 from ..families import Family
 from ..lora import LoRASet, inject_lora, save_lora
 from ..attention import AttentionBackendError
-from ..pipeline import Pipeline, check_device, network_call
+from ..pipeline import Pipeline, check_device, frames_conditioning, network_call
 from ..schedules import FlowSchedule
 from ..timesteps import logit_normal_sigmas, stratified_timesteps, uniform_timesteps
 from ..vae.common import sample_posterior
@@ -484,7 +484,7 @@ class BatchMaker:
             if "image_moments" in tensors:
                 img = sample_posterior(tensors["image_moments_flip" if flip else "image_moments"], dim=0, generator=g)
                 img = img * family.image_latent_scale(self.vae_info)
-                cond.update({k_: v[0] for k_, v in family.image_conditioning(mcfg, img[None], x0.shape[1]).items()})
+                cond.update({k_: v[0] for k_, v in frames_conditioning(family, mcfg, img[None], x0.shape[1]).items()})
             cond.update({k_: v[0].to(self.device) for k_, v in family.sample_conditioning(mcfg, (1, *x0.shape), self.spatial_scale).items()})
             conds.append(cond)
         t = t_all[lo:hi]
@@ -722,15 +722,15 @@ def _validate(cfg, step, m: Model, cache, device, mp_dtype, strategy) -> None:
     pipe = Pipeline(transformer=transformer, vae=None, text_encoder=None, family=m.family, **m.defaults)
     f0, h0, w0 = pipe.default_size
     frames, h, w = cfg.frames or f0, cfg.height or h0, cfg.width or w0
-    t, t_pad = pipe.latent_frames(frames)
     results = {}
     empty = {k: v.to(device)[None] for k, v in cache.text("").items()}
     for i in mine:
-        source = pipe.noise_source(cfg.seed + i, pipe.latent_shape(frames, h, w))
         cond = {k: v.to(device)[None] for k, v in cache.text(prompts[i]).items()}
+        request = pipe.prepare(cond=cond, uncond=empty, num_frames=frames, height=h, width=w, seed=cfg.seed + i,
+                               steps=cfg.validation_steps, cfg=cfg.validation_cfg)
         with _autocast(device, mp_dtype):
-            lat = pipe.sample(cond, empty, source(), steps=cfg.validation_steps, cfg=cfg.validation_cfg, noise_source=source, progress=False)
-        results[i] = lat[:, :, t_pad - t :].cpu()
+            lat = pipe.run(request, progress=False)
+        results[i] = request.crop(lat).cpu()
     if world > 1 and strategy != "fsdp":
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
