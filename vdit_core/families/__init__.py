@@ -265,11 +265,6 @@ class Family:
         raise ValueError(f"{self.label} models take a video only for video-to-video (denoise < 1)")
 
     # -- training --------------------------------------------------------------------------------
-    def lora_modules(self, name: str) -> list[str]:
-        """For a LoRA module name of an official layout that is not one of ours: our module it
-        adapts, or, for a fused projection, ours in the order of its output rows ([]: unknown)."""
-        return []
-
     def blocks(self, transformer: nn.Module) -> Iterable[nn.Module]:
         """The transformer blocks, in the order they run (FSDP's units; block swap streams them in
         this order)."""

@@ -41,7 +41,7 @@ NAMED_RESOLUTIONS = {
     "720p 16:9": (1280, 720), "720p 9:16": (720, 1280), "720p 1:1": (960, 960), "720p 4:3": (1104, 832), "720p 3:4": (832, 1104),
 }
 DURATIONS = {"image": 1, "2s": 51, "4s": 102, "8s": 204, "16s": 408}  # the release's NUM_FRAMES_MAP
-LORA_TARGETS = r"(spatial|temporal)_blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|mlp\.fc[12])"
+LORA_TARGETS = model.STDiT3.lora_targets  # the transformer's own default
 
 
 def shift_frames(num_frames: int) -> int:
