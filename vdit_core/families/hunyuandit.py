@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError
+from ..detect import Signature
 from ..models import hunyuan_dit as model
 from ..prediction import VPrediction
 from ..schedules import DiscreteSchedule, DiscreteScheduleConfig
 from ..text import load_dual, load_dual_checkpoint
 from ..vae import kl2d
-from . import Family, Signature, folder_defaults, multiple_problem, register
+from .base import Family, multiple_problem
+from .folder import folder_defaults
+from .registry import register
 
 # (width, height) of the released training resolutions
 RESOLUTIONS = ((1024, 1024), (1280, 1280), (1024, 768), (1152, 864), (1280, 960), (768, 1024), (864, 1152), (960, 1280),

@@ -22,11 +22,15 @@ import math
 import torch
 
 from ..checkpoint import read_json
+from ..detect import Signature
 from ..models import opensora as model
 from ..prediction import FlowPrediction
 from ..schedules import FlowSchedule, time_shift
+from ..text import load_t5_encoder
 from ..vae import opensora_vae as vae
-from . import Family, Signature, folder_defaults, load_t5_encoder, multiple_problem, register
+from .base import Family, multiple_problem
+from .folder import folder_defaults
+from .registry import register
 
 TEXT_LENGTH = 300
 DEFAULT_FPS = 24
