@@ -236,3 +236,21 @@ def test_the_generic_layers_import_no_family_module():
     pattern = re.compile(r"^\s*(from|import)\s+\S*(models\.|vae\.cogvideox|families\.cogvideox|families import cogvideox)", re.M)
     offenders = [str(p.relative_to(ROOT)) for p in paths if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_a_family_registers_its_file_signatures_and_takes_them_away():
+    """Detection (vdit_core.detect, which the loaders read) knows a family's files from its
+    registration to its unregistration."""
+    from vdit_core.checkpoint import describe
+
+    probe = type("Probe", (families.Family,), {"name": "probe", "label": "Probe",
+                                                "signatures": (families.Signature("a Probe transformer", lambda k: "probe_in.weight" in k, "probe", "transformer"),)})()
+    keys = {"probe_in.weight"}
+    assert describe(keys).startswith("an unrecognised state dict")
+    families.register(probe)
+    try:
+        assert describe(keys) == families.describe(keys) == "a Probe transformer"
+        assert families.detect(keys).family == "probe" and families.signatures()[-len(families.OTHER_SIGNATURES) - 1].label == "a Probe transformer"
+    finally:
+        families.unregister("probe")
+    assert describe(keys).startswith("an unrecognised state dict") and "probe" not in families.FAMILIES

@@ -40,5 +40,8 @@ def __getattr__(name: str):
         import importlib
 
         module, attr = _LAZY[name]
+        # the families register their file signatures (vdit_core.detect), so that a loader's error
+        # names what a wrong file looks like
+        importlib.import_module(".families", __name__)
         return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'vdit_core' has no attribute {name!r}")

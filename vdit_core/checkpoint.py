@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import fp8
+from .detect import describe  # what a state dict looks like, for the errors (the loaders import it from here)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -212,16 +213,6 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: missing") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# what a state dict looks like (for error messages and dispatch)
-
-def describe(keys: Iterable[str]) -> str:
-    """What a state dict looks like, in words (the families' one detection table)."""
-    from .families import describe as describe_keys
-
-    return describe_keys(keys)
 
 
 # ----------------------------------------------------------------------------------------------

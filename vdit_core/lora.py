@@ -123,11 +123,11 @@ def inject_lora(
     dtype: torch.dtype = torch.float32,
 ) -> LoRASet:
     """Fresh trainable adapters (B = 0) on every Linear whose name matches ``targets`` (default:
-    the model family's, e.g. attention and FFN of every block), attached."""
+    the transformer class's ``lora_targets``, e.g. attention and FFN of every block), attached."""
     if not targets:
-        from .families import for_transformer
-
-        targets = for_transformer(model).lora_targets
+        targets = getattr(model, "lora_targets", "")
+        if not targets:
+            raise ValueError(f"{type(model).__name__} names no default LoRA targets; pass targets= (a regex over its Linear module names)")
     pattern = re.compile(targets)
     adapters = {}
     for name, module in model.named_modules():
@@ -234,7 +234,7 @@ def read_lora(path: str | Path, model: nn.Module) -> tuple[dict[str, tuple[torch
     if not pairs:
         raise CheckpointError(f"{path}: expected a LoRA, but this looks like {describe(sd.keys())}")
 
-    split_map = _family_split(model)
+    split_map = _official_names(model)
     out, unmatched = {}, []
     for raw_name, parts in pairs.items():
         name = _resolve(raw_name, linears, kohya)
@@ -296,15 +296,11 @@ def _strip_prefix(raw: str) -> str:
     return raw
 
 
-def _family_split(model: nn.Module):
-    """The model family's map from an official module name (a fused projection, say) to
-    [(our module, rows)], or a map that knows nothing for models of no family."""
-    from .families import for_transformer
-
-    try:
-        return for_transformer(model).lora_modules
-    except ValueError:
-        return lambda name: []
+def _official_names(model: nn.Module):
+    """The model's map from a module name of its official layout (a fused projection, say) to
+    our modules in the order of its output rows (``lora_modules`` of the transformer class), or a
+    map that knows nothing for models without one."""
+    return getattr(model, "lora_modules", None) or (lambda name: [])
 
 
 def _resolve(raw: str, linears: dict, kohya: dict) -> str | None:

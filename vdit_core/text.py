@@ -157,6 +157,18 @@ def load_t5(
     return T5TextEncoder(load_t5_model(text_encoder, dtype, device), load_tokenizer(tokenizer), max_length)
 
 
+def load_t5_encoder(path: Path, dtype, device, tokenizer: Path | None, length: int):
+    """A T5 encoder of ``length`` tokens from a model folder (``tokenizer`` None: its
+    ``text_encoder/`` and ``tokenizer/``) or a weight file + tokenizer folder (a folder of
+    tokenizers, ComfyUI's, gives its ``t5_tokenizer``)."""
+    path = Path(path)
+    if tokenizer is None:
+        return load_t5(path / "text_encoder", path / "tokenizer", dtype=dtype, device=device, max_length=length)
+    if (Path(tokenizer) / "t5_tokenizer").is_dir():
+        tokenizer = Path(tokenizer) / "t5_tokenizer"
+    return load_t5(path, tokenizer, dtype=dtype, device=device, max_length=length)
+
+
 # ----------------------------------------------------------------------------------------------
 # HunyuanDiT: a bilingual CLIP (a BERT) and mT5, each with its attention mask
 

@@ -15,15 +15,19 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import CheckpointError, read_json
+from ..detect import Signature
 from ..guidance import cogvideox_dynamic_cfg
 from ..models import cogvideox as model
 from ..prediction import VPrediction
 from ..schedules import DiscreteSchedule, DiscreteScheduleConfig
+from ..text import load_t5_encoder
 from ..vae import cogvideox_vae as vae
-from . import Family, Signature, folder_defaults, load_t5_encoder, multiple_problem, neighbours, register
+from .base import Family, multiple_problem, neighbours
+from .folder import folder_defaults
+from .registry import register
 
 TEXT_LENGTH = 226  # T5 tokens of every release
-LORA_TARGETS = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"  # attention q/k/v/out, FFN
+LORA_TARGETS = model.CogVideoXTransformer.lora_targets  # the transformer's own default (attention q/k/v/out, FFN)
 
 
 def release_schedule(config: model.CogVideoXConfig) -> DiscreteScheduleConfig:

@@ -13,24 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import CheckpointError
+from ..detect import Signature
 from ..models import hunyuan_dit as model
 from ..prediction import VPrediction
 from ..schedules import DiscreteSchedule, DiscreteScheduleConfig
 from ..text import load_dual, load_dual_checkpoint
 from ..vae import kl2d
-from . import Family, Signature, folder_defaults, multiple_problem, register
+from .base import Family, multiple_problem
+from .folder import folder_defaults
+from .registry import register
 
 # (width, height) of the released training resolutions
 RESOLUTIONS = ((1024, 1024), (1280, 1280), (1024, 768), (1152, 864), (1280, 960), (768, 1024), (864, 1152), (960, 1280),
                (1280, 768), (768, 1280))
 SAMPLER_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace_round"}  # hydit/constants.py's SAMPLER_FACTORY
-LORA_TARGETS = r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+LORA_TARGETS = model.HunyuanDiT.lora_targets  # the transformer's own default
 
 
 def release_schedule(config: model.HunyuanDiTConfig) -> DiscreteScheduleConfig:
@@ -149,17 +151,6 @@ class HunyuanDiT(Family):
 
     def vae_info(self, vae_config):
         return {"scaling_factor": kl2d.KL2DConfig.from_diffusers(vae_config).scaling_factor}
-
-    def lora_modules(self, name):
-        """Tencent's LoRAs adapt the original modules: the fused ``Wqkv`` and ``kv_proj`` feed our
-        split projections (rows in q, k, v order), the others are renamed."""
-        m = re.fullmatch(r"blocks\.(\d+)\.attn([12])\.(Wqkv|kv_proj)", name)
-        if m:
-            return [f"blocks.{m[1]}.attn{m[2]}.to_{x}" for x in ("qkv" if m[3] == "Wqkv" else "kv")]
-        if name.startswith("final_layer.adaLN"):  # (its rows are reordered, not renamed; no LoRA adapts it)
-            return []
-        target = next(iter(model.convert_original({name + ".weight": torch.zeros(0)}))).removesuffix(".weight")
-        return [target] if target != name else []
 
     def blocks(self, transformer):
         return transformer.blocks

@@ -22,11 +22,15 @@ import math
 import torch
 
 from ..checkpoint import read_json
+from ..detect import Signature
 from ..models import opensora as model
 from ..prediction import FlowPrediction
 from ..schedules import FlowSchedule, time_shift
+from ..text import load_t5_encoder
 from ..vae import opensora_vae as vae
-from . import Family, Signature, folder_defaults, load_t5_encoder, multiple_problem, register
+from .base import Family, multiple_problem
+from .folder import folder_defaults
+from .registry import register
 
 TEXT_LENGTH = 300
 DEFAULT_FPS = 24
@@ -41,7 +45,7 @@ NAMED_RESOLUTIONS = {
     "720p 16:9": (1280, 720), "720p 9:16": (720, 1280), "720p 1:1": (960, 960), "720p 4:3": (1104, 832), "720p 3:4": (832, 1104),
 }
 DURATIONS = {"image": 1, "2s": 51, "4s": 102, "8s": 204, "16s": 408}  # the release's NUM_FRAMES_MAP
-LORA_TARGETS = r"(spatial|temporal)_blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|mlp\.fc[12])"
+LORA_TARGETS = model.STDiT3.lora_targets  # the transformer's own default
 
 
 def shift_frames(num_frames: int) -> int:

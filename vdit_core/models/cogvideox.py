@@ -219,6 +219,9 @@ class CogVideoXTransformer(nn.Module):
     along channels). Returns the v-prediction [B, out_channels, T, H, W].
     """
 
+    # the Linears a LoRA adapts by default (a regex over module names): attention q/k/v/out, FFN
+    lora_targets = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
     def __init__(self, config: CogVideoXConfig):
         super().__init__()
         self.config = config
@@ -244,17 +247,6 @@ class CogVideoXTransformer(nn.Module):
         self.parallel = sp
         for block in self.transformer_blocks:
             block.attn1.parallel = sp
-
-    def load_lora(self, path, strength: float = 1.0):
-        """Attach a LoRA file (ours, ComfyUI, diffusers/PEFT or kohya keys); returns its handle."""
-        from ..lora import load_lora
-
-        return load_lora(self, path, strength)
-
-    def unload_loras(self) -> None:
-        from ..lora import unload_loras
-
-        unload_loras(self)
 
     def set_attention_backend(self, backend: str | None) -> None:
         """Use one attention backend for every block (None: automatic)."""

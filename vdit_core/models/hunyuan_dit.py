@@ -257,6 +257,9 @@ class HunyuanDiT(nn.Module):
     [B, 8, 1, H, W]: the v-prediction in the first 4 channels, the variance range in the rest.
     """
 
+    # the Linears a LoRA adapts by default (a regex over module names): attention q/k/v/out, FFN
+    lora_targets = r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
     def __init__(self, config: HunyuanDiTConfig):
         super().__init__()
         self.config = cfg = config
@@ -289,6 +292,17 @@ class HunyuanDiT(nn.Module):
         self.parallel = sp
         for block in self.blocks:
             block.attn1.parallel = sp
+
+    def lora_modules(self, name: str) -> list[str]:
+        """Tencent's LoRAs adapt the original modules: the fused ``Wqkv`` and ``kv_proj`` feed our
+        split projections (rows in q, k, v order), the others are renamed."""
+        m = re.fullmatch(r"blocks\.(\d+)\.attn([12])\.(Wqkv|kv_proj)", name)
+        if m:
+            return [f"blocks.{m[1]}.attn{m[2]}.to_{x}" for x in ("qkv" if m[3] == "Wqkv" else "kv")]
+        if name.startswith("final_layer.adaLN"):  # (its rows are reordered, not renamed; no LoRA adapts it)
+            return []
+        target = next(iter(convert_original({name + ".weight": torch.zeros(0)}))).removesuffix(".weight")
+        return [target] if target != name else []
 
     def default_meta(self, batch: int, h: int, w: int, device) -> torch.Tensor:
         """v1.1's image-size conditioning for a latent grid, as Tencent's inference builds it:

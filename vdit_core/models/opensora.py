@@ -282,6 +282,10 @@ class STDiT3(nn.Module):
     the first 4 channels.
     """
 
+    # the Linears a LoRA adapts by default (a regex over module names): self-attention qkv/out,
+    # cross-attention q/kv/out, MLP, in the spatial and the temporal blocks
+    lora_targets = r"(spatial|temporal)_blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q_linear|kv_linear|proj)|mlp\.fc[12])"
+
     def __init__(self, config: STDiT3Config):
         super().__init__()
         self.config = cfg = config
