@@ -29,6 +29,7 @@ from .attention import resolve_backend
 from .checkpoint import CheckpointError, parse_dtype
 from .fp8 import check_support as check_fp8, compute_dtype, quantize
 from .guidance import CFGDenoiser
+from .lora import load_lora, unload_loras
 from .offload import BlockSwap, check_block_swap
 from .memory import available_bytes, fmt_bytes
 from .sampling import SAMPLERS, STOCHASTIC_SAMPLERS, SeededNoise
@@ -243,14 +244,10 @@ class Pipeline:
     # -- LoRA --------------------------------------------------------------------------------
     def load_lora(self, path, strength: float = 1.0):
         """Attach a LoRA file to the transformer (non-destructive; several stack)."""
-        from .lora import load_lora
-
         return load_lora(self.transformer, path, strength)
 
     def unload_loras(self) -> None:
         """Detach every LoRA: outputs are exactly the base model's again."""
-        from .lora import unload_loras
-
         unload_loras(self.transformer)
 
     # -- conditioning ------------------------------------------------------------------------
