@@ -102,6 +102,19 @@ class Family:
     # latent -> RGB in [-1, 1] for previews: (a [C][3] matrix, a bias of 3) over model-space latents, or None
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None
 
+    # -- the releases' facts as users read them (node tooltips, --help and the bundled workflows quote
+    # them through release_facts and quote below; the checks use the same methods)
+    presets: dict[str, object] = {}  # the releases' transformer configs by name (its model module's PRESETS)
+    text_length: int = 0  # T5 tokens per prompt of the releases (0: none; the family's encoders fix their own)
+
+    def frame_rule(self, config=None) -> str:
+        """The frame counts it takes, in words ("4k+1"); without ``config``: the releases' rule."""
+        return ""
+
+    def size_multiple(self, config=None, spatial_scale: int = 8) -> int:
+        """What pixel heights and widths must be a multiple of; without ``config``: the releases'."""
+        return 0
+
     # -- detection -------------------------------------------------------------------------------
     def recognises_folder(self, folder: Path) -> bool:
         """Whether ``folder`` is a model folder of this family."""
@@ -430,7 +443,38 @@ def vae_variants() -> list[str]:
     return [v for f in FAMILIES.values() for v in f.vae_variants]
 
 
+def release_facts(family: Family, config) -> dict:
+    """One release's facts as users read them, from the family's own methods: ``steps``, ``cfg``,
+    ``sampler`` (its sampling defaults without a model folder), ``frames``, ``height``, ``width``
+    (its trained size), ``fps`` (None for an image model), ``frame_rule``, ``size_multiple``
+    (pixels) and ``text_length``."""
+    d = family.sampling_defaults(None, config)
+    frames, height, width = family.default_size(config, d["vae_scale"])
+    return {"steps": d["steps"], "cfg": d["cfg"], "sampler": d["sampler"], "frames": frames, "height": height, "width": width,
+            "fps": family.fps(config) if frames > 1 else None, "frame_rule": family.frame_rule(config),
+            "size_multiple": family.size_multiple(config, d["vae_scale"]), "text_length": family.text_length}
+
+
+def quote(fact: str) -> str:
+    """A :func:`release_facts` entry of every registered family, as tooltips and --help quote it:
+    "CogVideoX: 50; HunyuanDiT: 100; Open-Sora: 30". Where a family's releases differ, its most
+    common value comes first and the others name their releases ("CogVideoX: 8 (cogvideox1.5-5b,
+    cogvideox1.5-5b-i2v: 16)"); families without presets, or without the fact (None, "", 0), are left out."""
+    out = []
+    for f in FAMILIES.values():
+        names: dict[str, list[str]] = {}  # value as written -> the releases that have it
+        for name, config in f.presets.items():
+            v = release_facts(f, config)[fact]
+            if v not in (None, "", 0):
+                names.setdefault(f"{v:g}" if isinstance(v, float) else str(v), []).append(name)
+        if names:
+            (first, _), *rest = sorted(names.items(), key=lambda kv: -len(kv[1]))  # (stable: ties keep the presets' order)
+            others = "; ".join(f"{', '.join(n)}: {v}" for v, n in rest)
+            out.append(f"{f.label}: {first}" + (f" ({others})" if others else ""))
+    return "; ".join(out)
+
+
 from . import cogvideox, hunyuandit, opensora  # noqa: E402  (each registers itself, in this order)
 
 __all__ = ["folder_defaults", "SCHEDULER_SAMPLERS", "Family", "Signature", "FAMILIES", "register", "unregister", "detect", "describe", "get", "for_folder", "for_file",
-           "for_transformer", "vae_variants", "resolution_choices", "duration_choices", "parse_resolution", "parse_duration", "multiple_problem", "neighbours", "cogvideox", "hunyuandit", "opensora"]
+           "for_transformer", "vae_variants", "release_facts", "quote", "resolution_choices", "duration_choices", "parse_resolution", "parse_duration", "multiple_problem", "neighbours", "cogvideox", "hunyuandit", "opensora"]
