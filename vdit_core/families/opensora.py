@@ -29,7 +29,8 @@ from ..vae import opensora_vae as vae
 from . import Family, Signature, folder_defaults, load_t5_encoder, multiple_problem, register
 
 TEXT_LENGTH = 300
-DEFAULT_FPS = 24
+DEFAULT_FPS = 24  # the fps a video is conditioned on when none is asked for (the release's sampling default)
+IMAGE_FPS = 120  # the fps a single image is always conditioned on (the release's IMG_FPS)
 AESTHETIC_SCORE = 6.5  # the release's sampling default (``aes``)
 CONDITION_LATENT_FRAMES = 5  # a video extension is conditioned on its last 17 frames (5 latent frames), as the release's loop
 # names offered by the nodes and the CLI: (label, (width, height)) of the release's aspect-ratio tables
@@ -180,7 +181,7 @@ class OpenSora(Family):
 
     def sample_conditioning(self, config, latent_shape, spatial_scale, fps=None):
         b, _, t, h, w = latent_shape
-        fps = model.IMAGE_FPS if t == 1 else (DEFAULT_FPS if fps is None else fps)  # an image: 120 whatever is asked, as released
+        fps = IMAGE_FPS if t == 1 else (DEFAULT_FPS if fps is None else fps)  # an image: IMAGE_FPS whatever is asked, as released
         full = lambda v: torch.full((b,), float(v))  # noqa: E731
         return {"fps": full(fps), "height": full(h * spatial_scale), "width": full(w * spatial_scale)}
 
