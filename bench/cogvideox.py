@@ -72,12 +72,31 @@ def _make_weights(root: Path, spec: dict) -> None:
     AutoencoderKLCogVideoX(**spec["vae"]).save_pretrained(str(root / "vae"), safe_serialization=True)
 
 
+def saved_model(root: Path):
+    """(our transformer config, the family, the VAE's pixels per latent cell) of the saved weights:
+    what the latent and text shapes are asked of."""
+    from vdit_core import families
+    from vdit_core.checkpoint import read_json
+    from vdit_core.models.cogvideox import CogVideoXConfig
+    from vdit_core.vae.cogvideox_vae import CogVideoXVAEConfig
+
+    config = CogVideoXConfig.from_diffusers(read_json(root / "transformer" / "config.json"))
+    return config, families.get("cogvideox"), CogVideoXVAEConfig.from_diffusers(read_json(root / "vae" / "config.json")).spatial_compression
+
+
+def latent_shape(root: Path, batch: int, frames: int, height: int, width: int, padded: bool = True) -> tuple[int, ...]:
+    """[B, C, T, h, w] latents of a video of this size for the saved model, as its family says
+    (``padded``: the latent frames the transformer takes, else the VAE's)."""
+    config, family, scale = saved_model(root)
+    t = family.latent_frames(config, frames)[1 if padded else 0]
+    return batch, family.latent_channels(config), t, height // scale, width // scale
+
+
 def _inputs(args, torch, cfg_dim):
     frames, h, w = SIZES[args.size]["video"]
     g = torch.Generator().manual_seed(0)
-    t = (frames - 1) // 4 + 1
-    x = torch.randn(args.batch, 16, t, h // 8, w // 8, generator=g)
-    ctx = torch.randn(args.batch, 226, cfg_dim, generator=g)
+    x = torch.randn(latent_shape(Path(args.root), args.batch, frames, h, w), generator=g)
+    ctx = torch.randn(args.batch, saved_model(Path(args.root))[0].max_text_seq_length, cfg_dim, generator=g)
     return x, ctx
 
 
@@ -116,8 +135,9 @@ def _forward_fn(model, impl: str, x, ctx, args, torch):
     c = model.config
     rope = None
     if c.use_rotary_positional_embeddings:
-        gh, gw = x.shape[3] // 2, x.shape[4] // 2
-        crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // 2, c.sample_height // 2)
+        p = c.patch_size
+        gh, gw = x.shape[3] // p, x.shape[4] // p
+        crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // p, c.sample_height // p)
         rope = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), x.shape[2], device=dev)
     xr = x.permute(0, 2, 1, 3, 4).to(dtype)
     return lambda: model(hidden_states=xr, encoder_hidden_states=ctx, timestep=t.long(), image_rotary_emb=rope, return_dict=False)
@@ -218,7 +238,7 @@ def worker(args) -> dict:
 
         frames = args.frames
         h, w = SIZES[args.size]["vae_size"]
-        z = torch.randn(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8, generator=torch.Generator().manual_seed(0)).to(dev)
+        z = torch.randn(latent_shape(root, 1, frames, h, w, padded=False), generator=torch.Generator().manual_seed(0)).to(dev)
         if impl == "ours":
             vae = load_vae(root / "vae", dtype=dtype, device=dev)
             fn = lambda: vae.decode(z, output_device="cpu" if dev.startswith("cuda") else None)  # noqa: E731

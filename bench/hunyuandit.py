@@ -76,12 +76,17 @@ def worker(args) -> dict:
     kind, impl = args.worker.split(":")
     h, w = args.height, args.width
     if kind == "forward":
+        from vdit_core import families
+        from vdit_core.models.hunyuan_dit import HunyuanDiTConfig
+
+        # the latent layout and text lengths as the family and the saved config state them
+        c = HunyuanDiTConfig.from_diffusers(json.loads((root / "model" / "transformer" / "config.json").read_text()))
+        family = families.get("hunyuandit")
         g = torch.Generator().manual_seed(0)
-        spec = SIZES[args.size]
-        x = torch.randn(2, 4, h // 8, w // 8, generator=g)
-        bert = torch.randn(2, 77, spec["transformer"]["cross_attention_dim"], generator=g)
-        t5 = torch.randn(2, 256, spec["transformer"]["cross_attention_dim_t5"], generator=g)
-        m1, m2 = torch.ones(2, 77, dtype=torch.long), torch.ones(2, 256, dtype=torch.long)
+        x = torch.randn(2, family.latent_channels(c), h // c.vae_scale, w // c.vae_scale, generator=g)
+        bert = torch.randn(2, c.text_len, c.cross_attention_dim, generator=g)
+        t5 = torch.randn(2, c.text_len_t5, c.cross_attention_dim_t5, generator=g)
+        m1, m2 = torch.ones(2, c.text_len, dtype=torch.long), torch.ones(2, c.text_len_t5, dtype=torch.long)
         m1[:, 20:] = 0
         m2[:, 30:] = 0
         t = torch.tensor([500.0, 500.0])
@@ -98,7 +103,7 @@ def worker(args) -> dict:
             from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
 
             model = HunyuanDiT2DModel.from_pretrained(str(root / "model" / "transformer"), torch_dtype=dtype).to(dev).eval()
-            gh, gw = h // 16, w // 16
+            gh, gw = x.shape[2] // c.patch_size, x.shape[3] // c.patch_size
             rope = get_2d_rotary_pos_embed(model.inner_dim // model.num_heads, get_resize_crop_region_for_grid((gh, gw), 32), (gh, gw), device=dev)
             xd, bd, td = x.to(dtype), bert.to(dtype), t5.to(dtype)
             fn = lambda: model(xd, t, encoder_hidden_states=bd, text_embedding_mask=m1, encoder_hidden_states_t5=td,  # noqa: E731

@@ -114,19 +114,22 @@ def worker(args) -> dict:
     dtype = getattr(torch, DTYPES[args.dtype])
     dev, root = args.device, Path(args.root)
     kind, impl = args.worker.split(":")[:2]
-    h, w = args.height // 8, args.width // 8
+    from vdit_core import families
+    from vdit_core.models.opensora import STDiT3Config
+
+    # the latent layout, text length and size conditioning as the family states them for these weights
+    family, config = families.get("opensora"), STDiT3Config.from_json(json.loads((root / "transformer" / "config.json").read_text()))
+    scale = family.sampling_defaults(None, config)["vae_scale"]
+    h, w = args.height // scale, args.width // scale
     g = torch.Generator().manual_seed(0)
     if kind == "forward":
-        from vdit_core.vae.opensora_vae import latent_frames
-
-        cfg = json.loads((root / "transformer" / "config.json").read_text())
-        x = torch.randn(2, 4, latent_frames(args.frames), h, w, generator=g).to(dev, dtype)
-        y = torch.randn(2, 300, cfg["caption_channels"], generator=g).to(dev, dtype)
-        mask = torch.zeros(2, 300, dtype=torch.long, device=dev)
+        shape = (2, family.latent_channels(config), family.latent_frames(config, args.frames)[1], h, w)
+        x = torch.randn(shape, generator=g).to(dev, dtype)
+        y = torch.randn(2, config.model_max_length, config.caption_channels, generator=g).to(dev, dtype)
+        mask = torch.zeros(2, config.model_max_length, dtype=torch.long, device=dev)
         mask[:, :40] = 1
         t = torch.tensor([700.0, 700.0], device=dev)
-        size = dict(fps=torch.tensor([24.0, 24.0], device=dev), height=torch.tensor([float(args.height)] * 2, device=dev),
-                    width=torch.tensor([float(args.width)] * 2, device=dev))
+        size = {k: v.to(dev) for k, v in family.sample_conditioning(config, shape, scale).items()}  # fps 24 and the pixel size
         if impl == "ours":
             from vdit_core.models.opensora import load_transformer
 
@@ -139,10 +142,8 @@ def worker(args) -> dict:
             res = measure(fn, dev, repeat=args.repeat)
         return {"case": args.worker, **res}
     if kind == "decode":
-        from vdit_core.vae.opensora_vae import latent_frames
-
         frames = int(args.worker.split(":")[2])
-        z = torch.randn(1, 4, latent_frames(frames), h, w, generator=g).to(dev, dtype)
+        z = torch.randn(1, family.latent_channels(config), family.latent_frames(config, frames)[0], h, w, generator=g).to(dev, dtype)
         if impl == "ours":
             from vdit_core.vae.opensora_vae import load_vae
 

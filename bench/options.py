@@ -55,10 +55,10 @@ def worker(args) -> dict:
         parallel.enable(pipe, parallel.plan(guidance=True, split_cfg=case == "cfg_split"))
     frames, h, w = SIZES[args.size]["video"]
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8, generator=g).to(device)
-    text = tf.config.text_embed_dim
-    cond = {"context": torch.randn(1, 226, text, generator=g).to(device, dtype)}
-    uncond = {"context": torch.randn(1, 226, text, generator=g).to(device, dtype)}
+    noise = torch.randn(pipe.latent_shape(frames, h, w), generator=g).to(device)
+    text = (tf.config.max_text_seq_length, tf.config.text_embed_dim)
+    cond = {"context": torch.randn(1, *text, generator=g).to(device, dtype)}
+    uncond = {"context": torch.randn(1, *text, generator=g).to(device, dtype)}
     cache = 0.1 if case == "step_cache" else 0.0
     out = {}
 

@@ -16,10 +16,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import measure, ratio, run_worker  # noqa: E402
-from cogvideox import DTYPES, SIZES, setup  # noqa: E402
+from cogvideox import DTYPES, SIZES, latent_shape, saved_model, setup  # noqa: E402
 
 TARGETS_OURS = r"transformer_blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)"
 TARGETS_PEFT = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -35,9 +36,9 @@ def worker(args) -> dict:
     dev = args.device
     root = args.root
     frames, h, w = SIZES[args.size]["video"]
-    t_lat = (frames - 1) // 4 + 1
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(args.batch, 16, t_lat, h // 8, w // 8, generator=g).to(dev)
+    x0 = torch.randn(latent_shape(Path(root), args.batch, frames, h, w), generator=g).to(dev)
+    text_length = saved_model(Path(root))[0].max_text_seq_length
     noise = torch.randn(x0.shape, generator=g).to(dev)
     impl = args.worker
     if impl == "ours":
@@ -55,7 +56,7 @@ def worker(args) -> dict:
         else:
             params = list(model.parameters())
         schedule = DiscreteSchedule.from_config(release_schedule(model.config))
-        ctx = torch.randn(args.batch, 226, model.config.text_embed_dim, generator=g).to(dev)
+        ctx = torch.randn(args.batch, text_length, model.config.text_embed_dim, generator=g).to(dev)
         denoiser = VPrediction(lambda x, t, context: model(x, t, context).float(), schedule)
 
         def loss_fn(t):
@@ -82,13 +83,14 @@ def worker(args) -> dict:
         c = model.config
         rope = None
         if c.use_rotary_positional_embeddings:
-            gh, gw = h // 16, w // 16
-            crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // 2, c.sample_height // 2)
-            rope = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), t_lat, device=dev)
+            p = c.patch_size
+            gh, gw = x0.shape[3] // p, x0.shape[4] // p
+            crops = get_resize_crop_region_for_grid((gh, gw), c.sample_width // p, c.sample_height // p)
+            rope = get_3d_rotary_pos_embed(c.attention_head_dim, crops, (gh, gw), x0.shape[2], device=dev)
         from vdit_core.models.cogvideox import CogVideoXConfig
 
         schedule = DiscreteSchedule.from_config(release_schedule(CogVideoXConfig.from_diffusers(dict(c))))
-        ctx = torch.randn(args.batch, 226, c.text_embed_dim, generator=g).to(dev)
+        ctx = torch.randn(args.batch, text_length, c.text_embed_dim, generator=g).to(dev)
         ac = schedule.alphas_cumprod.to(dev)
 
         def loss_fn(t):

@@ -103,7 +103,7 @@ class VDITTextEncoderLoader:
         return {"required": {
             "text_encoder": (sources(cls.KIND), {"default": DEMO, "tooltip": "a model folder in models/vdit (its text encoder(s) and tokenizers), a file in models/text_encoders, a whole-model file from models/checkpoints, or the bundled demo"}),
             "dtype": (DTYPES, {"default": "default", "tooltip": "default keeps the file's dtype (fp32 on a CPU)"}),
-            "max_length": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "tokens per prompt; 0: the model's (226 for CogVideoX, 300 for Open-Sora)"}),
+            "max_length": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": f"tokens per prompt; 0: the model's ({families.quote('text_length')})"}),
         }, "optional": {
             "family": (["auto"] + list(families.FAMILIES), {"default": "auto", "tooltip": "which model the prompts are for: a T5 file serves CogVideoX and Open-Sora, which encode differently (auto: the folder's model; a lone T5 file: CogVideoX)"}),
         }}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vdit_core import families
@@ -12,6 +14,18 @@ from vdit_core.sampling import SAMPLERS, SEED_MAX
 from . import comfy
 
 SPACINGS = ["default", "trailing", "leading", "linspace", "karras", "exponential", "linspace_round"]
+
+
+def first_release() -> dict:
+    """The facts of the first registered family's first release (CogVideoX 2B): the values a new
+    node starts with (:func:`vdit_core.families.release_facts`)."""
+    family = next(iter(families.FAMILIES.values()))
+    return families.release_facts(family, next(iter(family.presets.values())))
+
+
+def size_step() -> int:
+    """The pixel step every family's size multiple is a multiple of (8 when one takes multiples of 8)."""
+    return math.gcd(*(m for f in families.FAMILIES.values() if (m := f.size_multiple())))
 
 
 def check_size(width: int, height: int, frames: int) -> str | None:
@@ -38,11 +52,14 @@ class VDITEmptyLatent:
 
     @classmethod
     def INPUT_TYPES(cls):
+        first, step = first_release(), size_step()
+        multiple = f"pixels, a multiple of the model's size step ({families.quote('size_multiple')})"
         return {"required": {
             "model": ("VDIT_MODEL", {"tooltip": "the model the latents are shaped for (channels, frame padding)"}),
-            "width": ("INT", {"default": 720, "min": 8, "max": 4096, "step": 8, "tooltip": "pixels; a multiple of 16 (CogVideoX, HunyuanDiT) or 8 (Open-Sora)"}),
-            "height": ("INT", {"default": 480, "min": 8, "max": 4096, "step": 8, "tooltip": "pixels; a multiple of 16 (CogVideoX, HunyuanDiT) or 8 (Open-Sora)"}),
-            "frames": ("INT", {"default": 49, "min": 1, "max": 1025, "step": 1, "tooltip": "video frames: 4k+1 for CogVideoX (49 trained); 1 for images (HunyuanDiT); 17k or 17k+4m+1 for Open-Sora (51 = 2 s)"}),
+            "width": ("INT", {"default": first["width"], "min": step, "max": 4096, "step": step, "tooltip": multiple}),
+            "height": ("INT", {"default": first["height"], "min": step, "max": 4096, "step": step, "tooltip": multiple}),
+            "frames": ("INT", {"default": first["frames"], "min": 1, "max": 1025, "step": 1,
+                               "tooltip": f"video frames, a count the model takes ({families.quote('frame_rule')}); the releases' default: {families.quote('frames')}"}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "videos made at once; sample b uses seed + b"}),
         }, "optional": {
             "resolution": (["custom"] + families.resolution_choices(), {"default": "custom", "tooltip": "a size a release was trained at (replaces width and height); custom: the width and height above"}),
@@ -95,6 +112,7 @@ class VDITSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
+        first = first_release()
         return {
             "required": {
                 "model": ("VDIT_MODEL", {"tooltip": "the diffusion transformer (with any LoRAs applied)"}),
@@ -102,9 +120,11 @@ class VDITSampler:
                 "negative": ("VDIT_CONDITIONING", {"tooltip": "what it should not show; used when cfg > 1"}),
                 "latent": ("LATENT", {"tooltip": "VDIT Empty Latent, or encoded frames (VDIT VAE Encode) with denoise below 1"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True, "tooltip": "the noise seed; the same seed gives the same result"}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "sampling steps (CogVideoX releases: 50; HunyuanDiT: 50-100; Open-Sora: 30)"}),
-                "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "classifier-free guidance: how strongly to follow the prompt (6 is typical; 1 turns it off)"}),
-                "sampler": (["default"] + list(SAMPLERS), {"default": "default", "tooltip": "default: the model's scheduler (DDIM for CogVideoX, DDPM for HunyuanDiT, flow Euler for Open-Sora)"}),
+                "steps": ("INT", {"default": first["steps"], "min": 1, "max": 1000, "tooltip": f"sampling steps (the releases': {families.quote('steps')})"}),
+                "cfg": ("FLOAT", {"default": float(first["cfg"]), "min": 0.0, "max": 100.0, "step": 0.1,
+                                  "tooltip": f"classifier-free guidance: how strongly to follow the prompt (1 turns it off; the releases': {families.quote('cfg')})"}),
+                "sampler": (["default"] + list(SAMPLERS), {"default": "default",
+                                                            "tooltip": f"default: the model folder's scheduler, else its release's ({families.quote('sampler')})"}),
                 "schedule": (SPACINGS, {"default": "default", "tooltip": "timestep spacing (default: what the model's release uses with the chosen sampler)"}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "below 1: video-to-video from the input latent"}),
             },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vdit_core import families
 from vdit_core.pipeline import check_finite
 from vdit_core.vae.common import Tiling, frames_to_pixels, pixels_to_frames
 
@@ -50,13 +51,13 @@ def _run(fn, vae, mode, tile_height, tile_width, frames: int, height: int, width
 
 
 class VDITVAEEncode:
-    """Frames (IMAGE [F, H, W, 3], a count the VAE takes: 4k+1 or 1 for CogVideoX) -> latents; for image-to-video, encode one frame."""
+    """Frames (IMAGE [F, H, W, 3], a count the VAE takes: its model's frame rule, or 1) -> latents; for image-to-video, encode one frame."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": ("VDIT_VAE", {"tooltip": "from VDIT VAE Loader"}),
-            "pixels": ("IMAGE", {"tooltip": "frames to encode (4k+1 for CogVideoX's VAE, or 1: a first frame or an image)"}),
+            "pixels": ("IMAGE", {"tooltip": f"frames to encode: a count the model's VAE takes ({families.quote('frame_rule')}), or 1: a first frame or an image"}),
             "chunk_frames": ("INT", {"default": 8, "min": 4, "max": 256, "step": 4, "tooltip": "frames encoded at a time (memory)"}),
             **_tile_inputs(),
         }}

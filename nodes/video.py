@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from vdit_core import families
 from vdit_core.video_io import write_video
 
 from . import comfy
+from .sampling import first_release
 
 FORMATS = ["mp4", "webm", "webp", "gif"]
 
@@ -14,9 +16,12 @@ class VDITSaveVideo:
 
     @classmethod
     def INPUT_TYPES(cls):
+        # frames carry no model, so the rate is asked for: it starts at the first release's, as the
+        # other nodes' sizes and steps do, and the tooltip names each model's
         return {"required": {
             "images": ("IMAGE", {"tooltip": "the video's frames"}),
-            "fps": ("FLOAT", {"default": 8.0, "min": 0.1, "max": 120.0, "step": 0.1, "tooltip": "frames per second (CogVideoX 1.0: 8; 1.5: 16)"}),
+            "fps": ("FLOAT", {"default": float(first_release()["fps"]), "min": 0.1, "max": 120.0, "step": 0.1,
+                              "tooltip": f"frames per second (the models': {families.quote('fps')})"}),
             "filename_prefix": ("STRING", {"default": "vdit/video", "tooltip": "folder/name inside ComfyUI's output folder; a number is appended"}),
             "format": (FORMATS, {"default": "mp4", "tooltip": "mp4 (H.264) plays everywhere; webm, animated webp and gif too"}),
         }}

@@ -372,6 +372,6 @@ def test_caption_dropout_uses_the_learned_null_with_the_captions_mask(folder):
     x = torch.randn(1, 4, 2, 3, 4)
     t = torch.tensor([500.0])
     with torch.no_grad():
-        a = pipe.transformer(x, t, **dropped)
-        b = pipe.transformer(x, t, pipe.transformer.y_embedder.y_embedding[None], mask=cond["mask"])
+        a = pipe.transformer(x, t, **dropped, fps=24.0)
+        b = pipe.transformer(x, t, pipe.transformer.y_embedder.y_embedding[None], mask=cond["mask"], fps=24.0)
     assert torch.equal(a, b)

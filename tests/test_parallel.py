@@ -107,7 +107,7 @@ def _forward_jobs() -> dict:
     for h, w in ((8, 12), (6, 10)):  # 24 tokens a frame; 15 (padded)
         x = torch.randn(2, 4, 3, h, w)
         jobs[f"opensora-{h}x{w}"] = dict(kind="forward", model=stdit, args=(x, torch.tensor([700.0, 100.0]), y),
-                                         kwargs=dict(mask=ymask, x_mask=x_mask))
+                                         kwargs=dict(mask=ymask, x_mask=x_mask, fps=torch.tensor([24.0, 24.0])))
     return jobs
 
 

@@ -167,3 +167,25 @@ def test_models_entries_name_what_the_loaders_read(path):
             assert any(e["name"].startswith(name + "/") for e in entries), f"{path.name}: nothing listed for models/vdit/{name}"
     if not reads:
         assert not entries  # the demo needs no downloads
+
+
+def test_bundled_workflows_are_what_the_builder_writes():
+    """The JSON files are the builder's output, whose sizes, steps, cfg and fps it reads from the
+    families (rerun workflows/build_workflows.py after changing a family's facts)."""
+    pack = load_pack()
+    for name, graph in _builder.all_workflows(pack).items():
+        assert (ROOT / "workflows" / f"{name}.json").read_text() == json.dumps(graph.ui(), indent=1) + "\n", name
+        assert (ROOT / "workflows" / "api" / f"{name}.json").read_text() == json.dumps(graph.api(), indent=1) + "\n", name
+
+
+def test_hunyuandit_workflows_say_their_steps_are_a_speed_choice():
+    from vdit_core import families
+
+    release = families.release_facts(families.get("hunyuandit"), families.get("hunyuandit").presets["hunyuandit-v1.2"])
+    for path in (p for p in WORKFLOWS if p.stem.startswith("HunyuanDiT")):
+        wf = json.loads(path.read_text())
+        note = next(n for n in wf["nodes"] if n["type"] == "Note")["widgets_values"][0]
+        api = json.loads((path.parent / "api" / path.name).read_text())
+        steps = next(n for n in api.values() if n["class_type"] == "VDITSampler")["inputs"]["steps"]
+        assert steps == _builder.HUNYUAN_WORKFLOW_STEPS < release["steps"], path.name
+        assert f"{steps} steps here, for speed" in note and f"the release's own inference uses {release['steps']}" in note, note

@@ -35,6 +35,8 @@ def _durations() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .families import quote  # each family's facts, as its releases state them
+
     p = argparse.ArgumentParser(
         prog="python -m vdit_core.generate",
         description="Generate a video with a video diffusion transformer and write it as mp4.",
@@ -42,15 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (CogVideoX: the diffusers layout); default: the bundled demo model")
     p.add_argument("--prompt", required=True, help="what the video shows")
     p.add_argument("--negative-prompt", default="", help="what it should not show")
-    p.add_argument("--frames", type=int, default=None, help="number of frames: 4k+1 for CogVideoX, 17k or 17k+4m+1 for Open-Sora (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help=f"number of frames, a count the model takes ({quote('frame_rule')}); default: the model's ({quote('frames')})")
     p.add_argument("--duration", default=None, help="a release's named length (sets --frames): " + ", ".join(_durations()))
     p.add_argument("--resolution", default=None, metavar="WxH|NAME",
                    help="a size a release was trained at (sets --width and --height): " + ", ".join(_resolutions()) + " (a name alone, e.g. 240p, is its 16:9)")
-    p.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 16")
-    p.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--sampler", default=None, help="sampler (default: the model's scheduler); see vdit_core.sampling.SAMPLERS")
+    p.add_argument("--height", type=int, default=None, help=f"height in pixels, a multiple of the model's size step ({quote('size_multiple')}); default: the model's")
+    p.add_argument("--width", type=int, default=None, help=f"width in pixels, a multiple of the model's size step ({quote('size_multiple')}); default: the model's")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: the model folder's, else its release's: {quote('steps')})")
+    p.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default: the model folder's, else its release's: {quote('cfg')})")
+    p.add_argument("--sampler", default=None,
+                   help=f"sampler (default: the model folder's scheduler, else its release's: {quote('sampler')}); see vdit_core.sampling.SAMPLERS")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic CFG schedule (recommended with cogvideox_dpm)")
     p.add_argument("--step-cache", type=float, default=0.0, metavar="T",
                    help="skip the transformer on steps whose input changed by less than T in total (faster, slightly different; 0: off, 0.08-0.1: mild)")
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="first frame for image-to-video models; the input image for image-to-image (with --denoise)")
     p.add_argument("--video", default=None, help="an input video: video-to-video with --denoise below 1; with denoise 1, Open-Sora continues it (the new clip starts with its last 17 frames)")
     p.add_argument("--denoise", type=float, default=1.0, help="below 1: image-to-image from --image (image models) or video-to-video from --video, keeping that much of the run")
-    p.add_argument("--fps", type=float, default=None, help="frames per second of the output (and Open-Sora's fps conditioning; default: the model's)")
+    p.add_argument("--fps", type=float, default=None, help=f"frames per second of the output (and Open-Sora's fps conditioning); default: the model's ({quote('fps')})")
     p.add_argument("--aesthetic-score", default=None, help="Open-Sora: the aesthetic score appended to the prompt (default 6.5; 'none' to leave it out)")
     p.add_argument("--motion-score", type=float, default=None, help="Open-Sora: a motion score appended to the prompt (off by default)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype")

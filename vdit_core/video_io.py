@@ -14,6 +14,10 @@ import torch
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".mov": "libx264", ".mkv": "libx264"}
+# the frame rate of a file when nobody names one: written by a caller that passes none, read from a
+# file that states none. Not a model's rate (this module knows no model): callers with one pass
+# ``pipe.fps``, the family's.
+FALLBACK_FPS = 8.0
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -52,7 +56,7 @@ def check_video_path(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
-def write_video(path: str | Path, frames: torch.Tensor, fps: float = 8.0, quality: int = 8) -> Path:
+def write_video(path: str | Path, frames: torch.Tensor, fps: float = FALLBACK_FPS, quality: int = 8) -> Path:
     """Write frames [F, H, W, 3] (float in [0, 1] or uint8) as mp4/webm/gif/webp by suffix.
 
     The video is written to a temporary file beside ``path``, read back, and only then renamed
@@ -80,7 +84,7 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float = 8.0, qualit
     return path
 
 
-def write_output(path: str | Path, frames: torch.Tensor, fps: float = 8.0) -> Path:
+def write_output(path: str | Path, frames: torch.Tensor, fps: float = FALLBACK_FPS) -> Path:
     """Frames [F, H, W, 3] as a video, or one frame as an image when ``path`` names an image format."""
     path = Path(path)
     if path.suffix.lower() not in WRITABLE_IMAGE_SUFFIXES:
@@ -150,7 +154,7 @@ def read_video(path: str | Path, max_frames: int | None = None) -> tuple[torch.T
     if not path.exists():
         raise ValueError(f"{path}: no such file")
     frames = []
-    fps = 8.0
+    fps = FALLBACK_FPS
     try:
         if path.suffix.lower() == ".gif":
             reader = imageio.get_reader(str(path))

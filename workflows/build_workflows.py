@@ -224,6 +224,29 @@ class Graph:
 # the workflows
 
 
+def release(family: str, preset: str) -> dict:
+    """One release's facts as its family states them: steps, cfg, sampler, frames, height, width,
+    fps, frame_rule (:func:`vdit_core.families.release_facts`)."""
+    from vdit_core import families
+
+    f = families.get(family)
+    return families.release_facts(f, f.presets[preset])
+
+
+def folder_facts(folder: Path) -> dict:
+    """The same facts of a model folder: what its pipeline runs with by default (its family's
+    defaults and what the folder says; only the transformer is loaded, for its config)."""
+    import torch
+
+    from vdit_core import families
+
+    family = families.for_folder(folder)
+    config = family.load_transformer(Path(folder) / "transformer", torch.float32, "cpu").config
+    d = family.model_defaults(folder, config)
+    frames, height, width = family.default_size(config, d["vae_scale"])
+    return {"steps": d["steps"], "cfg": d["cfg"], "sampler": d["sampler"], "frames": frames, "height": height, "width": width, "fps": family.fps(config)}
+
+
 def loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[dict, dict, dict]:
     """The three loaders of a model folder (or file): transformer, text encoder, VAE."""
     m = g.add("VDITModelLoader", model=source, weight_dtype=dtype, attention="auto", compile=False, gpu_blocks=-1)
@@ -232,9 +255,9 @@ def loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[di
     return m, te, vae
 
 
-def text_to_video(pack, model: str, note: str, width: int, height: int, frames: int, steps: int, cfg: float, fps: float,
-                  prompt: str, dtype="default", sampler="default", dynamic_cfg=False, lora: str | None = None,
-                  negative="", prefix="vdit/t2v") -> Graph:
+def text_to_video(pack, model: str, note: str, facts: dict, prompt: str, dtype="default", sampler="default", dynamic_cfg=False,
+                  lora: str | None = None, negative="", prefix="vdit/t2v") -> Graph:
+    """A text-to-video graph at the size, steps, cfg and fps of ``facts`` (:func:`release`)."""
     g = Graph(pack)
     g.note(note)
     m, te, vae = loaders(g, model, dtype)
@@ -242,11 +265,12 @@ def text_to_video(pack, model: str, note: str, width: int, height: int, frames: 
         m = g.add("VDITLoraApply", model=(m, 0), lora_name=lora, strength=1.0)
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text=prompt)
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text=negative)
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1, resolution="custom", duration="custom")
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=steps, cfg=cfg,
-              sampler=sampler, schedule="default", denoise=1.0, dynamic_cfg=dynamic_cfg, step_cache=0.0)
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=facts["width"], height=facts["height"], frames=facts["frames"], batch_size=1,
+                resolution="custom", duration="custom")
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=facts["steps"],
+              cfg=float(facts["cfg"]), sampler=sampler, schedule="default", denoise=1.0, dynamic_cfg=dynamic_cfg, step_cache=0.0)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
-    g.add("VDITSaveVideo", images=(d, 0), fps=fps, filename_prefix=prefix, format="mp4")
+    g.add("VDITSaveVideo", images=(d, 0), fps=float(facts["fps"]), filename_prefix=prefix, format="mp4")
     return g
 
 
@@ -259,38 +283,41 @@ FOLDER_NOTE = (
 
 
 def image_to_video(pack) -> Graph:
+    r = release("cogvideox", "cogvideox-5b-i2v")
     g = Graph(pack)
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b-I2V", name="CogVideoX-5b-I2V/") +
-           " Load a 720x480 image as the first frame (image-to-video needs that exact size).")
+           f" Load a {r['width']}x{r['height']} image as the first frame (image-to-video needs that exact size).")
     m, te, vae = loaders(g, "CogVideoX-5b-I2V/", "bf16")
     img = g.add("LoadImage", image="first_frame.png")
     enc = g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the scene slowly comes to life, gentle camera motion")
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=720, height=480, frames=49, batch_size=1, resolution="custom", duration="custom")
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=r["width"], height=r["height"], frames=r["frames"], batch_size=1, resolution="custom",
+                duration="custom")
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=r["steps"], cfg=float(r["cfg"]),
               sampler="cogvideox_dpm", schedule="default", denoise=1.0, image_latent=(enc, 0), dynamic_cfg=True, step_cache=0.0)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
-    g.add("VDITSaveVideo", images=(d, 0), fps=8.0, filename_prefix="vdit/i2v", format="mp4")
+    g.add("VDITSaveVideo", images=(d, 0), fps=float(r["fps"]), filename_prefix="vdit/i2v", format="mp4")
     return g
 
 
 def video_to_video(pack) -> Graph:
+    r = release("cogvideox", "cogvideox-5b")
     g = Graph(pack)
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
-           " Load a video (720x480 works best); its first 49 frames are re-generated following the prompt; "
+           f" Load a video ({r['width']}x{r['height']} works best); its first {r['frames']} frames are re-generated following the prompt; "
            "lower denoise keeps more of the input.")
     m, te, vae = loaders(g, "CogVideoX-5b/", "bf16")
     vid = g.add("LoadVideo", file="input.mp4")
     comp = g.add("GetVideoComponents", video=(vid, 0))
-    frames = g.add("ImageFromBatch", "First 49 frames", image=(comp, 0), batch_index=0, length=49)
+    frames = g.add("ImageFromBatch", f"First {r['frames']} frames", image=(comp, 0), batch_index=0, length=r["frames"])
     enc = g.add("VDITVAEEncode", vae=(vae, 0), pixels=(frames, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the same scene as a watercolour painting")
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(enc, 0), seed=42, steps=50, cfg=6.0,
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(enc, 0), seed=42, steps=r["steps"], cfg=float(r["cfg"]),
               sampler="default", schedule="default", denoise=0.7, dynamic_cfg=False, step_cache=0.0)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
-    g.add("VDITSaveVideo", images=(d, 0), fps=8.0, filename_prefix="vdit/v2v", format="mp4")
+    g.add("VDITSaveVideo", images=(d, 0), fps=float(r["fps"]), filename_prefix="vdit/v2v", format="mp4")
     return g
 
 
@@ -299,15 +326,23 @@ HUNYUAN_NOTE = (
     "ComfyUI/models/vdit/HunyuanDiT-v1.2-Diffusers (model_index.json, transformer/, vae/, text_encoder/ + tokenizer/ "
     "(the bilingual CLIP), text_encoder_2/ + tokenizer_2/ (mT5), scheduler/). A transformer file from Tencent's own "
     "release (t2i/model/pytorch_model_ema.pt) also loads in VDIT Model Loader from models/diffusion_models. "
-    "Trained sizes: 1024x1024, 1280x1280, 1024x768, 1152x864, 1280x960, their transposes, 1280x768, 768x1280; "
-    "frames = 1 (an image). Prompts in English or Chinese."
+    "Trained sizes: {sizes}; frames = {frame_rule} (an image). Prompts in English or Chinese. {steps} steps here, "
+    "for speed (diffusers' HunyuanDiT pipeline's default); the release's own inference uses {release_steps}."
 )
+# Deliberately fewer steps than the release's inference (the family's default, which the CLI and
+# the library use): half the time, as diffusers' HunyuanDiT pipeline runs by default; the Note says so.
+HUNYUAN_WORKFLOW_STEPS = 50
 
 
 def hunyuandit(pack, image_to_image: bool) -> Graph:
+    from vdit_core import families
+
+    r = release("hunyuandit", "hunyuandit-v1.2")
+    sizes = ", ".join(f"{w}x{h}" for w, h in families.get("hunyuandit").resolutions)
     g = Graph(pack)
     folder = "HunyuanDiT-v1.2-Diffusers/"
-    g.note(HUNYUAN_NOTE + (" Load the image to vary; lower denoise keeps more of it." if image_to_image else ""))
+    g.note(HUNYUAN_NOTE.format(sizes=sizes, frame_rule=r["frame_rule"], steps=HUNYUAN_WORKFLOW_STEPS, release_steps=r["steps"]) +
+           (" Load the image to vary; lower denoise keeps more of it." if image_to_image else ""))
     m, te, vae = loaders(g, folder, "default")
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="a cute cat sitting on a windowsill, watercolour")
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="blurry, low quality, deformed")
@@ -315,8 +350,9 @@ def hunyuandit(pack, image_to_image: bool) -> Graph:
         img = g.add("LoadImage", image="input.png")
         lat = g.add("VDITVAEEncode", "Encode the image", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
     else:
-        lat = g.add("VDITEmptyLatent", model=(m, 0), width=1024, height=1024, frames=1, batch_size=1, resolution="HunyuanDiT 1024x1024", duration="custom")
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=50, cfg=6.0,
+        lat = g.add("VDITEmptyLatent", model=(m, 0), width=r["width"], height=r["height"], frames=r["frames"], batch_size=1,
+                    resolution=f"HunyuanDiT {r['width']}x{r['height']}", duration="custom")
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=HUNYUAN_WORKFLOW_STEPS, cfg=float(r["cfg"]),
               sampler="default", schedule="default", denoise=0.6 if image_to_image else 1.0, dynamic_cfg=False, step_cache=0.0)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
     g.add("SaveImage", images=(d, 0), filename_prefix="vdit/hunyuandit_i2i" if image_to_image else "vdit/hunyuandit")
@@ -327,58 +363,69 @@ OPENSORA_NOTE = (
     "Files: put Open-Sora 1.2's files into ComfyUI/models/vdit/OpenSora-v1.2/ as released: transformer/ "
     "(hpcai-tech/OpenSora-STDiT-v3: config.json, model.safetensors), vae/ (hpcai-tech/OpenSora-VAE-v1.2: config.json, "
     "model.safetensors, which holds the spatial SDXL VAE too), text_encoder/ + tokenizer/ (DeepFloyd/t5-v1_1-xxl). "
-    "No model_index.json is needed. Sizes: the Empty Latent's Open-Sora presets; frames 17k or 17k+4m+1 (2s = 51). "
-    "30 steps, CFG 7; ' aesthetic score: 6.5.' is appended to the prompt (write your own score to change it); "
+    "No model_index.json is needed. Sizes: the Empty Latent's Open-Sora presets; frames {frame_rule} (2s = {two_seconds}). "
+    "{steps} steps, CFG {cfg:g}; ' aesthetic score: {aesthetic_score}.' is appended to the prompt (write your own score to change it); "
     "the empty negative is the model's learned null caption."
 )
+OPENSORA_SIZE, OPENSORA_DURATION = "360p 16:9", "2s"  # the workflows' choice among the release's names
 
 
 def opensora(pack, image_to_video: bool) -> Graph:
+    from vdit_core import families
+
+    r = release("opensora", "opensora-v1.2")
+    family = families.get("opensora")
+    (width, height), frames = family.named_resolutions[OPENSORA_SIZE], family.durations[OPENSORA_DURATION]
     g = Graph(pack)
     folder = "OpenSora-v1.2/"
-    g.note(OPENSORA_NOTE + (" Image-to-video: load the first frame (resized to the video's size); an encoded clip "
-                            "in its place continues that clip." if image_to_video else ""))
+    g.note(OPENSORA_NOTE.format(frame_rule=r["frame_rule"], two_seconds=family.durations["2s"], steps=r["steps"], cfg=r["cfg"],
+                                aesthetic_score=families.opensora.AESTHETIC_SCORE) +
+           (" Image-to-video: load the first frame (resized to the video's size); an encoded clip "
+            "in its place continues that clip." if image_to_video else ""))
     m, te, vae = loaders(g, folder, "bf16", family="opensora")
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0),
                 text="a drone shot over a misty pine forest at sunrise, soft light, slow forward motion")
     neg = g.add("VDITTextEncode", "Negative prompt (empty: the learned null)", text_encoder=(te, 0), text="")
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=640, height=360, frames=51, batch_size=1, resolution="Open-Sora 360p 16:9 640x360",
-                duration="Open-Sora 2s (51 frames)")
+    lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1,
+                resolution=f"{family.label} {OPENSORA_SIZE} {width}x{height}", duration=f"{family.label} {OPENSORA_DURATION} ({frames} frames)")
     extra = {}
     if image_to_video:
         img = g.add("LoadImage", image="first_frame.png")
-        scaled = g.add("ImageScale", "Resize to the video size", image=(img, 0), upscale_method="bilinear", width=640, height=360, crop="center")
+        scaled = g.add("ImageScale", "Resize to the video size", image=(img, 0), upscale_method="bilinear", width=width, height=height, crop="center")
         extra["image_latent"] = (g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(scaled, 0), chunk_frames=8,
                                        tiling="auto", tile_height=0, tile_width=0), 0)
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=30, cfg=7.0,
+    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=r["steps"], cfg=float(r["cfg"]),
               sampler="default", schedule="default", denoise=1.0, dynamic_cfg=False, step_cache=0.0, **extra)
     d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=5, tiling="auto", tile_height=0, tile_width=0)
-    g.add("VDITSaveVideo", images=(d, 0), fps=24.0, filename_prefix="vdit/opensora_i2v" if image_to_video else "vdit/opensora", format="mp4")
+    g.add("VDITSaveVideo", images=(d, 0), fps=float(r["fps"]), filename_prefix="vdit/opensora_i2v" if image_to_video else "vdit/opensora", format="mp4")
     return g
 
 
 def all_workflows(pack) -> dict[str, Graph]:
+    from vdit_core.demo import demo_model_path
+
+    demo, b2, b5 = folder_facts(demo_model_path()), release("cogvideox", "cogvideox-2b"), release("cogvideox", "cogvideox-5b")
     return {
         "vdit demo - text to video (no downloads)": text_to_video(
             pack, "vdit-demo (bundled)",
-            "Runs with no downloads: the tiny demo model bundled with vdit (64x64, 17 frames of moving shapes). "
+            f"Runs with no downloads: the tiny demo model bundled with vdit ({demo['width']}x{demo['height']}, {demo['frames']} frames of moving shapes). "
             "Try prompts like 'a blue square moving up': 3 shapes (circle, square, triangle), 6 colours (red, green, "
             "blue, yellow, white, purple), 4 directions (left, right, up, down).",
-            64, 64, 17, 30, 5.0, 8.0, "a blue square moving up", prefix="vdit/demo"),
+            demo, "a blue square moving up", prefix="vdit/demo"),
         "CogVideoX 2B - text to video": text_to_video(
             pack, "CogVideoX-2b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-2b", name="CogVideoX-2b/") +
-            " The 2B model runs in fp16 with DDIM, 50 steps, CFG 6, 49 frames at 720x480, 8 fps.",
-            720, 480, 49, 50, 6.0, 8.0, "a panda playing a guitar in a bamboo forest, soft morning light", dtype="fp16"),
+            f" The 2B model runs in fp16 with {b2['sampler'].upper()}, {b2['steps']} steps, CFG {b2['cfg']:g}, {b2['frames']} frames at "
+            f"{b2['width']}x{b2['height']}, {b2['fps']:g} fps.",
+            b2, "a panda playing a guitar in a bamboo forest, soft morning light", dtype="fp16"),
         "CogVideoX 5B - text to video": text_to_video(
             pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
-            " The 5B model runs in bf16; its recommended sampler is cogvideox_dpm with dynamic CFG, 50 steps, CFG 6.",
-            720, 480, 49, 50, 6.0, 8.0, "a golden retriever running through shallow waves at sunset", dtype="bf16",
-            sampler="cogvideox_dpm", dynamic_cfg=True),
+            f" The 5B model runs in bf16; its recommended sampler is cogvideox_dpm with dynamic CFG, {b5['steps']} steps, CFG {b5['cfg']:g}.",
+            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", sampler="cogvideox_dpm", dynamic_cfg=True),
         "CogVideoX 5B - text to video with a LoRA": text_to_video(
             pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
             " Put your LoRA (from python -m vdit_core.train, diffusers/PEFT or kohya files) into models/loras and pick it "
             "in VDIT LoRA Apply; chain several nodes to stack LoRAs.",
-            720, 480, 49, 50, 6.0, 8.0, "a golden retriever running through shallow waves at sunset", dtype="bf16",
+            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16",
             sampler="cogvideox_dpm", dynamic_cfg=True, lora="my_cogvideox_lora.safetensors", prefix="vdit/lora"),
         "CogVideoX 5B - image to video": image_to_video(pack),
         "CogVideoX 5B - video to video": video_to_video(pack),

@@ -12,7 +12,7 @@ looks like, both for dispatch and for "expected X, but this looks like Y" errors
 The package's files, one concept each: ``base.py`` (the :class:`Family` base class and its size
 helpers), ``folder.py`` (what a model folder says about sampling), ``registry.py`` (the registered
 families and finding the family of a folder, file or transformer), ``choices.py`` (the sizes,
-durations and VAE presets the nodes and CLI offer); the key signatures themselves live in
+durations and VAE presets the nodes and CLI offer, and the releases' facts their tooltips and help quote); the key signatures themselves live in
 :mod:`vdit_core.detect`, which the loaders below the families read.
 """
 
@@ -21,11 +21,11 @@ from __future__ import annotations
 from ..detect import OTHER_SIGNATURES, Signature, describe, detect, signatures
 from ..text import load_t5_encoder
 from .base import Family, multiple_problem, neighbours
-from .choices import duration_choices, parse_duration, parse_resolution, resolution_choices, vae_variants
+from .choices import duration_choices, parse_duration, parse_resolution, quote, release_facts, resolution_choices, vae_variants
 from .folder import SCHEDULER_SAMPLERS, folder_defaults
 from .registry import FAMILIES, file_keys, for_file, for_folder, for_transformer, get, register, unregister
 
 from . import cogvideox, hunyuandit, opensora  # noqa: E402  (each registers itself, in this order)
 
 __all__ = ["folder_defaults", "SCHEDULER_SAMPLERS", "Family", "Signature", "FAMILIES", "register", "unregister", "detect", "describe", "get", "for_folder", "for_file",
-           "for_transformer", "file_keys", "signatures", "vae_variants", "resolution_choices", "duration_choices", "parse_resolution", "parse_duration", "multiple_problem", "neighbours", "cogvideox", "hunyuandit", "opensora"]
+           "for_transformer", "file_keys", "signatures", "vae_variants", "release_facts", "quote", "resolution_choices", "duration_choices", "parse_resolution", "parse_duration", "multiple_problem", "neighbours", "cogvideox", "hunyuandit", "opensora"]

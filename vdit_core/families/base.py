@@ -54,6 +54,19 @@ class Family:
     # latent -> RGB in [-1, 1] for previews: (a [C][3] matrix, a bias of 3) over model-space latents, or None
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None
 
+    # -- the releases' facts as users read them (node tooltips, --help and the bundled workflows quote
+    # them through release_facts and quote below; the checks use the same methods)
+    presets: dict[str, object] = {}  # the releases' transformer configs by name (its model module's PRESETS)
+    text_length: int = 0  # T5 tokens per prompt of the releases (0: none; the family's encoders fix their own)
+
+    def frame_rule(self, config=None) -> str:
+        """The frame counts it takes, in words ("4k+1"); without ``config``: the releases' rule."""
+        return ""
+
+    def size_multiple(self, config=None, spatial_scale: int = 8) -> int:
+        """What pixel heights and widths must be a multiple of; without ``config``: the releases'."""
+        return 0
+
     # -- detection -------------------------------------------------------------------------------
     def recognises_folder(self, folder: Path) -> bool:
         """Whether ``folder`` is a model folder of this family."""

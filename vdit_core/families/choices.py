@@ -1,8 +1,9 @@
 """The registered families' sizes, durations and VAE presets as the nodes and the CLI offer them,
-and reading those choices back."""
+reading those choices back, and the releases' facts as tooltips and --help quote them."""
 
 from __future__ import annotations
 
+from .base import Family
 from .registry import FAMILIES
 
 
@@ -50,3 +51,34 @@ def parse_duration(text: str) -> int:
 def vae_variants() -> list[str]:
     """Every family's VAE presets (the VAE loader node's choices)."""
     return [v for f in FAMILIES.values() for v in f.vae_variants]
+
+
+def release_facts(family: Family, config) -> dict:
+    """One release's facts as users read them, from the family's own methods: ``steps``, ``cfg``,
+    ``sampler`` (its sampling defaults without a model folder), ``frames``, ``height``, ``width``
+    (its trained size), ``fps`` (None for an image model), ``frame_rule``, ``size_multiple``
+    (pixels) and ``text_length``."""
+    d = family.sampling_defaults(None, config)
+    frames, height, width = family.default_size(config, d["vae_scale"])
+    return {"steps": d["steps"], "cfg": d["cfg"], "sampler": d["sampler"], "frames": frames, "height": height, "width": width,
+            "fps": family.fps(config) if frames > 1 else None, "frame_rule": family.frame_rule(config),
+            "size_multiple": family.size_multiple(config, d["vae_scale"]), "text_length": family.text_length}
+
+
+def quote(fact: str) -> str:
+    """A :func:`release_facts` entry of every registered family, as tooltips and --help quote it:
+    "CogVideoX: 50; HunyuanDiT: 100; Open-Sora: 30". Where a family's releases differ, its most
+    common value comes first and the others name their releases ("CogVideoX: 8 (cogvideox1.5-5b,
+    cogvideox1.5-5b-i2v: 16)"); families without presets, or without the fact (None, "", 0), are left out."""
+    out = []
+    for f in FAMILIES.values():
+        names: dict[str, list[str]] = {}  # value as written -> the releases that have it
+        for name, config in f.presets.items():
+            v = release_facts(f, config)[fact]
+            if v not in (None, "", 0):
+                names.setdefault(f"{v:g}" if isinstance(v, float) else str(v), []).append(name)
+        if names:
+            (first, _), *rest = sorted(names.items(), key=lambda kv: -len(kv[1]))  # (stable: ties keep the presets' order)
+            others = "; ".join(f"{', '.join(n)}: {v}" for v, n in rest)
+            out.append(f"{f.label}: {first}" + (f" ({others})" if others else ""))
+    return "; ".join(out)

@@ -1,10 +1,11 @@
 """CogVideoX (THUDM): 2B, 5B, 5B-I2V, 1.5-5B, 1.5-5B-I2V, and the bundled demo model.
 
-Facts: 4k+1 frames (the releases were trained on 8N+1, 1.5 on 16N+1), sizes a multiple of the
-VAE's compression times the patch (16), 8 fps (1.5: 16), v-prediction on a zero-terminal-SNR
-DDPM schedule (SNR shift 3 for 2B, 1 for the 5B family), noise drawn per sample as [T, C, H, W]
-as the reference does, 1.5's odd latent frame count padded at the front to the temporal patch,
-image-to-video by concatenating the first frame's latents (zeros after it) along channels.
+Facts: 4k+1 frames (4: the temporal compression its transformer config states, as its VAE's does;
+the releases were trained on 8N+1, 1.5 on 16N+1), sizes a multiple of the VAE's compression times
+the patch (16), 8 fps (1.5: 16), v-prediction on a zero-terminal-SNR DDPM schedule (SNR shift 3
+for 2B, 1 for the 5B family), noise drawn per sample as [T, C, H, W] as the reference does, 1.5's
+odd latent frame count padded at the front to the temporal patch, image-to-video by
+concatenating the first frame's latents (zeros after it) along channels.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ TEXT_LENGTH = 226  # T5 tokens of every release
 LORA_TARGETS = model.CogVideoXTransformer.lora_targets  # the transformer's own default (attention q/k/v/out, FFN)
 
 
+def rules(config: model.CogVideoXConfig | None) -> model.CogVideoXConfig:
+    """The config whose frame and size rules apply: ``config``, or without one the default config
+    (every release shares its temporal compression and patch size)."""
+    return config if config is not None else model.CogVideoXConfig()
+
+
 def release_schedule(config: model.CogVideoXConfig) -> DiscreteScheduleConfig:
     """CogVideoX's released schedule: v-prediction, zero terminal SNR, trailing; SNR shift 3 for
     the 2B model, 1 for the 5B family."""
@@ -51,6 +58,8 @@ class CogVideoX(Family):
     pipeline_classes = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
     vae_variants = tuple(vae.PRESETS)
     lora_targets = LORA_TARGETS
+    presets = model.PRESETS
+    text_length = TEXT_LENGTH
     resolutions = ((720, 480), (480, 720), (1360, 768), (768, 1360))  # 1.0 (and the demo's 64x64 is its own); 1.5
     noise_permute = (1, 0, 2, 3)  # the reference draws latents as [T, C, H, W] per sample
     # latent -> RGB preview factors for the 16-channel VAE (shared by 1.0 and 1.5), as published with
@@ -123,16 +132,23 @@ class CogVideoX(Family):
     def default_size(self, config, spatial_scale):
         return config.sample_frames, config.sample_height * spatial_scale, config.sample_width * spatial_scale
 
+    def frame_rule(self, config=None) -> str:
+        return f"{rules(config).temporal_compression_ratio}k+1"
+
+    def size_multiple(self, config=None, spatial_scale=8) -> int:
+        return spatial_scale * rules(config).patch_size  # one transformer token
+
     def latent_frames(self, config, num_frames):
-        t = (num_frames - 1) // 4 + 1
+        t = (num_frames - 1) // config.temporal_compression_ratio + 1
         pt = config.patch_size_t or 1
         return t, -(-t // pt) * pt
 
     def size_problem(self, num_frames, height, width, config=None, spatial_scale=8, frames_label="num_frames"):
-        if num_frames < 1 or (num_frames - 1) % 4:
-            lo, hi = neighbours(num_frames, 4, 1)
-            return f"{frames_label}={num_frames}: CogVideoX takes 4k+1 frames; nearest valid: {lo} or {hi}"
-        step = spatial_scale * (config.patch_size if config is not None else 2)  # one transformer token
+        tc = rules(config).temporal_compression_ratio
+        if num_frames < 1 or (num_frames - 1) % tc:
+            lo, hi = neighbours(num_frames, tc, 1)
+            return f"{frames_label}={num_frames}: CogVideoX takes {self.frame_rule(config)} frames; nearest valid: {lo} or {hi}"
+        step = self.size_multiple(config, spatial_scale)
         for label, v in (("height", height), ("width", width)):
             problem = multiple_problem(label, v, step)
             if problem:
@@ -150,7 +166,7 @@ class CogVideoX(Family):
         notes = []
         if (num_frames - 1) % trained:
             notes.append(f"num_frames={num_frames}: the CogVideoX{' 1.5' if config.is_v15 else ''} releases were trained on "
-                         f"{trained}N+1 frames (e.g. {trained * 3 + 1}); other 4k+1 counts run but may look worse")
+                         f"{trained}N+1 frames (e.g. {trained * 3 + 1}); other {self.frame_rule(config)} counts run but may look worse")
         if num_frames > 8 * config.sample_frames:  # runs, but for a long time and without coherence
             notes.append(f"num_frames={num_frames} is {num_frames / config.sample_frames:.0f}x the {config.sample_frames} frames this "
                          "model was trained on: expect an incoherent video, and attention time grows with the square of the length")

@@ -56,6 +56,7 @@ class HunyuanDiT(Family):
     pipeline_classes = ("HunyuanDiTPipeline",)
     vae_variants = ()
     lora_targets = LORA_TARGETS
+    presets = model.PRESETS
     resolutions = RESOLUTIONS
     caption_groups = (("context", "context_mask"), ("context_t5", "context_t5_mask"))  # each encoder dropped on its own
     # the SDXL VAE's published latent -> RGB factors (ComfyUI's latent_formats.SDXL)
@@ -129,13 +130,19 @@ class HunyuanDiT(Family):
     def default_size(self, config, spatial_scale):
         return 1, config.sample_size * spatial_scale, config.sample_size * spatial_scale
 
+    def frame_rule(self, config=None):
+        return "1"
+
+    def size_multiple(self, config=None, spatial_scale=8):
+        return spatial_scale * (config if config is not None else model.HunyuanDiTConfig()).patch_size  # one transformer token
+
     def latent_frames(self, config, num_frames):
         return 1, 1
 
     def size_problem(self, num_frames, height, width, config=None, spatial_scale=8, frames_label="num_frames"):
         if num_frames != 1:
             return f"{frames_label}={num_frames}: HunyuanDiT makes images; nearest valid: 1"
-        step = spatial_scale * (config.patch_size if config is not None else 2)
+        step = self.size_multiple(config, spatial_scale)
         return multiple_problem("height", height, step) or multiple_problem("width", width, step)
 
     def size_warning(self, num_frames, height, width, config, spatial_scale):

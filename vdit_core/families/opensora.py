@@ -3,8 +3,8 @@
 Facts:
 * Frames: the VAE codes 17-frame chunks into 5 latent frames (a partial chunk of r frames into
   ceil(r/4)); the counts that round-trip are 17k + (4m - 3): 1 (an image), 5, 9, 13, 17, 18, ...,
-  34, 51 (2 s), 102 (4 s), 204 (8 s), 408 (16 s). Sizes: multiples of 8 (odd latent sizes are
-  padded to whole patches, as the release does).
+  34, 51 (2 s), 102 (4 s), 204 (8 s), 408 (16 s). Sizes: multiples of the VAE's spatial
+  compression, 8 (odd latent sizes are padded to whole patches, as the release does).
 * Rectified flow, velocity ``x0 - noise`` in the first 4 of 8 output channels; sampled with flow
   Euler, 30 steps, CFG 7, the unconditional branch the learned null caption with the prompt's
   mask. Timesteps are shifted by resolution and length (:func:`sigmas`), in float32 as the release.
@@ -33,7 +33,8 @@ from .folder import folder_defaults
 from .registry import register
 
 TEXT_LENGTH = 300
-DEFAULT_FPS = 24
+DEFAULT_FPS = 24  # the fps a video is conditioned on when none is asked for (the release's sampling default)
+IMAGE_FPS = 120  # the fps a single image is always conditioned on (the release's IMG_FPS)
 AESTHETIC_SCORE = 6.5  # the release's sampling default (``aes``)
 CONDITION_LATENT_FRAMES = 5  # a video extension is conditioned on its last 17 frames (5 latent frames), as the release's loop
 # names offered by the nodes and the CLI: (label, (width, height)) of the release's aspect-ratio tables
@@ -92,6 +93,8 @@ class OpenSora(Family):
     pipeline_classes = ("OpenSoraPipeline",)
     text_encoder_kind = "t5-v1_1-xxl"
     lora_targets = LORA_TARGETS
+    presets = model.PRESETS
+    text_length = TEXT_LENGTH
     resolutions = tuple(NAMED_RESOLUTIONS.values())
     named_resolutions = NAMED_RESOLUTIONS
     durations = DURATIONS
@@ -182,7 +185,7 @@ class OpenSora(Family):
 
     def sample_conditioning(self, config, latent_shape, spatial_scale, fps=None):
         b, _, t, h, w = latent_shape
-        fps = model.IMAGE_FPS if t == 1 else (DEFAULT_FPS if fps is None else fps)  # an image: 120 whatever is asked, as released
+        fps = IMAGE_FPS if t == 1 else (DEFAULT_FPS if fps is None else fps)  # an image: IMAGE_FPS whatever is asked, as released
         full = lambda v: torch.full((b,), float(v))  # noqa: E731
         return {"fps": full(fps), "height": full(h * spatial_scale), "width": full(w * spatial_scale)}
 
@@ -196,12 +199,19 @@ class OpenSora(Family):
     def default_size(self, config, spatial_scale):
         return 51, 240, 424  # the release's sample config: 240p 16:9, 2 s
 
+    def frame_rule(self, config=None):
+        return vae.frame_rule()
+
+    def size_multiple(self, config=None, spatial_scale=8):
+        return spatial_scale  # odd latent sizes are padded to whole patches
+
     def latent_frames(self, config, num_frames):
         t = vae.latent_frames(num_frames)
         return t, t
 
     def size_problem(self, num_frames, height, width, config=None, spatial_scale=8, frames_label="num_frames"):
-        return vae.frames_problem(num_frames, label=frames_label) or multiple_problem("height", height, spatial_scale) or multiple_problem("width", width, spatial_scale)
+        step = self.size_multiple(config, spatial_scale)
+        return vae.frames_problem(num_frames, label=frames_label) or multiple_problem("height", height, step) or multiple_problem("width", width, step)
 
     def size_warning(self, num_frames, height, width, config, spatial_scale):
         if height * width > 1280 * 720 * 1.05:

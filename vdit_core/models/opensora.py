@@ -74,8 +74,6 @@ PRESETS: dict[str, STDiT3Config] = {
     "opensora-v1.2-3b": STDiT3Config(hidden_size=1872, num_heads=26),  # STDiT3-3B/2 (defined, not released)
 }
 
-IMAGE_FPS = 120  # the fps a single image is conditioned on (Open-Sora's IMG_FPS)
-
 
 # ----------------------------------------------------------------------------------------------
 # modules
@@ -275,9 +273,10 @@ class STDiT3(nn.Module):
     ``forward(x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None,
     drop_text=None)``: latents ``x`` [B, 4, T, h, w], float timesteps [B] in [0, 1000], T5 states
     ``y`` [B, L, 4096] with their ``mask`` [B, L] (None: every token). ``x_mask`` [B, T] bool: False
-    marks conditioning frames (modulated with t = 0). ``fps`` [B] (default 24, and 120 for a
-    single frame), ``height``/``width`` the pixel size (default 8x the latent's), which scales the
-    positional table. ``drop_text`` [B] bool replaces ``y`` with the learned null embedding (the
+    marks conditioning frames (modulated with t = 0). ``fps`` [B] or a number, required: the frame
+    rate it is conditioned on (which rate to ask for is the family's ``sample_conditioning``).
+    ``height``/``width`` the pixel size (default 8x the latent's), which scales the positional
+    table. ``drop_text`` [B] bool replaces ``y`` with the learned null embedding (the
     unconditional branch of CFG). Returns [B, 8, T, h, w] float32: the velocity ``x0 - noise`` in
     the first 4 channels.
     """
@@ -336,7 +335,9 @@ class STDiT3(nn.Module):
         t, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
         s = h * w
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b).to(dtype)
-        fps = torch.as_tensor(fps if fps is not None else (IMAGE_FPS if tx == 1 else 24), device=x.device, dtype=torch.float32).reshape(-1).expand(b)
+        if fps is None:
+            raise ValueError("fps: STDiT3 is conditioned on a frame rate; pass it (the Open-Sora family's sample_conditioning gives the release's)")
+        fps = torch.as_tensor(fps, device=x.device, dtype=torch.float32).reshape(-1).expand(b)
 
         # positions scaled by the pixel resolution (the first sample's, as the release)
         height = float(torch.as_tensor(height).reshape(-1)[0]) if height is not None else hx * 8
@@ -482,4 +483,4 @@ def save_transformer(model: STDiT3, folder, dtype: torch.dtype | None = None, st
                           weights_name="model")
 
 
-__all__ = ["STDiT3", "STDiT3Config", "PRESETS", "IMAGE_FPS", "load_transformer", "save_transformer", "is_state_dict"]
+__all__ = ["STDiT3", "STDiT3Config", "PRESETS", "load_transformer", "save_transformer", "is_state_dict"]

@@ -238,6 +238,11 @@ def pixel_frames(latent_t: int, micro: int = 17, tc: int = 4) -> int:
     return (latent_t // per) * micro + (tc * rest - (tc - 1) if rest else 0)
 
 
+def frame_rule(micro: int = 17, tc: int = 4) -> str:
+    """The frame counts that round-trip, in words: "17k or 17k+4m+1" (m < the latent frames of a chunk)."""
+    return f"{micro}k or {micro}k+{tc}m+1"
+
+
 def frames_problem(num_frames: int, micro: int = 17, tc: int = 4, label: str | None = None) -> str | None:
     """Why the VAE cannot round-trip ``num_frames`` (with the nearest counts it can), or None;
     ``label`` names the value ("num_frames=20: ...", else "20 frames: ...")."""
