@@ -129,7 +129,7 @@ class VDITSampler:
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "below 1: video-to-video from the input latent"}),
             },
             "optional": {
-                "image_latent": ("LATENT", {"tooltip": "image-to-video: the first frame, from VDIT VAE Encode (CogVideoX I2V needs it; Open-Sora takes it optionally, or an encoded clip to continue: its last 17 frames start the video)"}),
+                "image_latent": ("LATENT", {"tooltip": "image-to-video: the first frame, from VDIT VAE Encode (CogVideoX I2V needs it; " + "; ".join(f"{f.label} takes it optionally, or an encoded clip to continue: its last {f.extension_frames} frames start the video" for f in families.FAMILIES.values() if f.extends_videos) + ")"}),
                 "dynamic_cfg": ("BOOLEAN", {"default": False, "tooltip": "CogVideoX's dynamic guidance (recommended with cogvideox_dpm)"}),
                 "step_cache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "faster, slightly different: skip the transformer on steps whose input changed by less than this in total, reusing the last computed change (0: off; 0.08-0.1: mild)"}),
             },

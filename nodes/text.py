@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from vdit_core import families
+
 from . import comfy
 
 
@@ -14,7 +16,7 @@ class VDITTextEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "text_encoder": ("VDIT_TEXT_ENCODER", {"tooltip": "from VDIT Text Encoder Loader"}),
-            "text": ("STRING", {"multiline": True, "default": "", "tooltip": "the prompt (HunyuanDiT also reads Chinese). Open-Sora: ' aesthetic score: 6.5.' is appended unless the text names a score itself; an empty text is its learned null caption (the usual negative)"}),
+            "text": ("STRING", {"multiline": True, "default": "", "tooltip": "the prompt. " + "; ".join(f"{f.label}: {f.prompt_note}" for f in families.FAMILIES.values() if f.prompt_note)}),
         }}
 
     RETURN_TYPES = ("VDIT_CONDITIONING",)

@@ -14,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import tiny  # noqa: E402
 from report import REPORT  # noqa: E402
+from vdit_core import families  # noqa: E402
 from vdit_core.checkpoint import CheckpointError  # noqa: E402
 from vdit_core.models.cogvideox import load_transformer  # noqa: E402
 from vdit_core.pipeline import Pipeline, load_pipeline  # noqa: E402
@@ -371,9 +372,10 @@ def test_t5_single_file_with_tokenizer_folder(tmp_path):
     ref, folder = tiny.reference_pipeline(tmp_path, "2b", "ddim")
     single = tmp_path / "t5_encoder.safetensors"
     save_file(load_file(str(folder / "text_encoder" / "model.safetensors")), str(single))
-    enc = load_t5(single, folder / "tokenizer")
-    enc_folder = load_t5(folder / "text_encoder", folder / "tokenizer")
-    ids = ref.tokenizer(["a red circle"], padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids
+    length = families.get("cogvideox").text_length
+    enc = load_t5(single, folder / "tokenizer", max_length=length)
+    enc_folder = load_t5(folder / "text_encoder", folder / "tokenizer", max_length=length)
+    ids = ref.tokenizer(["a red circle"], padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         expected = ref.text_encoder(ids)[0]
     assert torch.allclose(enc.encode("a red circle"), expected, atol=1e-6)

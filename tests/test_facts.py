@@ -99,6 +99,15 @@ def test_tooltips_and_help_quote_each_familys_own_values(monkeypatch):
                 for place in places:
                     text = helps[place] if place.startswith("--") else tips[place]
                     assert re.search(rf"(?<![\w.+]){re.escape(str(value))}(?![\w.+])", _part(text, family)), (place, family.name, value, text)
+    # how prompts are read and what continues a video, as the families say
+    for family in families.FAMILIES.values():
+        if family.prompt_note:
+            assert f"{family.label}: {family.prompt_note}" in tips["VDITTextEncode.text"]
+        if family.extends_videos:
+            for text in (tips["VDITSampler.image_latent"], helps["--video"]):
+                assert re.search(rf"{family.label} [^;]*last {family.extension_frames} frames", text), text
+    aesthetic = families.get("opensora").prompt_defaults["aesthetic_score"]
+    assert f"default {aesthetic:g}" in build_parser()._option_string_actions["--aesthetic-score"].help and f"score: {aesthetic:g}." in tips["VDITTextEncode.text"]
     # the size steps differ by family: no line may claim one multiple for all
     for text in (helps["--height"], helps["--width"], tips["VDITEmptyLatent.width"]):
         assert "a multiple of 16" not in text and "Open-Sora: 8" in text

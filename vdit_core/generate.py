@@ -35,7 +35,7 @@ def _durations() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .families import quote  # each family's facts, as its releases state them
+    from .families import FAMILIES, quote  # each family's facts, as its releases state them
 
     p = argparse.ArgumentParser(
         prog="python -m vdit_core.generate",
@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the transformer on steps whose input changed by less than T in total (faster, slightly different; 0: off, 0.08-0.1: mild)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", default=None, help="first frame for image-to-video models; the input image for image-to-image (with --denoise)")
-    p.add_argument("--video", default=None, help="an input video: video-to-video with --denoise below 1; with denoise 1, Open-Sora continues it (the new clip starts with its last 17 frames)")
+    p.add_argument("--video", default=None, help="an input video: video-to-video with --denoise below 1; with denoise 1, " + ", ".join(f"{f.label} continues it (the new clip starts with its last {f.extension_frames} frames)" for f in FAMILIES.values() if f.extends_videos))
     p.add_argument("--denoise", type=float, default=1.0, help="below 1: image-to-image from --image (image models) or video-to-video from --video, keeping that much of the run")
     p.add_argument("--fps", type=float, default=None, help=f"frames per second of the output (and Open-Sora's fps conditioning); default: the model's ({quote('fps')})")
-    p.add_argument("--aesthetic-score", default=None, help="Open-Sora: the aesthetic score appended to the prompt (default 6.5; 'none' to leave it out)")
+    p.add_argument("--aesthetic-score", default=None, help=f"Open-Sora: the aesthetic score appended to the prompt (default {FAMILIES['opensora'].prompt_defaults['aesthetic_score']:g}; 'none' to leave it out)")
     p.add_argument("--motion-score", type=float, default=None, help="Open-Sora: a motion score appended to the prompt (off by default)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight dtype")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -113,11 +113,11 @@ class Pipeline:
     vae: VideoVAE | None
     text_encoder: object | None
     schedule: object
-    sampler: str = "ddim"
-    steps: int = 50
-    cfg: float = 6.0
+    sampler: str | None = None  # None, here and below: the family's release default
+    steps: int | None = None
+    cfg: float | None = None
     name: str = ""
-    vae_scale: int = 8  # pixels per latent cell when no VAE is loaded (the folder's VAE config says)
+    vae_scale: int | None = None  # pixels per latent cell when no VAE is loaded (the folder's VAE config says)
     family: families.Family | None = None
     latent_rgb: tuple | None = None  # latent -> RGB preview factors (default: the family's)
     last_step_cache: StepCache | None = None  # the last sampling run's step cache (computed/skipped counts)
@@ -129,6 +129,13 @@ class Pipeline:
                 raise ValueError("a pipeline without a transformer needs its family")
             self.family = families.for_transformer(self.transformer)
         self.name = self.name or self.family.name
+        unset = [k for k in ("sampler", "steps", "cfg", "vae_scale") if getattr(self, k) is None]
+        if unset:
+            if self.transformer is None:
+                raise ValueError(f"a pipeline without a transformer needs its {', '.join(unset)}")
+            release = self.family.sampling_defaults(None, self.transformer.config)
+            for k in unset:
+                setattr(self, k, release[k])
         self.latent_rgb = self.latent_rgb or self.family.latent_rgb
 
     # -- facts about the model (the family's) ---------------------------------------------------

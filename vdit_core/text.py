@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError, assign_state_dict, build_on_meta, descr
 class T5TextEncoder:
     """A T5 encoder and its tokenizer: ``encode(prompts) -> [B, max_length, d_model]``."""
 
-    def __init__(self, model, tokenizer, max_length: int = 226):
+    def __init__(self, model, tokenizer, max_length: int):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -151,9 +151,11 @@ def load_t5(
     tokenizer: str | Path,
     dtype: torch.dtype = torch.float32,
     device="cpu",
-    max_length: int = 226,
+    *,
+    max_length: int,
 ) -> T5TextEncoder:
-    """T5 encoder weights (folder or single file) + tokenizer folder -> :class:`T5TextEncoder`."""
+    """T5 encoder weights (folder or single file) + tokenizer folder -> :class:`T5TextEncoder` of
+    ``max_length`` tokens per prompt (the family's: ``families.get(name).text_length``)."""
     return T5TextEncoder(load_t5_model(text_encoder, dtype, device), load_tokenizer(tokenizer), max_length)
 
 

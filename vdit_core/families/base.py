@@ -49,7 +49,10 @@ class Family:
     caption_groups: tuple[tuple[str, ...], ...] = ()  # conditioning keys that caption dropout replaces together (default: all)
     text_encoder_kind: str = ""  # families with the same kind take each other's text encoder files (T5-v1.1-XXL)
     extends_videos: bool = False  # whether a video with denoise 1 conditions a continuation (video_conditioning)
+    extension_frames: int = 0  # with extends_videos: the video's last frames that start the continuation
+    prompt_note: str = ""  # how its prompts are read, for users (the text node's tooltip quotes it)
     prompt_options: tuple[str, ...] = ()  # keyword options of encode_text (pipeline call options)
+    prompt_defaults: dict[str, object] = {}  # the release's values of those options (None: left out)
     noise_permute: tuple[int, ...] | None = None  # the reference's per-sample noise layout (seed parity)
     # latent -> RGB in [-1, 1] for previews: (a [C][3] matrix, a bias of 3) over model-space latents, or None
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None

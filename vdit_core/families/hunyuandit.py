@@ -56,6 +56,7 @@ class HunyuanDiT(Family):
     pipeline_classes = ("HunyuanDiTPipeline",)
     vae_variants = ()
     lora_targets = LORA_TARGETS
+    prompt_note = "reads Chinese as well as English"
     presets = model.PRESETS
     resolutions = RESOLUTIONS
     caption_groups = (("context", "context_mask"), ("context_t5", "context_t5_mask"))  # each encoder dropped on its own

@@ -100,7 +100,11 @@ class OpenSora(Family):
     durations = DURATIONS
     caption_groups = (("drop_text",),)  # caption dropout: the learned null caption, the caption's mask kept (as the release)
     prompt_options = ("aesthetic_score", "motion_score")
+    prompt_defaults = {"aesthetic_score": AESTHETIC_SCORE, "motion_score": None}
     extends_videos = True
+    extension_frames = vae.pixel_frames(CONDITION_LATENT_FRAMES)
+    prompt_note = (f"' aesthetic score: {AESTHETIC_SCORE:g}.' is appended unless the text names a score itself; "
+                   "an empty text is its learned null caption (the usual negative)")
 
     # -- detection -----------------------------------------------------------------------------
     def recognises_folder(self, folder):
