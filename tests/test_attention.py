@@ -1,5 +1,8 @@
 """Every usable attention backend against a naive softmax reference, with and without masks."""
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -100,6 +103,72 @@ def test_bad_arguments():
         A.attention(q[0], k, v)
     with pytest.raises(ValueError, match="not both"):
         A.attention(q, k, v, kv_lens=torch.tensor([1, 1, 1]), mask=torch.ones(3, 11, dtype=torch.bool))
+
+
+class _FakeBlockDiagonalMask:
+    """xformers' BlockDiagonalMask: query block i attends key block i only."""
+
+    def __init__(self, q_seqlen, kv_seqlen):
+        self.q_seqlen, self.kv_seqlen = list(q_seqlen), list(kv_seqlen)
+
+    @classmethod
+    def from_seqlens(cls, q_seqlen, kv_seqlen=None):
+        return cls(q_seqlen, kv_seqlen if kv_seqlen is not None else q_seqlen)
+
+
+def _fake_memory_efficient_attention(q, k, v, attn_bias=None, scale=None):
+    """xformers' memory_efficient_attention on [B, S, H, D], by the textbook formula; like the real
+    one it refuses q, k, v of different dtypes (the real kernels run on CUDA only)."""
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"Query/Key/Value should all have the same dtype: {q.dtype}, {k.dtype}, {v.dtype}")
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if isinstance(attn_bias, _FakeBlockDiagonalMask):
+        allowed = torch.zeros(s.shape[-2:], dtype=torch.bool, device=q.device)
+        qs = ks = 0
+        for nq, nk in zip(attn_bias.q_seqlen, attn_bias.kv_seqlen):
+            allowed[qs : qs + nq, ks : ks + nk] = True
+            qs, ks = qs + nq, ks + nk
+        s = s.masked_fill(~allowed, -float("inf"))
+    elif attn_bias is not None:
+        s = s + attn_bias.float()
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.float()).to(q.dtype)
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """An installed, working xformers as a CUDA machine has it, for the CPU: vdit's own xformers
+    code runs, on top of a textbook memory_efficient_attention."""
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = _fake_memory_efficient_attention
+    ops.fmha = types.SimpleNamespace(BlockDiagonalMask=_FakeBlockDiagonalMask)
+    pkg = types.ModuleType("xformers")
+    pkg.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", pkg)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    probe = A._probe
+    monkeypatch.setattr(A, "_probe", lambda backend, device_type, dtype: None if backend == "xformers" else probe(backend, device_type, dtype))
+
+
+def test_q_k_v_of_mixed_dtypes_reach_the_backend_as_one(fake_xformers):
+    """CUDA autocast runs LayerNorm in float32: the qk-normed q and k of every family reach
+    attention() float32 while v is bf16, and xformers (auto's choice on CUDA) refuses mixed
+    dtypes. attention() brings the three to autocast's dtype (as SDPA does under autocast), and
+    outside autocast to the widest."""
+    q, k, v = _inputs()
+    v = v.bfloat16()
+    assert A.compute_dtype(q, k, v) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert A.compute_dtype(q, k, v) == torch.bfloat16
+        out = A.attention(q, k, v, backend="xformers")
+        lens = A.attention(q, k, v, kv_lens=torch.tensor([11, 4, 1]), backend="xformers")
+        sdpa = A.attention(q, k, v, backend="sdpa")
+        expected = A.attention(q.bfloat16(), k.bfloat16(), v, backend="math")  # the fake's formula, on bf16 inputs
+    assert out.dtype == lens.dtype == sdpa.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    assert (sdpa.float() - expected.float()).abs().max() < 2e-2
+    out = A.attention(q, k, v, backend="xformers")  # no autocast: float32, v widened
+    assert out.dtype == torch.float32
+    assert (out.double() - reference(q, k, v.float(), torch.ones(3, 11, dtype=torch.bool))).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

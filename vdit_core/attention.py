@@ -3,6 +3,7 @@
 ``attention(q, k, v, kv_lens=None, mask=None, backend=None)`` takes [B, S, H, D] tensors and
 returns [B, Sq, H, D]. Keys may be limited per sample by ``kv_lens`` (the first ``kv_lens[b]``
 keys are valid: padded text) or by a boolean key-padding ``mask`` [B, Skv] (True = attend).
+q, k and v may come in different dtypes; they are brought to one (:func:`compute_dtype`).
 
 Backends:
 
@@ -90,6 +91,18 @@ def resolve_backend(backend: str | None, device: torch.device | str, dtype: torc
         usable = ", ".join(available_backends(device, dtype))
         raise AttentionBackendError(f"attention backend {name!r} is not available: {why}. Usable here: {usable}")
     return name
+
+
+def compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The one dtype attention runs in: under autocast, autocast's (what SDPA casts to there);
+    otherwise the widest of the three. They differ in training: under CUDA autocast LayerNorm
+    runs in float32 (and Open-Sora's RMSNorm multiplies by its float32 weight), so the qk-normed
+    q and k of every family arrive float32 while v is bf16; xformers, flash_attn and
+    sageattention refuse mixed dtypes."""
+    device_type = q.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,6 +242,8 @@ def attention(
         raise ValueError(f"attention takes [B, S, H, D] tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if kv_lens is not None and mask is not None:
         raise ValueError("pass kv_lens or mask, not both")
-    name = resolve_backend(backend, q.device, q.dtype)
+    dtype = compute_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    name = resolve_backend(backend, q.device, dtype)
     key_mask = _key_mask(kv_lens, mask, k.shape[1], q.device)
     return _BACKEND_FNS[name](q, k, v, key_mask, scale)
