@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .attention import attention as local_attention
+from .attention import padded_keys
 
 
 class SequenceParallel:
@@ -102,9 +103,12 @@ class SequenceParallel:
             return torch.cat([x[:, :prefix, lo : lo + heads], self._heads_to_tokens(x[:, prefix:])], dim=1)
 
         q_, k_, v_ = whole(q), whole(k), whole(v)
-        padded = q_.shape[1] != prefix + self.length
-        lens = torch.full((q.shape[0],), prefix + self.length, device=q.device) if padded else None
-        out = local_attention(q_, k_, v_, kv_lens=lens, backend=backend)  # [B, P + S', H/W, D]
+        keys = None
+        if q_.shape[1] != prefix + self.length:  # the padding tokens are not attended
+            # a mask made from the lengths alone: a length or mask tensor would be read on the
+            # host at every call, a GPU sync in every block
+            keys = padded_keys(q.shape[0], prefix + self.length, q_.shape[1], q.device)
+        out = local_attention(q_, k_, v_, mask=keys, backend=backend)  # [B, P + S', H/W, D]
         if prefix:
             heads_of = [torch.empty_like(out[:, :prefix]) for _ in range(self.size)]
             dist.all_gather(heads_of, out[:, :prefix].contiguous(), group=self.group)
