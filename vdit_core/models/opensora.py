@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import KeyMask, attention, key_mask
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
 from ..layers import Linear, linear_gelu, patch_tokens, rotate_, timestep_embedding
+from ..offload import on_device
 from ..step_cache import StepCache, run_blocks
 
 
@@ -383,7 +384,8 @@ class STDiT3(nn.Module):
             return tokens
 
         def signal() -> torch.Tensor:  # the first block's modulated input (every rank's, so all decide alike)
-            first = self.spatial_blocks[0].modulated_input(tokens, t_mod)
+            with on_device(self.spatial_blocks[0]):  # block swap may stream it
+                first = self.spatial_blocks[0].modulated_input(tokens, t_mod)
             return first if sp is None else sp.gather(first.view(b, t, s, -1), 2)
 
         # with a step cache, the signal tells how much this step's input changed
