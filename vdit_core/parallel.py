@@ -54,6 +54,13 @@ class SequenceParallel:
             raise ValueError(f"sequence parallel over {self.size} ranks: {what} has {heads} attention heads, "
                              f"which do not divide by {self.size}; use {', '.join(map(str, fits))} sequence ranks")
 
+    def any_rank(self, flag: bool, device: torch.device | str) -> bool:
+        """Whether ``flag`` is true on any rank of the group (every rank calls it; on a GPU it
+        waits for the GPU)."""
+        t = torch.full((1,), float(flag), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's contiguous part of ``x`` along ``dim`` (the sequence padded with zeros)."""
         n = x.shape[dim]
@@ -171,7 +178,8 @@ class Parallel:
             return ParallelCFGDenoiser(model, scale, self.cfg_group, branch=self.rank // self.sequence_ranks)
         from .guidance import CFGDenoiser
 
-        return CFGDenoiser(model, scale)
+        # the ranks of a sequence split decide the out-of-memory fallback together
+        return CFGDenoiser(model, scale, agree=self.sequence.any_rank if self.sequence is not None else None)
 
 
 def plan(guidance: bool, split_cfg: bool = True, heads: int | None = None) -> Parallel:
