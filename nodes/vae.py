@@ -42,12 +42,14 @@ def _run(fn, vae, mode, tile_height, tile_width, frames: int, height: int, width
     except torch.OutOfMemoryError:
         if mode != "auto":
             raise
-        comfy.free_cache()
-        if tiling is None:
-            return fn(_tiling(vae, "on", tile_height, tile_width))
-        s = vae.spatial_compression  # the sized tiles were too big after all: halve them
-        return fn(Tiling(max(2 * s, tiling.tile_height // 2 // s * s), max(2 * s, tiling.tile_width // 2 // s * s),
-                         tiling.overlap_height, tiling.overlap_width))
+    # retried only now: inside the except block the exception's traceback still holds the failed
+    # attempt's frames, and with them its GPU tensors (activations, convolution caches)
+    comfy.free_cache()
+    if tiling is None:
+        return fn(_tiling(vae, "on", tile_height, tile_width))
+    s = vae.spatial_compression  # the sized tiles were too big after all: halve them
+    return fn(Tiling(max(2 * s, tiling.tile_height // 2 // s * s), max(2 * s, tiling.tile_width // 2 // s * s),
+                     tiling.overlap_height, tiling.overlap_width))
 
 
 class VDITVAEEncode:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -221,6 +222,34 @@ def test_decode_retries_tiled_when_out_of_memory(models_dir, monkeypatch):
     assert frames.shape == (9, 32, 48, 3) and seen[0] is None and seen[1] is not None
     with pytest.raises(torch.OutOfMemoryError):
         NODES["VDITVAEDecode"]().decode(vae, out, 2, "off", 0, 0)
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_vae_retry_starts_after_the_failed_attempt_is_freed(monkeypatch, sized):
+    """An out-of-memory VAE run is retried with tiles; retried inside the except block, the
+    exception's traceback kept the failed attempt's frames and their GPU tensors alive, so the
+    retry had that much less memory (and freeing the cache freed none of it)."""
+    import weakref
+
+    from vdit_core.vae.common import Tiling
+
+    node_vae = __import__(f"{PACK.__name__}.nodes.vae", fromlist=["x"])
+    first, freed = [], []
+
+    def run(tiling):
+        if not first:
+            activations = torch.ones(8)  # the failed attempt's tensors, held by its frame
+            first.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        freed.append(("retry", first[0]() is None))
+        return tiling
+
+    monkeypatch.setattr(node_vae.comfy, "free_cache", lambda: freed.append(("free_cache", first[0]() is None)))
+    vae = types.SimpleNamespace(spatial_compression=8, default_tiling=lambda: Tiling(64, 96),
+                                auto_tiling=lambda f, h, w: Tiling(128, 128) if sized else None)
+    tiling = node_vae._run(run, vae, "auto", 0, 0, 9, 480, 720)
+    assert freed == [("free_cache", True), ("retry", True)]
+    assert (tiling.tile_height, tiling.tile_width) == ((64, 64) if sized else (64, 96))
 
 
 def test_missing_files_and_single_file_tokenizer_errors(models_dir):

@@ -171,6 +171,49 @@ def _compare(jobs: dict, split: dict, monkeypatch) -> None:
         assert expected.abs().max() > 0.1, name  # a real output, not an empty one
 
 
+def _out_of_memory_worker(rank: int, world: int, port: int, out_file: str) -> None:
+    """One rank of a sequence split with batched CFG, where only rank 1 runs out of memory in the
+    batched pass; rank 0 saves what each rank called and returned."""
+    import torch.distributed as dist
+
+    from vdit_core import parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        split = parallel.plan(guidance=True, split_cfg=False)
+        passes = []
+
+        def model(x, sigma, c):
+            passes.append(x.shape[0])
+            if rank == 1 and x.shape[0] == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return x * c
+
+        denoiser = split.guidance(model, 3.0)
+        x, sigma = torch.ones(1, 4), torch.ones(1)
+        outs = [denoiser(x, sigma, cond={"c": torch.full((1, 1), 2.0)}, uncond={"c": torch.full((1, 1), 1.0)}) for _ in range(2)]
+        ranks = [None] * world
+        dist.all_gather_object(ranks, dict(passes=passes, batched=denoiser.batched, outs=outs))
+        if rank == 0:
+            torch.save(ranks, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_out_of_memory_fallback_is_decided_by_every_rank_together(tmp_path):
+    """Under sequence parallel every forward exchanges data between the ranks, so the ranks must
+    make the same calls: when one rank runs out of memory in the batched CFG pass, every rank
+    falls back to two passes (a rank that alone kept batching would wait forever in an exchange
+    its partner never joins)."""
+    out_file = tmp_path / "out.pt"
+    mp.start_processes(_out_of_memory_worker, args=(2, _free_port(), str(out_file)), nprocs=2, start_method="spawn")
+    ranks = torch.load(out_file, weights_only=False)
+    for r in ranks:
+        assert r["passes"] == [2, 1, 1, 1, 1] and r["batched"] is False, ranks  # tried batched once, then two passes
+        assert all(torch.equal(o, torch.full((1, 4), 1.0 + 3.0 * (2.0 - 1.0))) for o in r["outs"])
+
+
 def test_heads_that_do_not_split_are_refused():
     from vdit_core.parallel import SequenceParallel
 

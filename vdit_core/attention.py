@@ -3,6 +3,9 @@
 ``attention(q, k, v, kv_lens=None, mask=None, backend=None)`` takes [B, S, H, D] tensors and
 returns [B, Sq, H, D]. Keys may be limited per sample by ``kv_lens`` (the first ``kv_lens[b]``
 keys are valid: padded text) or by a boolean key-padding ``mask`` [B, Skv] (True = attend).
+Reading a mask's values (is it all true, are the valid keys first, how many) makes a GPU wait,
+so a mask shared by many calls is made once into a :class:`KeyMask`, with which no call reads
+values. q, k and v may come in different dtypes; they are brought to one (:func:`compute_dtype`).
 
 Backends:
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -92,19 +96,46 @@ def resolve_backend(backend: str | None, device: torch.device | str, dtype: torc
     return name
 
 
+def compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The one dtype attention runs in: under autocast, autocast's (what SDPA casts to there);
+    otherwise the widest of the three. They differ in training: under CUDA autocast LayerNorm
+    runs in float32 (and Open-Sora's RMSNorm multiplies by its float32 weight), so the qk-normed
+    q and k of every family arrive float32 while v is bf16; xformers, flash_attn and
+    sageattention refuse mixed dtypes."""
+    device_type = q.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # masks
 
 
-def _lens_from_mask(mask: torch.Tensor) -> torch.Tensor | None:
-    """Lengths if ``mask`` [B, S] is a prefix mask (valid keys first), else None."""
-    lens = mask.sum(1)
-    prefix = torch.arange(mask.shape[1], device=mask.device)[None] < lens[:, None]
-    return lens if torch.equal(prefix, mask.bool()) else None
+@dataclass(frozen=True)
+class KeyMask:
+    """Which keys each sample attends, in the forms the backends take, made by :func:`key_mask`
+    or :func:`padded_keys`. Making one reads the mask's values on the host (on a GPU: waits for
+    it), and attention with one reads none. So a model whose blocks share a mask (Open-Sora's
+    text in every cross-attention) makes it once per forward; a mask tensor given to
+    :func:`attention` is made into one at every call.
+
+    ``mask`` [B, Skv] bool (True = attend); when the valid keys of every sample come first
+    (padding), also ``lens`` (valid keys per sample), ``index`` [sum(lens)] (the valid keys'
+    positions in the flattened [B * Skv] keys) and ``cu_lens`` [B + 1] int32 (their cumulative
+    counts, from 0); None otherwise.
+    """
+
+    mask: torch.Tensor
+    lens: tuple[int, ...] | None = None
+    index: torch.Tensor | None = None
+    cu_lens: torch.Tensor | None = None
 
 
-def _key_mask(kv_lens: torch.Tensor | None, mask: torch.Tensor | None, skv: int, device) -> torch.Tensor | None:
-    """Boolean [B, Skv] key mask (True = attend), or None when every key is valid."""
+def key_mask(kv_lens: torch.Tensor | None, mask: torch.Tensor | None, skv: int, device: torch.device | str) -> KeyMask | None:
+    """The :class:`KeyMask` of ``kv_lens`` [B] (the first ``kv_lens[b]`` of ``skv`` keys valid)
+    or of a boolean ``mask`` [B, Skv]; None when every key is valid. Refuses a sample without a
+    valid key."""
     if mask is not None:
         m = mask.to(device=device, dtype=torch.bool)
     elif kv_lens is not None:
@@ -113,86 +144,98 @@ def _key_mask(kv_lens: torch.Tensor | None, mask: torch.Tensor | None, skv: int,
         return None
     if not m.any(1).all():
         raise ValueError("every sample needs at least one valid key (a length or mask row of zero)")
-    return None if m.all() else m
+    if m.all():
+        return None
+    lens = m.sum(1)
+    if not torch.equal(torch.arange(m.shape[1], device=m.device)[None] < lens[:, None], m):
+        return KeyMask(m)  # not valid-keys-first
+    index = m.reshape(-1).nonzero().squeeze(1)
+    cu_lens = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    return KeyMask(m, tuple(lens.tolist()), index, cu_lens)
+
+
+def padded_keys(batch: int, valid: int, skv: int, device: torch.device | str) -> KeyMask:
+    """The :class:`KeyMask` of the first ``valid`` of ``skv`` keys in every sample (a sequence
+    padded to a length that splits over ranks), made from the numbers alone: no values read."""
+    pos = torch.arange(skv, device=device)
+    index = (torch.arange(batch, device=device)[:, None] * skv + pos[None, :valid]).reshape(-1)
+    cu_lens = torch.arange(0, (batch + 1) * valid, valid, device=device, dtype=torch.int32)
+    return KeyMask((pos < valid)[None].expand(batch, skv), (valid,) * batch, index, cu_lens)
 
 
 # ----------------------------------------------------------------------------------------------
-# backends: all take [B, S, H, D] tensors and an optional [B, Skv] boolean key mask
+# backends: all take [B, S, H, D] tensors and an optional KeyMask; none reads a tensor's values
+# on the host (sageattention's arbitrary masks aside)
 
 
-def _math(q, k, v, key_mask, scale=None):
+def _math(q, k, v, keys, scale=None):
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    if key_mask is not None:
-        s = s.masked_fill(~key_mask[:, None, None, :], -math.inf)
+    if keys is not None:
+        s = s.masked_fill(~keys.mask[:, None, None, :], -math.inf)
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.float()).to(q.dtype)
 
 
-def _sdpa(q, k, v, key_mask, scale=None):
-    attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
+def _sdpa(q, k, v, keys, scale=None):
+    attn_mask = keys.mask[:, None, None, :] if keys is not None else None
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale
     )
     return out.transpose(1, 2)
 
 
-def _xformers(q, k, v, key_mask, scale=None):
+def _xformers(q, k, v, keys, scale=None):
     import xformers.ops as xops
 
-    if key_mask is None:
+    if keys is None:
         return xops.memory_efficient_attention(q, k, v, scale=scale)
     b, sq, h, d = q.shape
-    lens = _lens_from_mask(key_mask)
-    if lens is not None:
+    if keys.lens is not None:
         # pack the valid keys of every sample into one sequence with a block-diagonal mask
-        keep = key_mask.reshape(-1)
-        kp = k.reshape(1, -1, h, d)[:, keep]
-        vp = v.reshape(1, -1, h, d)[:, keep]
-        bias = xops.fmha.BlockDiagonalMask.from_seqlens([sq] * b, lens.tolist())
+        kp = k.reshape(-1, h, d).index_select(0, keys.index)[None]
+        vp = v.reshape(-1, h, d).index_select(0, keys.index)[None]
+        bias = xops.fmha.BlockDiagonalMask.from_seqlens([sq] * b, list(keys.lens))
         out = xops.memory_efficient_attention(q.reshape(1, b * sq, h, d), kp, vp, attn_bias=bias, scale=scale)
         return out.reshape(b, sq, h, d)
     # arbitrary mask: a dense additive bias (xformers wants its last dim padded to 8)
     skv = k.shape[1]
     pad = (skv + 7) // 8 * 8
     bias = torch.zeros(b, h, sq, pad, device=q.device, dtype=q.dtype)
-    bias[..., :skv].masked_fill_(~key_mask[:, None, None, :], -math.inf)
+    bias[..., :skv].masked_fill_(~keys.mask[:, None, None, :], -math.inf)
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias[..., :skv], scale=scale)
 
 
-def _flash_attn(q, k, v, key_mask, scale=None):
+def _flash_attn(q, k, v, keys, scale=None):
     import flash_attn
 
-    if key_mask is None:
+    if keys is None:
         return flash_attn.flash_attn_func(q, k, v, softmax_scale=scale)
     b, sq, h, d = q.shape
-    lens = _lens_from_mask(key_mask)
-    if lens is None:
+    if keys.lens is None:
         raise AttentionBackendError("flash_attn supports prefix key masks (lengths) only; use sdpa or xformers")
-    keep = key_mask.reshape(-1)
     cu_q = torch.arange(0, (b + 1) * sq, sq, device=q.device, dtype=torch.int32)
-    cu_k = F.pad(lens.cumsum(0), (1, 0)).to(device=q.device, dtype=torch.int32)
     out = flash_attn.flash_attn_varlen_func(
         q.reshape(b * sq, h, d),
-        k.reshape(-1, h, d)[keep],
-        v.reshape(-1, h, d)[keep],
+        k.reshape(-1, h, d).index_select(0, keys.index),
+        v.reshape(-1, h, d).index_select(0, keys.index),
         cu_q,
-        cu_k,
+        keys.cu_lens,
         sq,
-        int(lens.max()),
+        max(keys.lens),
         softmax_scale=scale,
     )
     return out.reshape(b, sq, h, d)
 
 
-def _sageattention(q, k, v, key_mask, scale=None):
+def _sageattention(q, k, v, keys, scale=None):
     from sageattention import sageattn
 
-    if key_mask is None:
+    if keys is None:
         return sageattn(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)
     # no mask support: run each sample on its own valid keys
     outs = []
     for i in range(q.shape[0]):
-        keep = key_mask[i]
+        keep = slice(0, keys.lens[i]) if keys.lens is not None else keys.mask[i]
         outs.append(
             sageattn(q[i : i + 1], k[i : i + 1, keep], v[i : i + 1, keep], tensor_layout="NHD", is_causal=False, sm_scale=scale)
         )
@@ -213,7 +256,7 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     kv_lens: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | KeyMask | None = None,
     backend: str | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
@@ -221,7 +264,8 @@ def attention(
 
     Args:
         kv_lens: [B] number of valid keys per sample (valid keys first).
-        mask: [B, Skv] boolean key-padding mask, True where a key may be attended.
+        mask: [B, Skv] boolean key-padding mask, True where a key may be attended; or a
+            :class:`KeyMask` made once for many calls (then no call reads a tensor's values).
         backend: see the module docstring; ``None`` reads ``VDIT_ATTENTION`` or picks automatically.
         scale: softmax scale, default ``D ** -0.5``.
     """
@@ -229,6 +273,13 @@ def attention(
         raise ValueError(f"attention takes [B, S, H, D] tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if kv_lens is not None and mask is not None:
         raise ValueError("pass kv_lens or mask, not both")
-    name = resolve_backend(backend, q.device, q.dtype)
-    key_mask = _key_mask(kv_lens, mask, k.shape[1], q.device)
-    return _BACKEND_FNS[name](q, k, v, key_mask, scale)
+    dtype = compute_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    name = resolve_backend(backend, q.device, dtype)
+    if isinstance(mask, KeyMask):
+        if mask.mask.shape != (k.shape[0], k.shape[1]):
+            raise ValueError(f"a key mask of shape {tuple(mask.mask.shape)} for keys {tuple(k.shape)}; expected [B, Skv] = {tuple(k.shape[:2])}")
+        keys = mask
+    else:
+        keys = key_mask(kv_lens, mask, k.shape[1], q.device)
+    return _BACKEND_FNS[name](q, k, v, keys, scale)

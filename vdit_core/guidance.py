@@ -41,15 +41,20 @@ class CFGDenoiser:
         scale: guidance scale, or a function of sigma [B] -> float (dynamic CFG).
         batched: run both branches in one forward pass (one call of batch 2B). On a CUDA
             out-of-memory error it falls back to two passes for the rest of the run.
+        agree: where several ranks run this together (sequence parallel: the forward passes
+            exchange data, so every rank must make the same calls), ``agree(failed, device)``
+            tells whether any rank ran out of memory; all fall back together.
 
     Called as ``denoiser(x, sigma, cond={...}, uncond={...})``: pass those two dicts as a
     sampler's ``extra_args``. ``uncond=None`` or a scale of 1 skips the unconditional pass.
     """
 
-    def __init__(self, model, scale: float | Callable[[torch.Tensor], float], batched: bool = True):
+    def __init__(self, model, scale: float | Callable[[torch.Tensor], float], batched: bool = True,
+                 agree: Callable[[bool, torch.device], bool] | None = None):
         self.model = model
         self.scale = scale
         self.batched = batched
+        self.agree = agree
         self.noise_form = noise_form(model)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict | None = None) -> torch.Tensor:
@@ -57,16 +62,24 @@ class CFGDenoiser:
         if uncond is None or scale == 1.0:
             return self.model(x, sigma, **cond)
         if self.batched and _can_batch(cond, uncond):
+            failed = False
             try:
                 both = self.model(
                     torch.cat([x, x]), torch.cat([sigma, sigma]), **{k: _cat(cond[k], uncond[k]) for k in cond}
                 )
+            except torch.OutOfMemoryError:
+                failed = True
+            if self.agree is not None:  # a rank alone in the batched pass would wait forever in its exchanges
+                failed = self.agree(failed, x.device)
+            if not failed:
                 x0_cond, x0_uncond = both.chunk(2)
                 return x0_uncond + scale * (x0_cond - x0_uncond)
-            except torch.OutOfMemoryError:
-                self.batched = False
-                if x.is_cuda:
-                    torch.cuda.empty_cache()
+            # two passes from now on; the cache is emptied only here, once the failed pass's
+            # tensors (held by the exception's traceback inside the except block) are freed
+            both = None
+            self.batched = False
+            if x.is_cuda:
+                torch.cuda.empty_cache()
         x0_cond = self.model(x, sigma, **cond)
         x0_uncond = self.model(x, sigma, **uncond)
         return x0_uncond + scale * (x0_cond - x0_uncond)

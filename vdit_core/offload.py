@@ -11,6 +11,8 @@ exactly: the same weights, the same operations.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Iterable
 
 import torch
@@ -19,6 +21,18 @@ import torch.nn as nn
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
+
+
+_STREAMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # streamed block -> (its BlockSwap, its index)
+
+
+def on_device(block: nn.Module):
+    """A context in which ``block``'s weights are on the device, also when block swap streams it
+    (then they are brought as before the block runs, and dropped after). For a part of a block
+    called outside the block's own forward, whose hooks bring them otherwise: step caching's
+    signal, the first block's modulated input, with ``gpu_blocks=0``."""
+    streamed = _STREAMED.get(block)
+    return streamed[0]._on_device(streamed[1]) if streamed is not None else contextlib.nullcontext()
 
 
 class BlockSwap:
@@ -55,6 +69,7 @@ class BlockSwap:
         for i, b in enumerate(self.streamed):
             self._handles.append(b.register_forward_pre_hook(self._before(i)))
             self._handles.append(b.register_forward_hook(self._after(i)))
+            _STREAMED[b] = (self, i)
 
     def _fetch(self, i: int) -> None:
         """Start copying streamed block ``i`` to the device (on the side stream)."""
@@ -92,8 +107,19 @@ class BlockSwap:
 
         return hook
 
+    @contextlib.contextmanager
+    def _on_device(self, i: int):
+        block = self.streamed[i]
+        self._before(i)(block, ())
+        try:
+            yield
+        finally:
+            self._after(i)(block, (), None)
+
     def detach(self) -> None:
         """Stop streaming: the streamed blocks stay in CPU memory (move the model where wanted)."""
+        for b in self.streamed:
+            _STREAMED.pop(b, None)
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .attention import attention as local_attention
+from .attention import padded_keys
 
 
 class SequenceParallel:
@@ -52,6 +53,13 @@ class SequenceParallel:
             fits = [n for n in range(1, heads + 1) if heads % n == 0 and n <= 16]
             raise ValueError(f"sequence parallel over {self.size} ranks: {what} has {heads} attention heads, "
                              f"which do not divide by {self.size}; use {', '.join(map(str, fits))} sequence ranks")
+
+    def any_rank(self, flag: bool, device: torch.device | str) -> bool:
+        """Whether ``flag`` is true on any rank of the group (every rank calls it; on a GPU it
+        waits for the GPU)."""
+        t = torch.full((1,), float(flag), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's contiguous part of ``x`` along ``dim`` (the sequence padded with zeros)."""
@@ -102,9 +110,12 @@ class SequenceParallel:
             return torch.cat([x[:, :prefix, lo : lo + heads], self._heads_to_tokens(x[:, prefix:])], dim=1)
 
         q_, k_, v_ = whole(q), whole(k), whole(v)
-        padded = q_.shape[1] != prefix + self.length
-        lens = torch.full((q.shape[0],), prefix + self.length, device=q.device) if padded else None
-        out = local_attention(q_, k_, v_, kv_lens=lens, backend=backend)  # [B, P + S', H/W, D]
+        keys = None
+        if q_.shape[1] != prefix + self.length:  # the padding tokens are not attended
+            # a mask made from the lengths alone: a length or mask tensor would be read on the
+            # host at every call, a GPU sync in every block
+            keys = padded_keys(q.shape[0], prefix + self.length, q_.shape[1], q.device)
+        out = local_attention(q_, k_, v_, mask=keys, backend=backend)  # [B, P + S', H/W, D]
         if prefix:
             heads_of = [torch.empty_like(out[:, :prefix]) for _ in range(self.size)]
             dist.all_gather(heads_of, out[:, :prefix].contiguous(), group=self.group)
@@ -167,7 +178,8 @@ class Parallel:
             return ParallelCFGDenoiser(model, scale, self.cfg_group, branch=self.rank // self.sequence_ranks)
         from .guidance import CFGDenoiser
 
-        return CFGDenoiser(model, scale)
+        # the ranks of a sequence split decide the out-of-memory fallback together
+        return CFGDenoiser(model, scale, agree=self.sequence.any_rank if self.sequence is not None else None)
 
 
 def plan(guidance: bool, split_cfg: bool = True, heads: int | None = None) -> Parallel:

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import attention
 from ..checkpoint import known_fields
 from ..layers import FeedForward, Linear, TimestepMLP, patch_tokens, rope_3d, rope_rotations, rotate_, sincos_3d, timestep_embedding
+from ..offload import on_device
 from ..step_cache import StepCache, run_blocks
 
 
@@ -325,7 +326,8 @@ class CogVideoXTransformer(nn.Module):
             return vid
 
         def signal() -> torch.Tensor:  # the first block's modulated video tokens (every rank's, so all decide alike)
-            first = self.transformer_blocks[0].norm1(vid, text, temb)[0]
+            with on_device(self.transformer_blocks[0]):  # block swap may stream it
+                first = self.transformer_blocks[0].norm1(vid, text, temb)[0]
             return first if sp is None else sp.gather(first, 1)
 
         # with a step cache, the signal tells how much this step's input changed

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention import attention
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
 from ..layers import FeedForward, Linear, patch_tokens, rope_1d, rope_rotations, rotate_, timestep_embedding
+from ..offload import on_device
 from ..step_cache import StepCache, run_blocks
 
 
@@ -347,7 +348,8 @@ class HunyuanDiT(nn.Module):
             return tokens
 
         def signal() -> torch.Tensor:  # the first block's modulated input (every rank's, so all decide alike)
-            first = self.blocks[0].norm1(tokens, temb)
+            with on_device(self.blocks[0]):  # block swap may stream it
+                first = self.blocks[0].norm1(tokens, temb)
             return first if sp is None else sp.gather(first, 1)
 
         # with a step cache, the signal tells how much this step's input changed

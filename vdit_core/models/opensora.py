@@ -27,9 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import attention
+from ..attention import KeyMask, attention, key_mask
 from ..checkpoint import known_fields, unwrap_prefixes, unwrapped_keys
 from ..layers import Linear, linear_gelu, patch_tokens, rotate_, timestep_embedding
+from ..offload import on_device
 from ..step_cache import StepCache, run_blocks
 
 
@@ -159,8 +160,8 @@ class CrossAttention(nn.Module):
         self.proj = Linear(dim, dim)
         self.backend: str | None = None
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        # x: [B, N, D], text: [B, L, D], mask: [B, L] bool -> [B, N, D]
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: KeyMask | torch.Tensor | None) -> torch.Tensor:
+        # x: [B, N, D], text: [B, L, D], mask: the text's KeyMask (or [B, L] bool) -> [B, N, D]
         b, n, d = x.shape
         q = self.q_linear(x).view(b, n, self.heads, self.head_dim)
         k, v = self.kv_linear(text).view(b, text.shape[1], 2, self.heads, self.head_dim).unbind(2)
@@ -359,11 +360,14 @@ class STDiT3(nn.Module):
         if drop_text is not None:
             null = self.y_embedder.y_embedding[: y.shape[1]].to(dtype)
             y = torch.where(drop_text.to(x.device).bool()[:, None, None], null[None], y)
-        text_mask = mask.to(x.device).bool() if mask is not None else None
-        if text_mask is not None:  # tokens masked in every sample cannot matter: skip them (the release packs valid tokens)
-            keep = text_mask.any(dim=0)
+        text_keys = None
+        if mask is not None:
+            text_mask = mask.to(x.device).bool()
+            keep = text_mask.any(dim=0)  # tokens masked in every sample cannot matter: skip them (the release packs valid tokens)
             if not bool(keep.all()):
                 y, text_mask = y[:, keep], text_mask[:, keep]
+            # the mask in the attention backends' forms, made once here: no block reads its values
+            text_keys = key_mask(None, text_mask, text_mask.shape[1], x.device)
         text = self.y_embedder.y_proj(y)  # [B, L, D]
 
         tokens = patch_tokens(self.x_embedder.proj(x))  # [B, T*S, D]
@@ -377,7 +381,7 @@ class STDiT3(nn.Module):
         def blocks(tokens: torch.Tensor) -> torch.Tensor:
             for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
                 for block in (spatial, temporal):
-                    args = (tokens, text, text_mask, t_mod, t0_mod, x_mask, t, s, rope)
+                    args = (tokens, text, text_keys, t_mod, t0_mod, x_mask, t, s, rope)
                     if self.gradient_checkpointing and torch.is_grad_enabled():
                         tokens = checkpoint(block, *args, use_reentrant=False)
                     else:
@@ -385,7 +389,8 @@ class STDiT3(nn.Module):
             return tokens
 
         def signal() -> torch.Tensor:  # the first block's modulated input (every rank's, so all decide alike)
-            first = self.spatial_blocks[0].modulated_input(tokens, t_mod)
+            with on_device(self.spatial_blocks[0]):  # block swap may stream it
+                first = self.spatial_blocks[0].modulated_input(tokens, t_mod)
             return first if sp is None else sp.gather(first.view(b, t, s, -1), 2)
 
         # with a step cache, the signal tells how much this step's input changed
