@@ -303,7 +303,7 @@ def test_open_soras_text_mask_is_read_once_per_forward_not_per_block():
     for depth in (1, 3):
         model = _stdit(depth)
         with torch.no_grad(), HostReads() as counter:
-            out = model(x, torch.tensor([700.0, 700.0]), y, mask=mask)
+            out = model(x, torch.tensor([700.0, 700.0]), y, mask=mask, fps=24.0)
         reads[depth] = counter.count
     assert reads[1] == reads[3], reads
 
@@ -311,7 +311,7 @@ def test_open_soras_text_mask_is_read_once_per_forward_not_per_block():
         forward = block.forward
         block.forward = lambda *a, forward=forward: forward(*a[:2], a[2].mask if a[2] is not None else None, *a[3:])
     with torch.no_grad():
-        assert torch.equal(model(x, torch.tensor([700.0, 700.0]), y, mask=mask), out)
+        assert torch.equal(model(x, torch.tensor([700.0, 700.0]), y, mask=mask, fps=24.0), out)
 
 
 def test_open_sora_blocks_with_a_text_mask_compile_without_graph_breaks():
@@ -325,7 +325,7 @@ def test_open_sora_blocks_with_a_text_mask_compile_without_graph_breaks():
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         model(torch.randn(2, 4, 3, 4, 6, generator=g), torch.tensor([700.0, 700.0]), torch.randn(2, 9, 16, generator=g),
-              mask=torch.tensor([[1] * 9, [1] * 4 + [0] * 5]))
+              mask=torch.tensor([[1] * 9, [1] * 4 + [0] * 5]), fps=24.0)
         for block, a in args.items():
             assert torch.equal(torch.compile(block, backend="eager", fullgraph=True)(*a), block(*a))
     assert len(args) == 2

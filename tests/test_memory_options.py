@@ -196,7 +196,7 @@ def test_block_swap_streams_blocks_and_gives_the_plain_output(demo_runs):
 
 
 def _tiny_transformers():
-    """A tiny transformer of each family with inputs for its forward."""
+    """A tiny transformer of each family with inputs for its forward (positional, keyword)."""
     import tiny
     from vdit_core.models import cogvideox, hunyuan_dit, opensora
 
@@ -208,10 +208,10 @@ def _tiny_transformers():
     stdit = opensora.STDiT3(opensora.STDiT3Config(hidden_size=32, depth=2, num_heads=2, caption_channels=16, model_max_length=9))
     t = torch.tensor([500.0, 20.0])
     return {
-        "cogvideox": (cog, (torch.randn(2, 4, 3, 4, 6), t, torch.randn(2, 7, tiny.TEXT_DIM))),
+        "cogvideox": (cog, (torch.randn(2, 4, 3, 4, 6), t, torch.randn(2, 7, tiny.TEXT_DIM)), {}),
         "hunyuandit": (hy, (torch.randn(2, 4, 1, 6, 8), t, torch.randn(2, 5, 12), torch.ones(2, 5), torch.randn(2, 6, tiny.TEXT_DIM),
-                            torch.ones(2, 6))),
-        "opensora": (stdit, (torch.randn(2, 4, 3, 4, 6), t, torch.randn(2, 9, 16))),
+                            torch.ones(2, 6)), {}),
+        "opensora": (stdit, (torch.randn(2, 4, 3, 4, 6), t, torch.randn(2, 9, 16)), {"fps": 24.0}),
     }
 
 
@@ -225,11 +225,11 @@ def test_step_cache_signal_runs_on_the_streamed_first_blocks_device_copy(family)
     from vdit_core.offload import BlockSwap
     from vdit_core.step_cache import StepCache
 
-    model, args = _tiny_transformers()[family]
+    model, args, kwargs = _tiny_transformers()[family]
     with torch.no_grad():
         for p in model.parameters():  # zero-initialised gates would hide the blocks
             p.add_(torch.randn_like(p) * 0.05)
-        plain = model(*args)
+        plain = model(*args, **kwargs)
     blocks = list(families.for_transformer(model).blocks(model))
     swap = BlockSwap(model, blocks, "cpu", resident=0)
     held = {id(p): p.data_ptr() for p in blocks[0].parameters()}  # at rest: the CPU-held weights
@@ -238,7 +238,7 @@ def test_step_cache_signal_runs_on_the_streamed_first_blocks_device_copy(family)
         lambda m, a: seen.append(all(p.data_ptr() != held[id(p)] for p in blocks[0].parameters())))
     model.step_cache = StepCache(threshold=0.1)
     with torch.no_grad():
-        out = model(*args)
+        out = model(*args, **kwargs)
     assert len(seen) == 2 and all(seen), seen  # the signal's call, then the block's own
     assert all(p.data_ptr() == held[id(p)] for p in blocks[0].parameters())  # back to the CPU-held ones after
     assert torch.equal(out, plain)
