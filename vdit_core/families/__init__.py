@@ -276,6 +276,23 @@ class Family:
         raise NotImplementedError
 
 
+def bf16_native() -> bool:
+    """Whether bfloat16 runs natively where models run: on a CPU, or a CUDA GPU from Ampere on
+    (older ones only emulate it, slowly)."""
+    if not torch.cuda.is_available():
+        return True
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def half_dtype(device: torch.device | str) -> torch.dtype:
+    """The half precision to encode in on ``device`` (text encoders, VAEs): bfloat16 where it runs
+    natively, else float16 (each loader makes float16 safe for its model); float32 on a CPU,
+    where half precision is slower."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if bf16_native() else torch.float16
+
+
 def load_t5_encoder(path: Path, dtype, device, tokenizer: Path | None, length: int):
     """A T5 encoder of ``length`` tokens from a model folder (``tokenizer`` None: its
     ``text_encoder/`` and ``tokenizer/``) or a weight file + tokenizer folder (a folder of
@@ -432,5 +449,5 @@ def vae_variants() -> list[str]:
 
 from . import cogvideox, hunyuandit, opensora  # noqa: E402  (each registers itself, in this order)
 
-__all__ = ["folder_defaults", "SCHEDULER_SAMPLERS", "Family", "Signature", "FAMILIES", "register", "unregister", "detect", "describe", "get", "for_folder", "for_file",
+__all__ = ["bf16_native", "half_dtype", "folder_defaults", "SCHEDULER_SAMPLERS", "Family", "Signature", "FAMILIES", "register", "unregister", "detect", "describe", "get", "for_folder", "for_file",
            "for_transformer", "vae_variants", "resolution_choices", "duration_choices", "parse_resolution", "parse_duration", "multiple_problem", "neighbours", "cogvideox", "hunyuandit", "opensora"]
