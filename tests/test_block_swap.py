@@ -88,3 +88,107 @@ def test_memory_that_cannot_be_page_locked_is_streamed_from_pageable_memory(monk
     with torch.no_grad():
         assert torch.equal(model(x), plain)
     swap.detach()
+
+
+class RecordingCopies:
+    """Stands in for the CUDA side stream: copies at once, and logs which ring buffer each copy
+    writes, which block it holds, and which copy each compute wait is for."""
+
+    def __init__(self, log: list):
+        self.log, self.swap, self.count = log, None, 0
+
+    def _where(self, t: torch.Tensor) -> int:
+        return next(k for k, s in enumerate(self.swap.slots) if s.data_ptr() <= t.data_ptr() < s.data_ptr() + max(1, s.numel()))
+
+    def copy(self, dst, src):
+        dst.copy_(src)
+        self.count += 1
+        block = next(i for i, f in enumerate(self.swap.flat) if f.data_ptr() == src.data_ptr())
+        self.log.append(("copy", self._where(dst), block, self.count))
+        return self.count
+
+    def wait(self, done):
+        self.log.append(("wait", done))
+
+    def finish(self):
+        self.log.append(("finish",))
+
+
+def _check_order(log: list) -> None:
+    """No copy into a buffer while a block reads it (between its start and the end of its queued
+    compute); every block starts from its own copy, waited for."""
+    running: dict[int, int] = {}  # slot -> block started from it and not yet ended
+    copied: dict[int, tuple[int, int]] = {}  # slot -> (block, copy id) it holds
+    waited = set()
+    for entry in log:
+        if entry[0] == "copy":
+            _, slot, block, cid = entry
+            assert slot not in running, f"copy of block {block} into buffer {slot} while block {running.get(slot)} reads it"
+            copied[slot] = (block, cid)
+        elif entry[0] == "wait":
+            waited.add(entry[1])
+        elif entry[0] == "start":
+            _, slot, block = entry
+            assert copied[slot][0] == block and copied[slot][1] in waited  # its own copy, waited for
+            running[slot] = block
+        elif entry[0] == "end":
+            running = {s: b for s, b in running.items() if b != entry[1]}
+
+
+def _recorded_swap(monkeypatch, model, resident):
+    log = []
+    recorder = RecordingCopies(log)
+    monkeypatch.setattr(offload, "copier", lambda device: recorder)
+    swap = BlockSwap(model, list(model), "cpu", resident=resident)
+    recorder.swap = swap
+    for i, b in enumerate(list(model)[resident:]):  # hooks after the swap's: what each block runs from
+        b.register_forward_pre_hook(lambda m, a, i=i: log.append(("start", recorder._where(next(m.parameters())), i)))
+        b.register_forward_hook(lambda m, a, o, i=i: log.append(("end", i)))
+    return swap, log, recorder
+
+
+def test_copies_go_to_a_ring_of_three_buffers_each_after_the_compute_that_read_it(monkeypatch):
+    """However far the CPU runs ahead, the streamed blocks use three device buffers allocated once;
+    a copy into a buffer is issued only when no block reading it is between its start and the end
+    of its queued compute (the side stream waits for compute queued so far), and every block
+    waits for its own copy before running."""
+    model = _model(6)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        plain = model(x)
+    swap, log, recorder = _recorded_swap(monkeypatch, model, resident=1)
+    assert len(swap.slots) == 3 and all(s.numel() == max(layout.nbytes for layout in swap.layouts) for s in swap.slots)
+    ring = [s.data_ptr() for s in swap.slots]
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x), plain)
+    assert [s.data_ptr() for s in swap.slots] == ring  # never reallocated
+    _check_order(log)
+    # each block copied once per run, and the next run's first two ahead of it
+    assert sum(e[0] == "start" for e in log) == 3 * 5 and sum(e[0] == "copy" for e in log) == 3 * 5 + 2
+
+    # an interrupted run leaves blocks fetched but not run: the next run still gives the plain output
+    boom = list(model)[3].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        model(x)
+    boom.remove()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+    swap.detach()
+    assert swap.slots == [] and log[-1] == ("finish",)
+    held = {h.data_ptr() for hs in swap.host for h in hs}
+    assert all(p.data_ptr() in held for b in list(model)[1:] for p in b.parameters())
+
+
+@pytest.mark.parametrize("streamed", [1, 2])
+def test_one_or_two_streamed_blocks(monkeypatch, streamed):
+    model = _model(4)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        plain = model(x)
+    swap, log, _ = _recorded_swap(monkeypatch, model, resident=4 - streamed)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x), plain)
+    _check_order(log)
+    swap.detach()
