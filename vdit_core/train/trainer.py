@@ -33,7 +33,7 @@ from ..checkpoint import CheckpointError, parse_dtype, read_json
 from ..families import Family, half_dtype
 from ..lora import LoRASet, inject_lora, save_lora
 from ..attention import AttentionBackendError
-from ..pipeline import Pipeline, check_device, network_call
+from ..pipeline import Pipeline, check_device, network_call, torch_version
 from ..schedules import FlowSchedule
 from ..timesteps import logit_normal_sigmas, stratified_timesteps, uniform_timesteps
 from ..vae.common import sample_posterior
@@ -210,6 +210,9 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
     """Train as ``cfg`` says; returns a summary (final step, last loss)."""
     world = vdist.world_size()
     out = Path(cfg.output)
+    if world > 1 and _strategy(cfg, world, device) == "fsdp" and torch_version() < (2, 6):
+        raise ValueError(f"strategy fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) needs PyTorch 2.6 or later (this is "
+                         f"{torch.__version__}); upgrade torch, or use --strategy ddp")
     _claim_output(cfg)
     mp_dtype = _mixed_precision(cfg, device)
     # rank 0 builds the latent cache with the VAE and T5 on its device (T5-XXL's encoder alone is
@@ -346,6 +349,13 @@ def _prepare_data(cfg: TrainConfig, m: Model, device: torch.device) -> tuple[Lat
     return cache, items
 
 
+def _strategy(cfg: TrainConfig, world: int, device: torch.device) -> str:
+    """"ddp" or "fsdp" (FSDP2: full finetuning on several GPUs, unless the config says)."""
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    return "fsdp" if (cfg.full and world > 1 and device.type == "cuda") else "ddp"
+
+
 def _trainable(cfg: TrainConfig, m: Model, device, mp_dtype, out: Path):
     """The trainable module (transformer + LoRA), resumed weights, and its DDP/FSDP2 wrapping:
     (module, trainable params, wrapped module, strategy, checkpoint resumed from or None)."""
@@ -367,9 +377,7 @@ def _trainable(cfg: TrainConfig, m: Model, device, mp_dtype, out: Path):
     if resume_dir is not None:
         _load_weights(module, resume_dir, cfg, device)
 
-    strategy = cfg.strategy
-    if strategy == "auto":
-        strategy = "fsdp" if (cfg.full and world > 1 and device.type == "cuda") else "ddp"
+    strategy = _strategy(cfg, world, device)
     wrapped: nn.Module = module
     if world > 1 and strategy == "ddp":
         wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
