@@ -85,10 +85,29 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+LORA_ADAPTERS = "lora_adapters"  # the attribute holding a layer's attached LoRA adapters (vdit_core.lora)
+
+
+def lora_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """The forward hook a LoRA-adapted layer carries once it has had an adapter (vdit_core.lora):
+    adds the updates of the adapters attached now, a tuple attribute. Compiled code reads that
+    tuple, so attaching and detaching recompile nothing of the same shapes, where hooks added or
+    removed after compiling are not seen at all (dynamo does not guard a module's hooks)."""
+    adapters = module.__dict__.get(LORA_ADAPTERS, ())
+    if not adapters:
+        return None
+    x = inputs[0]
+    for adapter in adapters:
+        output = output + adapter(x).to(output.dtype)
+    return output
+
+
 def linear_gelu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(layer(x))``, fused where :func:`linear` can, unless something hooks the layer
     (a LoRA adapter adds to its output, before the GELU) or it is not a plain :class:`Linear`."""
-    if type(layer) is Linear and not layer._forward_hooks:
+    hooks = layer._forward_hooks.values()
+    idle = all(h is lora_hook for h in hooks) and not layer.__dict__.get(LORA_ADAPTERS)
+    if type(layer) is Linear and idle:
         return linear(x, layer.weight, layer.bias, gelu=True)
     return F.gelu(layer(x), approximate="tanh")
 
@@ -225,17 +244,28 @@ def _resize_crop_region(h: int, w: int, base_h: int, base_w: int) -> tuple[tuple
 
 
 def rope_rotations(cos: torch.Tensor, sin: torch.Tensor, device) -> torch.Tensor:
-    """The tables of :func:`rope_1d`/:func:`rope_3d` as unit complex numbers [S, D/2] (complex64),
-    for :func:`rotate_`."""
-    return torch.complex(cos[:, ::2], sin[:, ::2]).to(device)
+    """The tables of :func:`rope_1d`/:func:`rope_3d` as the (cos, sin) of each channel pair's
+    angle [S, D/2, 2], for :func:`rotate_` (real numbers: compiled code holds no complex tensor)."""
+    return torch.stack((cos[:, ::2], sin[:, ::2]), dim=-1).to(device)
 
 
 def rotate_(x: torch.Tensor, rot: torch.Tensor) -> None:
     """Rotary embedding: rotate the interleaved channel pairs (x[2i], x[2i+1]) of x [B, S, H, D]
-    in place by the angles of ``rot`` [S, D/2] (from :func:`rope_rotations`), computed in float32.
-    x may be a slice of a larger tensor (the video tokens of a joint sequence); nothing is copied
-    for float32."""
+    in place by the angles whose (cos, sin) are ``rot`` [S, D/2, 2] (from :func:`rope_rotations`),
+    computed in float32. x may be a slice of a larger tensor (the video tokens of a joint sequence).
+
+    Eagerly a complex multiply, in place for float32 (nothing copied). Under ``torch.compile`` the
+    same products in real numbers, which inductor fuses: it generates no code for complex tensors,
+    and on CUDA a complex view of a non-contiguous slice (the video tokens of [text; video]) fails
+    to compile."""
+    if torch.compiler.is_compiling():
+        pairs = x.unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2], a view of x
+        re, im = pairs.float().unbind(-1)
+        cos, sin = rot[None, :, None].unbind(-1)  # [1, S, 1, D/2]
+        pairs.copy_(torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1))
+        return
+    rot = torch.view_as_complex(rot)[None, :, None]
     if x.dtype == torch.float32:
-        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rot[None, :, None])
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rot)
     else:
-        x.copy_(torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rot[None, :, None]).flatten(-2))
+        x.copy_(torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rot).flatten(-2))

@@ -2,7 +2,10 @@
 
 Adapters add ``strength * scale * B(A(x))`` to the output of a model's ``nn.Linear`` through a
 forward hook, so the model's own weights and state dict are never changed: unloading gives back
-exactly the base outputs, and several LoRAs stack.
+exactly the base outputs, and several LoRAs stack. A layer gets that hook once
+(:func:`vdit_core.layers.lora_hook`) and keeps it; attaching and detaching change the tuple of
+adapters it reads, and strengths live in tensors, so compiled blocks (which carry the hook from
+before compiling) see every change and share one graph across blocks, runs and strengths.
 
 Files read: ours and ComfyUI's (``diffusion_model.<module>.lora_A/B.weight`` + ``.alpha``),
 diffusers/PEFT (``transformer.<module>.lora_A/B.weight``, alpha from the header when present),
@@ -24,13 +27,16 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, describe, load_state_dict, safetensors_metadata
 from .fp8 import compute_dtype
+from .layers import LORA_ADAPTERS, lora_hook
 
 PREFIXES = ("diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "unet.")
 FORMAT = "vdit-lora-v1"
 
 
 class LoRAAdapter(nn.Module):
-    """Low-rank update ``scale * B(A(dropout(x)))`` for one Linear (A: [r, in], B: [out, r])."""
+    """Low-rank update ``factor * B(A(dropout(x)))`` for one Linear (A: [r, in], B: [out, r]);
+    ``factor`` is ``scale`` times its LoRA's strength, a float32 tensor (not saved), so that a new
+    strength changes no compiled graph. It multiplies the rank-r intermediate in float32."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 1.0, dropout: float = 0.0, dtype=torch.float32, device=None):
         super().__init__()
@@ -38,6 +44,7 @@ class LoRAAdapter(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0: a new adapter changes nothing
         self.scale = scale
+        self.register_buffer("factor", torch.tensor(float(scale), dtype=torch.float32, device=device), persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
@@ -45,8 +52,8 @@ class LoRAAdapter(nn.Module):
         return self.lora_A.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()
-        return (h @ self.lora_B.t()) * self.scale
+        h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.t()  # [..., r]
+        return (h.float() * self.factor).to(h.dtype) @ self.lora_B.t()
 
 
 def _key(name: str) -> str:
@@ -62,42 +69,75 @@ class LoRASet(nn.Module):
         self.strength = strength
         self.metadata = dict(metadata or {})
         self.source = source
-        self._handles: list = []
+        self._layers: list[nn.Module] = []  # the model's layers this LoRA is attached to
+
+    @property
+    def strength(self) -> float:
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        self._strength = float(value)
+        with torch.no_grad():
+            for adapter in self.adapters.values():
+                adapter.factor.fill_(adapter.scale * self._strength)
 
     def items(self) -> Iterable[tuple[str, LoRAAdapter]]:
         for k, v in self.adapters.items():
             yield k.replace("::", "."), v
 
     def attach(self, model: nn.Module) -> "LoRASet":
-        """Hook every adapter onto its module of ``model``."""
-        if self._handles:
+        """Add every adapter to its module of ``model`` (which gets the LoRA hook if it has none)."""
+        if self._layers:
             raise RuntimeError("this LoRA is already attached")
         modules = dict(model.named_modules())
+        compiled = {id(m) for c in modules.values() if getattr(c, "_compiled_call_impl", None) is not None for m in c.modules()}
+        for name, _ in self.items():
+            if id(modules[name]) in compiled and not _has_hook(modules[name]):
+                raise ValueError(f"{name}: its block was compiled without the LoRA hook, so compiled code would ignore the LoRA; "
+                                 "compile with vdit_core.pipeline.compile_blocks, which adds it first")
         for name, adapter in self.items():
-            self._handles.append(modules[name].register_forward_hook(self._hook(adapter)))
+            layer = modules[name]
+            add_hook(layer)
+            setattr(layer, LORA_ADAPTERS, (*getattr(layer, LORA_ADAPTERS, ()), adapter))
+            self._layers.append(layer)
         loras = model.__dict__.setdefault("_vdit_loras", [])
         loras.append(self)
         self.__dict__["_model"] = model  # a plain reference: not a submodule of this LoRA
         return self
 
-    def _hook(self, adapter: LoRAAdapter):
-        def hook(module, inputs, output):
-            if self.strength == 0:
-                return output
-            return output + (adapter(inputs[0]) * self.strength).to(output.dtype)
-
-        return hook
-
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        mine = {id(a) for a in self.adapters.values()}
+        for layer in self._layers:
+            setattr(layer, LORA_ADAPTERS, tuple(a for a in getattr(layer, LORA_ADAPTERS, ()) if id(a) not in mine))
+        self._layers = []
         model = self.__dict__.get("_model")
         if model is not None:
             loras = model.__dict__.get("_vdit_loras", [])
             if self in loras:
                 loras.remove(self)
             self.__dict__.pop("_model", None)
+
+
+def _has_hook(layer: nn.Module) -> bool:
+    return any(h is lora_hook for h in layer._forward_hooks.values())
+
+
+def add_hook(layer: nn.Module) -> None:
+    """Give ``layer`` the LoRA hook and an empty tuple of adapters, once; they stay (with no
+    adapters the hook changes nothing). Compiled code guards on the tuple only if it exists when
+    compiling."""
+    if not _has_hook(layer):
+        setattr(layer, LORA_ADAPTERS, getattr(layer, LORA_ADAPTERS, ()))
+        layer.register_forward_hook(lora_hook)
+
+
+def add_hooks(module: nn.Module) -> None:
+    """The LoRA hook on every ``nn.Linear`` inside ``module``: done before compiling it, as
+    compiled code never sees a hook added later."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            add_hook(m)
 
 
 def attached_loras(model: nn.Module) -> list[LoRASet]:

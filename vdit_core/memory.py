@@ -1,5 +1,5 @@
-"""How much memory a device has free, and bytes in words: for refusing requests that cannot fit
-before anything is allocated."""
+"""What a device offers: how much memory it has free (for refusing requests that cannot fit before
+anything is allocated), bytes in words, and the half precision it runs natively."""
 
 from __future__ import annotations
 
@@ -33,3 +33,20 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def bf16_native() -> bool:
+    """Whether bfloat16 runs natively where models run: on a CPU, or a CUDA GPU from Ampere on
+    (older ones only emulate it, slowly)."""
+    if not torch.cuda.is_available():
+        return True
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def half_dtype(device: torch.device | str) -> torch.dtype:
+    """The half precision to encode in on ``device`` (text encoders, VAEs): bfloat16 where it runs
+    natively, else float16 (each loader makes float16 safe for its model); float32 on a CPU,
+    where half precision is slower."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if bf16_native() else torch.float16

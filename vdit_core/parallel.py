@@ -68,7 +68,7 @@ class SequenceParallel:
         part = -(-n // self.size)
         if part * self.size != n:
             pad = [0, 0] * (x.ndim - 1 - dim % x.ndim) + [0, part * self.size - n]
-            x = F.pad(x, pad) if not x.is_complex() else torch.view_as_complex(F.pad(torch.view_as_real(x), [0, 0] + pad))
+            x = F.pad(x, pad)
         return x.narrow(dim, self.rank * part, part).contiguous()
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:

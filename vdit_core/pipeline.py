@@ -600,13 +600,25 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed PyTorch."""
+    import re
+
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
+
+
 def check_compiler(device: str | torch.device) -> None:
     """Refuse ``torch.compile`` where it cannot generate code: on a CPU it needs a C++ compiler on
-    PATH, on CUDA the triton package."""
+    PATH, on CUDA the triton package; and before PyTorch 2.5, where dynamo compiles each block on
+    its own (guarding on the module object) and stops compiling after 8 of a model's 30-56."""
     import importlib.util
     import os
     import shutil
 
+    if torch_version() < (2, 5):
+        raise ValueError(f"compile: needs PyTorch 2.5 or later (this is {torch.__version__}), where the transformer's "
+                         "blocks share one compiled graph; upgrade torch or run without compile")
     if torch.device(device).type == "cuda":
         if importlib.util.find_spec("triton") is None:
             raise ValueError("compile: torch.compile on CUDA needs the triton package (pip install triton); run without compile")
@@ -614,13 +626,18 @@ def check_compiler(device: str | torch.device) -> None:
         raise ValueError("compile: torch.compile on a CPU needs a C++ compiler on PATH (g++ or clang++); run without compile")
 
 
-def compile_blocks(transformer: nn.Module, family: families.Family | None = None) -> None:
+def compile_blocks(transformer: nn.Module, family: families.Family | None = None, backend="inductor") -> None:
     """Compile each transformer block with ``torch.compile`` (regional compilation: the blocks
     share their compiled code, so compiling does not take longer for deeper models). The first
-    call compiles; outputs equal eager ones within float rounding."""
+    call compiles; outputs equal eager ones within float rounding. Every linear layer of the
+    blocks gets its LoRA hook first: compiled code would never see one added later, and with it
+    LoRAs attach, detach and change strength without recompiling (:mod:`vdit_core.lora`)."""
+    from .lora import add_hooks
+
     family = family or families.for_transformer(transformer)
     for block in family.blocks(transformer):
-        block.compile()
+        add_hooks(block)
+        block.compile(backend=backend)
 
 
 def check_transformer_options(device: str | torch.device, dtype: torch.dtype | None = None, attention: str | None = None,

@@ -7,10 +7,13 @@ without an attention mask, Open-Sora with it and passes the mask on, exactly as 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
+from . import fp8
 from .checkpoint import CheckpointError, assign_state_dict, build_on_meta, describe, load_state_dict, read_json
 
 
@@ -36,6 +39,7 @@ class T5TextEncoder:
 
     def to(self, device=None, dtype=None) -> "T5TextEncoder":
         self.model.to(device=device, dtype=dtype)
+        keep_fp32_modules(self.model)
         return self
 
     def tokenize(self, prompts: str | list[str], with_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -94,15 +98,61 @@ def _t5_config_from_weights(sd: dict[str, torch.Tensor]):
     )
 
 
-def load_t5_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", state_dict: dict | None = None):
+FP32_MODULES = ("wo",)  # transformers' T5 ``_keep_in_fp32_modules``, when its class does not say
+
+
+def keep_fp32_modules(model: nn.Module) -> nn.Module:
+    """A float16 T5 / mT5 with its feed-forward output layers (``wo``) in float32, as transformers
+    loads one: their products exceed float16's range (65504) in the released weights, and T5
+    would clamp them (or give NaN). T5's forward casts the activations to ``wo``'s dtype, the
+    residual stream then stays float32 and each layer norm casts back to float16."""
+    if model.get_input_embeddings().weight.dtype != torch.float16:
+        return model
+    names = set(getattr(model, "_keep_in_fp32_modules", None) or FP32_MODULES)
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in names:
+            module.float()
+    return model
+
+
+def _compute_dtype(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a T5 computes in: the one asked for, else the token embedding's; float8 files
+    (ComfyUI's ``t5xxl_fp8_e4m3fn``) compute in bfloat16 unless told otherwise (T5's layers
+    run in their weights' dtype, which cannot be float8)."""
+    if dtype is not None:
+        return dtype
+    emb = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    if emb is not None and emb.is_floating_point() and not fp8.is_fp8(emb):
+        return emb.dtype
+    return torch.bfloat16 if fp8.holds_fp8(sd) else torch.float32
+
+
+def _upcast_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype, source: str) -> dict[str, torch.Tensor]:
+    """float8 weights (plain casts, or ComfyUI's scaled fp8 with ``scale_weight``) dequantised
+    to ``dtype``: T5's layers compute in their weights' dtype."""
+    if not fp8.holds_fp8(sd):
+        return sd
+    warnings.warn(f"{source}: float8 text encoder weights are upcast to {str(dtype).removeprefix('torch.')} "
+                  "(T5 cannot compute in float8); this takes twice their memory", stacklevel=3)
+    return fp8.adopt(nn.Module(), sd, dtype)  # a model without linear layers: every float8 tensor dequantised
+
+
+def load_t5_model(path: str | Path, dtype: torch.dtype | None = torch.float32, device="cpu", state_dict: dict | None = None):
     """A ``T5EncoderModel`` (also mT5) from a transformers folder (config.json + weights), a single
     safetensors file with transformers key names (as ComfyUI users keep in models/text_encoders),
-    or ``state_dict``: the encoder's part of a combined checkpoint at ``path``."""
+    or ``state_dict``: the encoder's part of a combined checkpoint at ``path``.
+
+    ``dtype`` None keeps the file's (its token embedding's); every weight is then in that dtype,
+    except that float8 files compute in bfloat16 and a float16 model keeps ``wo`` in float32
+    (:func:`keep_fp32_modules`)."""
     from transformers import T5Config, T5EncoderModel
 
     path = Path(path)
     sd = load_state_dict(path, dtype=dtype, device=device) if state_dict is None else state_dict
     sd = {k: v for k, v in sd.items() if not k.startswith("decoder.") and k != "lm_head.weight"}  # full T5 files
+    dtype = _compute_dtype(sd, dtype)
+    sd = _upcast_fp8(sd, dtype, str(path))
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}  # one dtype (files may mix)
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
     sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))
@@ -115,7 +165,7 @@ def load_t5_model(path: str | Path, dtype: torch.dtype = torch.float32, device="
     model = build_on_meta(lambda: T5EncoderModel(config))
     assign_state_dict(model, sd, str(path), "a T5 encoder")
     model.encoder.embed_tokens = model.shared  # tied, as in transformers
-    return model.to(device).eval().requires_grad_(False)
+    return keep_fp32_modules(model.to(device)).eval().requires_grad_(False)
 
 
 def _has_protobuf() -> bool:
@@ -149,7 +199,7 @@ def load_tokenizer(path: str | Path):
 def load_t5(
     text_encoder: str | Path,
     tokenizer: str | Path,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device="cpu",
     *,
     max_length: int,
@@ -202,6 +252,7 @@ class DualTextEncoder:
 
     def to(self, device=None, dtype=None) -> "DualTextEncoder":
         self.model.to(device=device, dtype=dtype)
+        keep_fp32_modules(self.model["t5"])
         return self
 
     @torch.no_grad()

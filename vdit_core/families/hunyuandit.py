@@ -73,6 +73,7 @@ class HunyuanDiT(Family):
     def load_vae(self, path, dtype, device, variant=None):
         if variant:
             raise ValueError(f"variant {variant!r}: HunyuanDiT's VAE has no variants (its scaling factor is SDXL's 0.13025)")
+        # float16 is safe here: Tencent ships sdxl-vae-fp16-fix (Open-Sora's SDXL VAE is not, see its family)
         return kl2d.load_vae(path, dtype=dtype, device=device)
 
     def load_text_encoder(self, path, dtype, device, tokenizer=None, max_length=0):

@@ -18,11 +18,13 @@ Facts:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from ..checkpoint import read_json
 from ..detect import Signature
+from ..memory import bf16_native
 from ..models import opensora as model
 from ..prediction import FlowPrediction
 from ..schedules import FlowSchedule, time_shift
@@ -125,9 +127,22 @@ class OpenSora(Family):
         return model.load_transformer(path, dtype=dtype, device=device)
 
     def load_vae(self, path, dtype, device, variant=None):
+        """Never in float16: the spatial stage is the SDXL VAE, whose activations overflow float16
+        (it decodes NaN); bfloat16 (float32 on GPUs without it) is used instead, with a warning."""
         if variant:
             raise ValueError(f"variant {variant!r}: Open-Sora's VAE has no variants")
-        return vae.load_vae(path, dtype=dtype, device=device)
+        safe = torch.bfloat16 if bf16_native() else torch.float32
+        why = (f"Open-Sora's VAE runs in {str(safe).removeprefix('torch.')}, not float16 (its SDXL spatial stage "
+               "overflows float16 and decodes NaN)")
+        if dtype == torch.float16:
+            warnings.warn(f"{path}: {why}", stacklevel=2)
+            dtype = safe
+        model = vae.load_vae(path, dtype=dtype, device=device)
+        if model.dtype == torch.float16:  # a float16 file read in its own dtype (dtype None)
+            warnings.warn(f"{path}: float16 weights; {why}", stacklevel=2)
+            for p in model.parameters():  # the normalisation buffers stay float32, as loaded
+                p.data = p.data.to(safe)
+        return model
 
     def load_text_encoder(self, path, dtype, device, tokenizer=None, max_length=0):
         return load_t5_encoder(path, dtype, device, tokenizer, max_length or TEXT_LENGTH)

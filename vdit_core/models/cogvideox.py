@@ -158,7 +158,7 @@ class JointAttention(nn.Module):
         self.parallel = None  # a vdit_core.parallel.SequenceParallel: vid holds this rank's part of the video tokens
 
     def forward(self, vid: torch.Tensor, text: torch.Tensor, rope: torch.Tensor | None):
-        # rope: the video tokens' rotations [N, Dh/2] (complex), from rope_rotations
+        # rope: the video tokens' rotations [N, Dh/2, 2] (cos, sin), from rope_rotations
         n_text = text.shape[1]
         x = torch.cat([text, vid], dim=1)  # [B, L+N, D]
         b, s, _ = x.shape

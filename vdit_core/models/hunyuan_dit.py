@@ -175,7 +175,7 @@ class Attention(nn.Module):
         self.parallel = None  # self-attention: a vdit_core.parallel.SequenceParallel (x holds this rank's part of the tokens)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x: [B, N, D], context: [B, L, Dc] -> [B, N, D]; rope: rotations [N, Dh/2] (complex)
+        # x: [B, N, D], context: [B, L, Dc] -> [B, N, D]; rope: rotations [N, Dh/2, 2] (cos, sin)
         b, n, _ = x.shape
         kv = x if context is None else context
         q = self.norm_q(self.to_q(x).view(b, n, self.heads, self.head_dim))

@@ -133,7 +133,7 @@ class SelfAttention(nn.Module):
         self.parallel = None  # spatial blocks: a vdit_core.parallel.SequenceParallel (x holds this rank's part of each frame)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-        # x: [B', N, D] -> [B', N, D]; rope: rotations [N, Dh/2] (complex) or None
+        # x: [B', N, D] -> [B', N, D]; rope: rotations [N, Dh/2, 2] (cos, sin) or None
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -322,9 +322,9 @@ class STDiT3(nn.Module):
             block.attn.parallel = sp
 
     def _rope(self, t: int, device) -> torch.Tensor:
-        # interleaved pairs rotated by position * freqs (rotary-embedding-torch's layout): [t, Dh/2]
+        # interleaved pairs rotated by position * freqs (rotary-embedding-torch's layout): (cos, sin) [t, Dh/2, 2]
         angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.rope.freqs.float())
-        return torch.complex(angles.cos(), angles.sin())
+        return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None, drop_text=None):
         cfg = self.config

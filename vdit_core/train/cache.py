@@ -1,10 +1,10 @@
 """Precomputed VAE posteriors and text embeddings, on disk.
 
 The cache folder is named by a hash of everything that shapes its contents (the VAE and text
-encoder weight files, the VAE config, buckets, frame stride, dtype, flips, image conditioning),
-so a changed setting never trains on stale latents. Items record their source file's size and
-modification time and are recomputed when it changes. When everything is cached, the VAE and the
-text encoder are not loaded at all.
+encoder weight files, the VAE config, buckets, frame stride, dtype, flips, image conditioning, the
+dtype the encoders ran in), so a changed setting never trains on stale latents. Items record their
+source file's size and modification time and are recomputed when it changes. When everything is
+cached, the VAE and the text encoder are not loaded at all.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class CacheSpec:
     dtype: torch.dtype
     hflip: bool
     image_latents: bool  # image-to-video: also the first frame encoded alone
+    encode_dtype: torch.dtype = torch.float32  # the VAE's and text encoder's while encoding
 
     def key_fields(self) -> dict:
         return {
@@ -74,6 +75,7 @@ class CacheSpec:
             "dtype": str(self.dtype),
             "hflip": self.hflip,
             "image_latents": self.image_latents,
+            "encode_dtype": str(self.encode_dtype),
         }
 
 

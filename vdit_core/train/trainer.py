@@ -32,8 +32,9 @@ from .. import families
 from ..checkpoint import CheckpointError, parse_dtype, read_json
 from ..families import Family
 from ..lora import LoRASet, inject_lora, save_lora
+from ..memory import half_dtype
 from ..attention import AttentionBackendError
-from ..pipeline import Pipeline, check_device, frames_conditioning, network_call
+from ..pipeline import Pipeline, check_device, frames_conditioning, network_call, torch_version
 from ..schedules import FlowSchedule
 from ..timesteps import logit_normal_sigmas, stratified_timesteps, uniform_timesteps
 from ..vae.common import sample_posterior
@@ -210,15 +211,21 @@ def run(cfg: TrainConfig, device: torch.device) -> dict:
     """Train as ``cfg`` says; returns a summary (final step, last loss)."""
     world = vdist.world_size()
     out = Path(cfg.output)
+    if world > 1 and _strategy(cfg, world, device) == "fsdp" and torch_version() < (2, 6):
+        raise ValueError(f"strategy fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) needs PyTorch 2.6 or later (this is "
+                         f"{torch.__version__}); upgrade torch, or use --strategy ddp")
     _claim_output(cfg)
     mp_dtype = _mixed_precision(cfg, device)
-    m = _load_model(cfg, device, mp_dtype)
+    # rank 0 builds the latent cache with the VAE and T5 on its device (T5-XXL's encoder alone is
+    # 19 GB in float32): its transformer waits in CPU memory until they are freed
+    m = _load_model(cfg, torch.device("cpu") if vdist.is_main() else device, mp_dtype)
     if not cfg.lora_targets:  # record the targets the run really uses
         cfg = dataclasses.replace(cfg, lora_targets=m.family.lora_targets)
     if vdist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(cfg.to_dict()))
     cache, items = _prepare_data(cfg, m, device)
+    m.transformer.to(device)  # the cache's encoders are freed by now
     micro = cfg.batch_size * world
     plan = BatchPlan(items, micro, cfg.seed)
     _log(f"training {'the full transformer' if cfg.full else f'a rank-{cfg.lora_rank} LoRA'} of {m.name} "
@@ -308,22 +315,25 @@ def _prepare_data(cfg: TrainConfig, m: Model, device: torch.device) -> tuple[Lat
     samples = scan(cfg.data, report)
     vae_config = read_json(m.folder / "vae" / "config.json")
     cache_dtype = parse_dtype(None if cfg.cache_dtype == "auto" else cfg.cache_dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # the encoders in half precision on a GPU (each loader keeps its model safe in it: T5's wo in
+    # float32 under float16, Open-Sora's VAE never float16)
+    encode_dtype = half_dtype(device)
     spec = CacheSpec(
         vae_path=m.folder / "vae", text_path=m.folder / "text_encoder", vae_config=vae_config, sizes=sizes,
         frame_buckets=frame_buckets, frame_stride=cfg.frame_stride, model_fps=float(family.fps(m.config)), dtype=cache_dtype,
-        hflip=cfg.hflip > 0, image_latents=family.is_image_to_video(m.config),
+        hflip=cfg.hflip > 0, image_latents=family.is_image_to_video(m.config), encode_dtype=encode_dtype,
     )
     cache = LatentCache(Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output) / "cache", spec)
     prompts = [s.caption for s in samples] + [""] + list(cfg.validation_prompts)
 
     def text_encoder():
-        encoder = family.load_text_encoder(m.folder, torch.float32, device)
+        encoder = family.load_text_encoder(m.folder, encode_dtype, device)
         return lambda prompt: family.encode_text(encoder, prompt)
 
     if vdist.is_main():
         cache.build(
             samples, prompts, report,
-            load_vae=lambda: family.load_vae(m.folder / "vae", torch.float32, device),
+            load_vae=lambda: family.load_vae(m.folder / "vae", encode_dtype, device),
             load_text=text_encoder,
             progress=lambda it, **kw: tqdm(it, **kw),
         )
@@ -338,6 +348,13 @@ def _prepare_data(cfg: TrainConfig, m: Model, device: torch.device) -> tuple[Lat
         why = f"all {len(report.skipped)} file(s) were skipped (reasons above)" if report.skipped else "it holds no videos or images with captions"
         raise ValueError(f"--data {cfg.data}: no usable clips: {why}")
     return cache, items
+
+
+def _strategy(cfg: TrainConfig, world: int, device: torch.device) -> str:
+    """"ddp" or "fsdp" (FSDP2: full finetuning on several GPUs, unless the config says)."""
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    return "fsdp" if (cfg.full and world > 1 and device.type == "cuda") else "ddp"
 
 
 def _trainable(cfg: TrainConfig, m: Model, device, mp_dtype, out: Path):
@@ -361,9 +378,7 @@ def _trainable(cfg: TrainConfig, m: Model, device, mp_dtype, out: Path):
     if resume_dir is not None:
         _load_weights(module, resume_dir, cfg, device)
 
-    strategy = cfg.strategy
-    if strategy == "auto":
-        strategy = "fsdp" if (cfg.full and world > 1 and device.type == "cuda") else "ddp"
+    strategy = _strategy(cfg, world, device)
     wrapped: nn.Module = module
     if world > 1 and strategy == "ddp":
         wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
