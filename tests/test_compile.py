@@ -100,7 +100,7 @@ def test_compiled_blocks_hold_no_complex_tensor(folder, tmp_path):
         cfg = model.config
         x = torch.randn(2, cfg.in_channels, 3, 8, 8)
         t = torch.tensor([500.0, 300.0])
-        cond = {"y": torch.randn(2, 1, cfg.model_max_length, cfg.caption_channels)}
+        cond = {"y": torch.randn(2, 1, cfg.model_max_length, cfg.caption_channels), "fps": torch.tensor([24.0, 24.0])}
     family = families.for_folder(path) if folder == "demo" else families.get("opensora")
     load = (lambda: load_pipeline(path, device="cpu").transformer) if folder == "demo" else \
         (lambda: family.load_transformer(path / "transformer", torch.float32, "cpu"))
@@ -109,8 +109,8 @@ def test_compiled_blocks_hold_no_complex_tensor(folder, tmp_path):
     recorder = Recorder()
     compile_blocks(compiled, family, backend=recorder)
     with torch.no_grad():
-        expected = eager(x, t, *cond.values())
-        got = compiled(x, t, *cond.values())
+        expected = eager(x, t, **cond)
+        got = compiled(x, t, **cond)
     assert recorder.graphs and recorder.complex_values() == []
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
