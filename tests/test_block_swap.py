@@ -180,6 +180,36 @@ def test_copies_go_to_a_ring_of_three_buffers_each_after_the_compute_that_read_i
     assert all(p.data_ptr() in held for b in list(model)[1:] for p in b.parameters())
 
 
+@pytest.mark.parametrize("resident", [0, 1])
+def test_a_block_brought_for_the_step_caches_signal_keeps_the_ring_in_order(monkeypatch, resident):
+    """Step caching runs part of the first block outside its forward (offload.on_device), before
+    the block runs, or instead of the whole model on a skipped step. That extra fetch must take a
+    free buffer and leave the block ready there: fetching it into the ring's next buffer in turn
+    put the third block's copy into the buffer the second was running from (wrong weights)."""
+    model = _model(6)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        plain = model(x)
+    swap, log, _ = _recorded_swap(monkeypatch, model, resident=resident)
+    first = swap.streamed[0]
+    with torch.no_grad():
+        signal = first.norm(x)  # the part of the block the signal runs, with the block at rest
+        for skipped in (False, True, True, False, False):
+            with offload.on_device(first):
+                log.append(("start", _ring_slot(swap, first), 0))
+                assert torch.equal(first.norm(x), signal)
+                log.append(("end", 0))
+            if not skipped:
+                assert torch.equal(model(x), plain)
+    _check_order(log)
+    swap.detach()
+
+
+def _ring_slot(swap, block) -> int:
+    p = next(block.parameters())
+    return next(k for k, s in enumerate(swap.slots) if s.data_ptr() <= p.data_ptr() < s.data_ptr() + s.numel())
+
+
 @pytest.mark.parametrize("streamed", [1, 2])
 def test_one_or_two_streamed_blocks(monkeypatch, streamed):
     model = _model(4)

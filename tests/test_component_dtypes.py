@@ -61,7 +61,7 @@ def test_t5_in_float16_keeps_wo_in_float32_and_encodes_like_float32(tmp_path):
         out = _encode(model, ids)
         assert torch.isfinite(out).all()
         assert ((out - reference).abs().max() / reference.abs().max()) < 2e-2  # float16 rounding; a clamp gives ~1
-    encoder = T5TextEncoder(load_t5_model(f16, torch.float32), tokenizer=None).to(dtype=torch.float16)
+    encoder = T5TextEncoder(load_t5_model(f16, torch.float32), tokenizer=None, max_length=16).to(dtype=torch.float16)
     assert encoder.model.encoder.block[1].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
     assert encoder.dtype == torch.float16
 

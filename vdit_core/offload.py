@@ -185,8 +185,8 @@ class BlockSwap:
         size = max((layout.nbytes for layout in self.layouts), default=0)
         self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(RING if self.streamed else 0)]
         self.copies = copier(self.device)
-        self._next_slot = 0
         self._ready: dict[int, tuple[int, object]] = {}  # streamed block -> (its slot, its copy's event): fetched, not yet run
+        self._running: dict[int, tuple[int, object]] = {}  # streamed block -> (its slot, its copy's event), while it runs
         self._handles = []
         for i, b in enumerate(self.streamed):
             self._handles.append(b.register_forward_pre_hook(self._before(i)))
@@ -194,25 +194,27 @@ class BlockSwap:
             _STREAMED[b] = (self, i)
 
     def _fetch(self, i: int) -> tuple[int, object]:
-        """Start copying streamed block ``i`` into the next buffer of the ring: (slot, event).
-        Queued after all compute so far, which includes the last block run from that buffer; a
-        block fetched into it earlier and not run (an interrupted run) is forgotten."""
-        slot = self._next_slot
-        self._next_slot = (slot + 1) % len(self.slots)
-        self._ready = {j: entry for j, entry in self._ready.items() if entry[0] != slot}
+        """Start copying streamed block ``i`` into a buffer of the ring that no block is running
+        from or waiting in: (slot, event). Queued after all compute so far, which includes the
+        last block run from that buffer."""
+        busy = {slot for slot, _ in (*self._running.values(), *self._ready.values())}
+        slot = next(s for s in range(len(self.slots)) if s not in busy)
         done = self.copies.copy(self.slots[slot][: self.layouts[i].nbytes], self.flat[i])
         return slot, done
 
     def _before(self, i: int):
         def hook(module, args):
-            slot, done = self._ready.pop(i, None) or self._fetch(i)
+            self._running.clear()  # blocks run one at a time: one still marked running was interrupted
+            slot, done = self._running[i] = self._ready.pop(i, None) or self._fetch(i)
             self.copies.wait(done)
             for t, c in zip(_tensors(module), self.layouts[i].views(self.slots[slot], self.host[i])):
                 t.data = c
             n = len(self.streamed)
-            for ahead in (1, 2):  # the next two overlap this block's compute
-                j = (i + ahead) % n
-                if j != i and j not in self._ready:
+            ahead = [j for j in ((i + 1) % n, (i + 2) % n) if j != i]  # the next two overlap this block's compute
+            # blocks fetched and not run since (an interrupted run, a step the cache skipped) give their buffers up
+            self._ready = {j: entry for j, entry in self._ready.items() if j in ahead}
+            for j in ahead:
+                if j not in self._ready:
                     self._ready[j] = self._fetch(j)
 
         return hook
@@ -221,6 +223,7 @@ class BlockSwap:
         def hook(module, args, output):
             for t, h in zip(_tensors(module), self.host[i]):
                 t.data = h  # its buffer is overwritten only by a copy queued after this block's compute
+            del self._running[i]
 
         return hook
 
@@ -228,10 +231,12 @@ class BlockSwap:
     def _on_device(self, i: int):
         block = self.streamed[i]
         self._before(i)(block, ())
+        fetched = self._running[i]
         try:
             yield
         finally:
             self._after(i)(block, (), None)
+            self._ready[i] = fetched  # still in its buffer: the block's own run (next, or next step's) takes it from there
 
     def detach(self) -> None:
         """Stop streaming: the streamed blocks stay in CPU memory (move the model where wanted)
