@@ -78,15 +78,12 @@ def test_compiled_blocks_equal_eager():
     """Regional torch.compile (each block compiled; the blocks share the compiled code) gives the
     eager output within 1e-5, where a compiler is available; without one, compile is refused
     before loading."""
-    import warnings
-
     from vdit_core.pipeline import check_compiler
 
     try:
         check_compiler("cpu")
     except ValueError as e:
         pytest.skip(str(e))
-    warnings.filterwarnings("ignore", message=".*complex operators.*")  # RoPE's complex multiply runs eagerly
     eager = load_pipeline(demo_model_path(), device="cpu")
     compiled = load_pipeline(demo_model_path(), device="cpu", compile=True)
     x, t, ctx = torch.randn(2, 2, 5, 8, 8), torch.tensor([500.0, 300.0]), torch.randn(2, 16, 64)

@@ -754,7 +754,7 @@ def _validate(cfg, step, m: Model, cache, device, mp_dtype, strategy) -> None:
         transformer.train()
     if not vdist.is_main():
         return
-    pipe.vae = m.family.load_vae(m.folder / "vae", torch.float32, device)
+    pipe.vae = m.family.load_vae(m.folder / "vae", half_dtype(device), device)  # beside the transformer: half precision on a GPU, as the cache's
     folder = Path(cfg.output) / "validation" / f"step-{step:07d}"
     for i, lat in sorted(results.items()):
         slug = re.sub(r"[^a-z0-9]+", "-", prompts[i].lower()).strip("-")[:40]
