@@ -68,8 +68,8 @@ def release_facts(family: Family, config) -> dict:
 def quote(fact: str) -> str:
     """A :func:`release_facts` entry of every registered family, as tooltips and --help quote it:
     "CogVideoX: 50; HunyuanDiT: 100; Open-Sora: 30". Where a family's releases differ, its most
-    common value comes first and the others name their releases ("CogVideoX: 8 (cogvideox1.5-5b,
-    cogvideox1.5-5b-i2v: 16)"); families without presets, or without the fact (None, "", 0), are left out."""
+    common value comes first and the others name their releases ("CogVideoX: 8 (16 for
+    cogvideox1.5-5b, cogvideox1.5-5b-i2v)"); families without presets, or without the fact (None, "", 0), are left out."""
     out = []
     for f in FAMILIES.values():
         names: dict[str, list[str]] = {}  # value as written -> the releases that have it
@@ -79,6 +79,6 @@ def quote(fact: str) -> str:
                 names.setdefault(f"{v:g}" if isinstance(v, float) else str(v), []).append(name)
         if names:
             (first, _), *rest = sorted(names.items(), key=lambda kv: -len(kv[1]))  # (stable: ties keep the presets' order)
-            others = "; ".join(f"{', '.join(n)}: {v}" for v, n in rest)
+            others = "; ".join(f"{v} for {', '.join(n)}" for v, n in rest)
             out.append(f"{f.label}: {first}" + (f" ({others})" if others else ""))
     return "; ".join(out)

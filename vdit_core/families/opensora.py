@@ -106,7 +106,7 @@ class OpenSora(Family):
     extends_videos = True
     extension_frames = vae.pixel_frames(CONDITION_LATENT_FRAMES)
     prompt_note = (f"' aesthetic score: {AESTHETIC_SCORE:g}.' is appended unless the text names a score itself; "
-                   "an empty text is its learned null caption (the usual negative)")
+                   "an empty text is the model's learned null caption (the usual negative)")
 
     # -- detection -----------------------------------------------------------------------------
     def recognises_folder(self, folder):
