@@ -277,6 +277,13 @@ class Progress:
         else:
             self.tqdm.update(n)
 
+    def update_to(self, n: int) -> None:
+        """Move the bar to ``n`` of its total."""
+        if self.bar is not None:
+            self.bar.update_absolute(n, self.total)
+        else:
+            self.tqdm.update(n - self.tqdm.n)
+
     def close(self) -> None:
         if self.tqdm is not None:
             self.tqdm.close()

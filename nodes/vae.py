@@ -11,6 +11,7 @@ from vdit_core.vae.common import Tiling, frames_to_pixels, pixels_to_frames
 from . import comfy
 
 TILING = ["auto", "off", "on"]
+STEPS = 100  # progress bar positions per decoded video (chunks and tiles vary with memory)
 
 
 def _tiling(vae, mode: str, tile_height: int, tile_width: int) -> Tiling | None:
@@ -108,11 +109,20 @@ class VDITVAEDecode:
         device = vae.managed.load()
         out_device = comfy.intermediate_device()
         videos = []
-        with torch.no_grad():
-            for i in range(z.shape[0]):
-                zz = z[i : i + 1].to(device)
-                s = vae.vae.spatial_compression
-                video = _run(lambda t: vae.vae.decode(zz, chunk_frames=chunk_frames, tiling=t, output_device=out_device),
-                             vae.vae, tiling, tile_height, tile_width, vae.vae.pixel_frames(zz.shape[2]), zz.shape[3] * s, zz.shape[4] * s)
-                videos.append(pixels_to_frames(video[0]))
+        bar = comfy.Progress(z.shape[0] * STEPS, desc="vdit decoding")
+        try:
+            with torch.no_grad():
+                for i in range(z.shape[0]):
+                    zz = z[i : i + 1].to(device)
+                    s = vae.vae.spatial_compression
+
+                    def progress(done, total, i=i):  # each chunk: cancel stops here; the bar moves (a retry starts the video over)
+                        comfy.check_interrupt()
+                        bar.update_to(i * STEPS + done * STEPS // total)
+
+                    video = _run(lambda t: vae.vae.decode(zz, chunk_frames=chunk_frames, tiling=t, output_device=out_device, progress=progress),
+                                 vae.vae, tiling, tile_height, tile_width, vae.vae.pixel_frames(zz.shape[2]), zz.shape[3] * s, zz.shape[4] * s)
+                    videos.append(pixels_to_frames(video[0]))
+        finally:
+            bar.close()
         return (torch.cat(videos).to(out_device),)

@@ -157,7 +157,7 @@ def _run(args: argparse.Namespace, parallel) -> int:
         )
         if not main:  # every rank ends with the same latents; rank 0 decodes and writes them
             return 0
-        frames = pipe.decode(latents)
+        frames = pipe.decode(latents, progress=True)
         fps = args.fps or pipe.fps
         path = write_output(args.out, frames, fps=fps)
     except (ValueError, CheckpointError, FileNotFoundError, AttentionBackendError) as e:

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from . import families
 from .attention import resolve_backend
@@ -508,16 +509,28 @@ class Pipeline:
         prepared = self.prepare(cond=cond, uncond=uncond, noise=noise, latents=init_latents if init_latents is not None else noise, **request)
         return self.run(prepared, callback, progress, step_cache)
 
-    def decode(self, latents: torch.Tensor, **vae_kwargs) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, progress: bool = False, **vae_kwargs) -> torch.Tensor:
         """Latents [1, C, T, h, w] -> frames [F, H, W, 3] in [0, 1] (float32, CPU). Without a
-        ``tiling`` argument the tile size comes from the memory free now (untiled when it fits)."""
+        ``tiling`` argument the tile size comes from the memory free now (untiled when it fits).
+        ``progress``: a tqdm bar over the decoded chunks."""
         if self.vae is None:
             raise ValueError("this pipeline has no VAE loaded")
         if "tiling" not in vae_kwargs:
             f, (h, w) = self.vae.pixel_frames(latents.shape[2]), latents.shape[-2:]
             s = self.spatial_scale
             vae_kwargs["tiling"] = self.vae.auto_tiling(f, h * s, w * s)
-        video = self.vae.decode(latents.to(self.vae.device), **vae_kwargs)  # [1, 3, F, H, W]
+        bar = tqdm(desc="decoding", unit="latent frame", leave=False, dynamic_ncols=True) if progress else None
+        if bar is not None:
+            def report(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            vae_kwargs["progress"] = report
+        try:
+            video = self.vae.decode(latents.to(self.vae.device), **vae_kwargs)  # [1, 3, F, H, W]
+        finally:
+            if bar is not None:
+                bar.close()
         return pixels_to_frames(video[0].cpu())
 
     @torch.no_grad()

@@ -329,7 +329,7 @@ class CogVideoXVAE(VideoVAE):
         return torch.cat(out, dim=2)
 
     # -- decoding ----------------------------------------------------------------------------
-    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device) -> torch.Tensor:
+    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device, on_chunk=None) -> torch.Tensor:
         cache: Cache = {}
         out, done = None, 0
         for a, b in _chunks(z.shape[2], chunk_frames):
@@ -344,6 +344,8 @@ class CogVideoXVAE(VideoVAE):
             out[:, :, done : done + x.shape[2]] = x
             done += x.shape[2]
             del x
+            if on_chunk is not None:
+                on_chunk((b - a) * z.shape[0])
         return out[:, :, :done]
 
 

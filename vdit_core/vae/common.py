@@ -3,7 +3,9 @@ tiling with blended overlaps, posterior sampling, and the conversions between Co
 ([F, H, W, 3] in [0, 1]) and VAE pixels ([B, 3, F, H, W] in [-1, 1]).
 
 A VAE subclass provides ``_encode_chunked(video, chunk_frames) -> moments`` and
-``_decode_chunked(latents, chunk_frames, output_device) -> pixels`` on unscaled latents, its
+``_decode_chunked(latents, chunk_frames, output_device, on_chunk) -> pixels`` on unscaled latents
+(calling ``on_chunk(n)``, when given, after each chunk with the latent frames it decoded, counted
+over the batch), its
 ``config`` (``latent_channels``, ``scaling_factor``, ``spatial_compression``,
 ``temporal_compression_ratio``, ``in_channels``) and ``default_tiling``; encoding, decoding,
 tiling, scaling and input checks are here, once.
@@ -12,6 +14,7 @@ tiling, scaling and input checks are here, once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -226,7 +229,7 @@ class VideoVAE(nn.Module):
     def _encode_chunked(self, video: torch.Tensor, chunk_frames: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device) -> torch.Tensor:
+    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device, on_chunk=None) -> torch.Tensor:
         raise NotImplementedError
 
     # -- encoding ----------------------------------------------------------------------------
@@ -270,13 +273,36 @@ class VideoVAE(nn.Module):
         chunk_frames: int = 2,
         tiling: Tiling | None = None,
         output_device: torch.device | str | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Pixels in [-1, 1] (float32 or the VAE's dtype), [B, 3, F, H, W], from scaled latents.
 
         ``output_device`` (e.g. "cpu") moves each decoded chunk off the GPU as it is made, so a
-        long video never holds all its frames in GPU memory.
+        long video never holds all its frames in GPU memory. ``progress(done, total)`` is called
+        after each decoded chunk (of each tile), in latent frames; an exception it raises (a
+        cancel) stops the decode there.
         """
-        return self._decode_tiled(latents, tiling, lambda z: self._decode_chunked(z, chunk_frames, output_device))
+        on_chunk = self._chunk_counter(latents, tiling, progress)
+        return self._decode_tiled(latents, tiling, lambda z: self._decode_chunked(z, chunk_frames, output_device, on_chunk))
+
+    def _chunk_counter(self, latents: torch.Tensor, tiling: Tiling | None, progress) -> Callable[[int], None] | None:
+        """The ``on_chunk`` that turns each chunk's latent frames into ``progress(done, total)``
+        over the whole decode: every sample's frames in every spatial tile."""
+        if progress is None:
+            return None
+        s, (h, w) = self.spatial_compression, latents.shape[-2:]
+        tiles = 1
+        if tiling is not None and (h > tiling.tile_height // s or w > tiling.tile_width // s):  # as _decode_tiled tiles
+            _, _, step_h, step_w = tile_grid(tiling, s)
+            tiles = len(range(0, h, step_h)) * len(range(0, w, step_w))
+        total, done = latents.shape[0] * latents.shape[2] * tiles, 0
+
+        def on_chunk(n: int) -> None:
+            nonlocal done
+            done += n
+            progress(done, total)
+
+        return on_chunk
 
     def _decode_tiled(self, latents: torch.Tensor, tiling: Tiling | None, decode_tile) -> torch.Tensor:
         """``decode_tile`` (unscaled latents -> pixels) over spatial tiles of ``latents``, blended."""

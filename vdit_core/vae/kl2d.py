@@ -199,14 +199,17 @@ class KL2DVAE(VideoVAE):
         half = self.config.sample_size // 2
         return Tiling(half, half, 0.25, 0.25)
 
-    def _frames(self, x: torch.Tensor, chunk_frames: int, fn, output_device=None) -> torch.Tensor:
-        """``fn`` over the frames of [B, C, F, H, W], ``chunk_frames`` frames at a time."""
+    def _frames(self, x: torch.Tensor, chunk_frames: int, fn, output_device=None, on_chunk=None) -> torch.Tensor:
+        """``fn`` over the frames of [B, C, F, H, W], ``chunk_frames`` frames at a time
+        (``on_chunk(n)`` after each, with its n frames)."""
         b, c, f = x.shape[:3]
         flat = x.transpose(1, 2).reshape(b * f, c, *x.shape[3:])
         parts = []
         for i in range(0, b * f, max(1, chunk_frames)):
             y = fn(flat[i : i + chunk_frames].to(self.dtype))
             parts.append(y.to(output_device) if output_device is not None else y)
+            if on_chunk is not None:
+                on_chunk(y.shape[0])
         y = torch.cat(parts)
         return y.reshape(b, f, *y.shape[1:]).transpose(1, 2)
 
@@ -217,11 +220,11 @@ class KL2DVAE(VideoVAE):
 
         return self._frames(video, chunk_frames, enc)
 
-    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device) -> torch.Tensor:
+    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device, on_chunk=None) -> torch.Tensor:
         def dec(x):
             return self.decoder(self.post_quant_conv(x) if self.post_quant_conv is not None else x)
 
-        return self._frames(z, chunk_frames, dec, output_device)
+        return self._frames(z, chunk_frames, dec, output_device, on_chunk)
 
 
 # ----------------------------------------------------------------------------------------------

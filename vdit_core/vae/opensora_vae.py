@@ -318,19 +318,21 @@ class OpenSoraVAE(VideoVAE):
         return z if scale is None else z * scale
 
     def decode(self, latents: torch.Tensor, chunk_frames: int = 4, tiling: Tiling | None = None,
-               output_device: torch.device | str | None = None, num_frames: int | None = None) -> torch.Tensor:
+               output_device: torch.device | str | None = None, progress=None, num_frames: int | None = None) -> torch.Tensor:
         """Pixels [B, 3, F, H, W] in [-1, 1] of normalised latents, one 17-frame chunk at a time
-        (``output_device`` takes each chunk off the GPU as it is made). ``num_frames``: the frame
-        count to decode to (default: 17k + 4m - 3, the counts the family takes; a partial last
-        chunk of m latent frames may hold up to 4m frames, which the release decodes when told)."""
+        (``output_device`` takes each chunk off the GPU as it is made; ``progress`` as
+        :meth:`VideoVAE.decode`). ``num_frames``: the frame count to decode to (default: 17k + 4m
+        - 3, the counts the family takes; a partial last chunk of m latent frames may hold up to
+        4m frames, which the release decodes when told)."""
         t = latents.shape[2]
         frames = self.pixel_frames(t) if num_frames is None else int(num_frames)
         if self.latent_frames(frames) != t:
             held = [n for n in range(self.pixel_frames(t), self.pixel_frames(t) + self.temporal_compression) if self.latent_frames(n) == t]
             raise ValueError(f"num_frames={frames}: latents of {t} frames hold {' to '.join(map(str, sorted({held[0], held[-1]})))} frames")
-        return self._decode_tiled(latents, tiling, lambda z: self._decode_chunked(z, chunk_frames, output_device, frames))
+        on_chunk = self._chunk_counter(latents, tiling, progress)
+        return self._decode_tiled(latents, tiling, lambda z: self._decode_chunked(z, chunk_frames, output_device, on_chunk, frames))
 
-    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device, total: int | None = None) -> torch.Tensor:
+    def _decode_chunked(self, z: torch.Tensor, chunk_frames: int, output_device, on_chunk=None, total: int | None = None) -> torch.Tensor:
         """Pixels of unscaled latents: ``total`` frames (default: what the latents round-trip)."""
         cfg = self.config
         z = z * self.scale.to(z) + self.shift.to(z)
@@ -345,6 +347,8 @@ class OpenSoraVAE(VideoVAE):
                 out = frames.new_empty(*frames.shape[:2], total, *frames.shape[3:])
             out[:, :, done : done + n] = frames
             done += n
+            if on_chunk is not None:  # a micro chunk (17 frames) is the unit the temporal VAE decodes
+                on_chunk(min(cfg.micro_latent_size, z.shape[2] - i) * z.shape[0])
         return out
 
     def _check_video(self, video: torch.Tensor) -> None:
