@@ -211,11 +211,11 @@ def test_decode_retries_tiled_when_out_of_memory(models_dir, monkeypatch):
     real = vae.vae.decode
     seen = []
 
-    def decode(z, chunk_frames=2, tiling=None, output_device=None):
+    def decode(z, chunk_frames=2, tiling=None, output_device=None, progress=None):
         seen.append(tiling)
         if tiling is None:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(z, chunk_frames=chunk_frames, tiling=tiling, output_device=output_device)
+        return real(z, chunk_frames=chunk_frames, tiling=tiling, output_device=output_device, progress=progress)
 
     monkeypatch.setattr(vae.vae, "decode", decode)
     frames = NODES["VDITVAEDecode"]().decode(vae, out, 2, "auto", 16, 16)[0]
