@@ -75,9 +75,15 @@ def frames_conditioning(family: families.Family, config, latents: torch.Tensor, 
     (scaled by :meth:`Family.image_latent_scale`): a clip to continue for families that extend
     videos (T' > 1), else the first frame."""
     z = check_finite("the image latent", latents.float())
-    if z.shape[2] > 1 and family.extends_videos:
+    if continues_clip(family, z):
         return family.video_conditioning(config, z, latent_t)
     return family.image_conditioning(config, z[:, :, :1], latent_t)
+
+
+def continues_clip(family: families.Family, latents: torch.Tensor) -> bool:
+    """Whether frame latents [B, C, T', h, w] are a clip the family continues (else their first
+    frame conditions)."""
+    return latents.shape[2] > 1 and family.extends_videos
 
 
 @dataclass(frozen=True)
@@ -403,9 +409,8 @@ class Pipeline:
         if prompt is not None:  # encoded after every check: nothing is refused after this work
             cond = self.encode_prompt(prompt, **options)
             uncond = self.family.negative_conditioning(self.text_encoder, negative_prompt, cond) if cfg > 1.0 else None
-        extra = {k: v.to(self.device) for k, v in (conditioning or {}).items()}
-        cond = {**cond, **extra}
-        uncond = {**uncond, **extra} if uncond is not None and cfg > 1.0 else None
+        cond = {**cond, **(conditioning or {})}
+        uncond = {**uncond, **(conditioning or {})} if uncond is not None and cfg > 1.0 else None
 
         # the noise stream is drawn in the reference's order: the frames' posteriors, then the noise
         if image is not None:
@@ -430,7 +435,7 @@ class Pipeline:
         if init is not None:
             mode = "video-to-video"
         elif frame_latents is not None:
-            mode = "video extension" if frame_latents.shape[2] > 1 and self.family.extends_videos else "image-to-video"
+            mode = "video extension" if continues_clip(self.family, frame_latents) else "image-to-video"
         else:
             mode = "text-to-video"
         return Request(mode=mode, shape=shape, keep=keep, sampler=sampler, sigmas=sigmas, guidance=guidance, cond=cond, uncond=uncond,
