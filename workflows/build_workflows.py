@@ -242,9 +242,7 @@ def folder_facts(folder: Path) -> dict:
 
     family = families.for_folder(folder)
     config = family.load_transformer(Path(folder) / "transformer", torch.float32, "cpu").config
-    d = family.model_defaults(folder, config)
-    frames, height, width = family.default_size(config, d["vae_scale"])
-    return {"steps": d["steps"], "cfg": d["cfg"], "sampler": d["sampler"], "frames": frames, "height": height, "width": width, "fps": family.fps(config)}
+    return families.release_facts(family, config, folder)
 
 
 def loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[dict, dict, dict]:

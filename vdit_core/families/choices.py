@@ -3,6 +3,8 @@ reading those choices back, and the releases' facts as tooltips and --help quote
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .base import Family
 from .registry import FAMILIES
 
@@ -53,12 +55,12 @@ def vae_variants() -> list[str]:
     return [v for f in FAMILIES.values() for v in f.vae_variants]
 
 
-def release_facts(family: Family, config) -> dict:
+def release_facts(family: Family, config, folder: Path | None = None) -> dict:
     """One release's facts as users read them, from the family's own methods: ``steps``, ``cfg``,
-    ``sampler`` (its sampling defaults without a model folder), ``frames``, ``height``, ``width``
-    (its trained size), ``fps`` (None for an image model), ``frame_rule``, ``size_multiple``
-    (pixels) and ``text_length``."""
-    d = family.sampling_defaults(None, config)
+    ``sampler`` (its sampling defaults; with ``folder``, what that model folder says), ``frames``,
+    ``height``, ``width`` (its trained size), ``fps`` (None for an image model), ``frame_rule``,
+    ``size_multiple`` (pixels) and ``text_length``."""
+    d = family.model_defaults(folder, config)
     frames, height, width = family.default_size(config, d["vae_scale"])
     return {"steps": d["steps"], "cfg": d["cfg"], "sampler": d["sampler"], "frames": frames, "height": height, "width": width,
             "fps": family.fps(config) if frames > 1 else None, "frame_rule": family.frame_rule(config),
