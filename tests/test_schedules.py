@@ -9,6 +9,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from vdit_core.schedules import (  # noqa: E402
+    TERMINAL_ALPHA_BAR,
     DiscreteSchedule,
     DiscreteScheduleConfig,
     FlowSchedule,
@@ -83,11 +84,16 @@ def test_sigma_timestep_roundtrip_integer_and_fractional():
         ac = s.alphas_cumprod
         assert torch.allclose(sig[:-1], ((1 - ac[:-1]) / ac[:-1]).sqrt(), rtol=1e-14)
         tf = torch.linspace(0, 999, 4001, dtype=torch.float64)
+        # exact inverse, except where sigma reaches ComfyUI's finite stand-in for the zero-SNR end
+        # (TERMINAL_ALPHA_BAR), read as T-1 so that ComfyUI's sigma table and ours meet there
+        below = s.sigma(tf) < (1 / TERMINAL_ALPHA_BAR - 1) ** 0.5
         back = s.timestep(s.sigma(tf))
-        assert torch.allclose(back, tf, atol=1e-9)
+        assert torch.allclose(back[below], tf[below], atol=1e-9)
+        assert torch.all(back[~below] == 999) and (~below).sum() <= 4  # within the last timestep
         assert torch.all(s.sigma(tf).diff() > 0)  # monotone, finite before T-1
     zsnr = _ours(COGVIDEOX_2B, "CogVideoXDDIMScheduler")
     assert math.isinf(float(zsnr.sigma(999.0))) and float(zsnr.timestep(math.inf)) == 999.0
+    assert float(zsnr.timestep((1 / TERMINAL_ALPHA_BAR - 1) ** 0.5)) == 999.0
     assert math.isfinite(float(zsnr.sigma(998.5)))
 
 

@@ -24,6 +24,10 @@ from typing import Callable, Literal
 
 import torch
 
+# ComfyUI keeps zero-terminal-SNR schedules finite: its last alpha_bar is this (sigma ~ 4519). A
+# sigma at or beyond it is read as the terminal timestep, so both ends meet on the same network input.
+TERMINAL_ALPHA_BAR = 4.8973451890853435e-08
+
 Spacing = Literal["trailing", "leading", "linspace", "linspace_round", "karras", "exponential"]
 SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace", "linspace_round", "karras", "exponential")
 
@@ -241,11 +245,12 @@ class DiscreteSchedule:
         l0, l1 = finite_logs[lo], finite_logs[lo + 1]
         t = lo.to(torch.float64) + ((log_s - l0) / (l1 - l0)).clamp(0, 1)
         if self.zero_terminal_snr:
-            # beyond the last finite sigma: interpolate sqrt(alpha_bar) towards 0 at T-1
+            # beyond the last finite sigma: interpolate sqrt(alpha_bar) towards 0 at T-1 (ComfyUI's
+            # finite stand-in for the end, TERMINAL_ALPHA_BAR, and beyond: T-1)
             beyond = s > float(finite_logs[-1].exp())
             sa_last = self.sqrt_alphas_cumprod[T - 2]
             sa = (1 / (1 + s**2)).sqrt()
-            t_beyond = (T - 2) + (1 - sa / sa_last)
+            t_beyond = torch.where(sa <= TERMINAL_ALPHA_BAR**0.5 * (1 + 1e-6), torch.full_like(sa, T - 1.0), (T - 2) + (1 - sa / sa_last))
             t = torch.where(beyond, t_beyond, t)
         return t.to(sigma.device)
 

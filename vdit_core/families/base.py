@@ -56,6 +56,7 @@ class Family:
     noise_permute: tuple[int, ...] | None = None  # the reference's per-sample noise layout (seed parity)
     # latent -> RGB in [-1, 1] for previews: (a [C][3] matrix, a bias of 3) over model-space latents, or None
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None
+    text_state: str = ""  # the conditioning key of the main text states (ComfyUI's conditioning tensor)
 
     # -- the releases' facts as users read them (node tooltips, --help and the bundled workflows quote
     # them through release_facts and quote below; the checks use the same methods)
@@ -159,6 +160,17 @@ class Family:
     def train_sigmas(self, sigmas: torch.Tensor, latent_shape: tuple[int, ...], spatial_scale: int) -> torch.Tensor:
         """Training sigmas of a batch of this latent shape (a size-dependent shift)."""
         return sigmas
+
+    def sigma_shift(self, latent_shape: tuple[int, ...], spatial_scale: int) -> float:
+        """The time shift (``shift*s / (1 + (shift-1)*s)``) a flow model's sigmas get for latents of
+        this shape (1: none; discrete schedules have none)."""
+        return 1.0
+
+    def latent_scaling(self, folder: Path | None, config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(shift, scale) per latent channel from the VAE's raw latents to the model's:
+        ``model = (raw - shift) * scale``. From the model folder's VAE config when given, else
+        the release's VAE."""
+        raise NotImplementedError
 
     def default_timestep_sampling(self) -> str:
         """The trainer's timestep sampling when the config says ``auto`` on one process."""

@@ -61,6 +61,7 @@ class CogVideoX(Family):
     presets = model.PRESETS
     text_length = TEXT_LENGTH
     resolutions = ((720, 480), (480, 720), (1360, 768), (768, 1360))  # 1.0 (and the demo's 64x64 is its own); 1.5
+    text_state = "context"
     noise_permute = (1, 0, 2, 3)  # the reference draws latents as [T, C, H, W] per sample
     # latent -> RGB preview factors for the 16-channel VAE (shared by 1.0 and 1.5), as published with
     # kijai's ComfyUI-CogVideoXWrapper (latent_preview.py), rounded; fitted there on scaled latents
@@ -115,6 +116,16 @@ class CogVideoX(Family):
 
     def denoiser(self, net, schedule):
         return VPrediction(net, schedule)
+
+    def latent_scaling(self, folder, config):
+        vae_config = Path(folder) / "vae" / "config.json" if folder else None
+        if vae_config is not None and vae_config.exists():
+            factor = vae.CogVideoXVAEConfig.from_diffusers(read_json(vae_config)).scaling_factor
+        else:  # a single transformer file: its release's VAE (image-to-video releases share their base's)
+            preset = self.preset_name(config) or "cogvideox-5b"
+            factor = vae.PRESETS[preset.removesuffix("-i2v")].scaling_factor
+        c = self.latent_channels(config)
+        return (0.0,) * c, (float(factor),) * c
 
     def guidance_scale(self, cfg, steps, schedule, dynamic):
         return cogvideox_dynamic_cfg(cfg, steps, schedule.timestep) if dynamic else cfg

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, read_json
 from ..detect import Signature
 from ..models import hunyuan_dit as model
 from ..prediction import VPrediction
@@ -59,7 +59,8 @@ class HunyuanDiT(Family):
     prompt_note = "reads Chinese as well as English"
     presets = model.PRESETS
     resolutions = RESOLUTIONS
-    caption_groups = (("context", "context_mask"), ("context_t5", "context_t5_mask"))  # each encoder dropped on its own
+    caption_groups = (("context", "context_mask"), ("context_t5", "context_t5_mask"))
+    text_state = "context"  # each encoder dropped on its own
     # the SDXL VAE's published latent -> RGB factors (ComfyUI's latent_formats.SDXL)
     latent_rgb = (((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
                   (0.1084, -0.0175, -0.0011))
@@ -118,6 +119,12 @@ class HunyuanDiT(Family):
 
     def denoiser(self, net, schedule):
         return VPrediction(net, schedule, learned_variance=True)
+
+    def latent_scaling(self, folder, config):
+        vae_config = Path(folder) / "vae" / "config.json" if folder else None
+        factor = self.vae_info(read_json(vae_config))["scaling_factor"] if vae_config is not None and vae_config.exists() else kl2d.KL2DConfig().scaling_factor
+        c = self.latent_channels(config)
+        return (0.0,) * c, (float(factor),) * c
 
     def encode_text(self, text_encoder, prompt):
         return text_encoder.encode(prompt)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -100,6 +101,7 @@ class OpenSora(Family):
     resolutions = tuple(NAMED_RESOLUTIONS.values())
     named_resolutions = NAMED_RESOLUTIONS
     durations = DURATIONS
+    text_state = "y"
     caption_groups = (("drop_text",),)  # caption dropout: the learned null caption, the caption's mask kept (as the release)
     prompt_options = ("aesthetic_score", "motion_score")
     prompt_defaults = {"aesthetic_score": AESTHETIC_SCORE, "motion_score": None}
@@ -170,11 +172,19 @@ class OpenSora(Family):
         _, _, t, h, w = latent_shape
         return transform_sigmas(steps, vae.pixel_frames(t), h * spatial_scale, w * spatial_scale, schedule.num_timesteps)
 
+    def sigma_shift(self, latent_shape, spatial_scale):
+        """``sqrt(H*W / 512^2) * sqrt(frames)``: the release's resolution/length ``timestep_transform``."""
+        _, _, t, h, w = latent_shape
+        return math.sqrt(h * spatial_scale * w * spatial_scale / 512**2) * math.sqrt(shift_frames(vae.pixel_frames(t)))
+
     def train_sigmas(self, sigmas, latent_shape, spatial_scale):
         """Training timesteps get the same resolution/length shift (``timestep_transform``)."""
-        _, _, t, h, w = latent_shape
-        ratio = math.sqrt(h * spatial_scale * w * spatial_scale / 512**2) * math.sqrt(shift_frames(vae.pixel_frames(t)))
-        return time_shift(sigmas, ratio)
+        return time_shift(sigmas, self.sigma_shift(latent_shape, spatial_scale))
+
+    def latent_scaling(self, folder, config):
+        vae_config = Path(folder) / "vae" / "config.json" if folder else None
+        shift, scale = vae.normalisation(read_json(vae_config) if vae_config is not None and vae_config.exists() else None)
+        return shift, tuple(1 / s for s in scale)
 
     def default_timestep_sampling(self):
         return "logit_normal"

@@ -170,6 +170,11 @@ class VideoVAE(nn.Module):
         """What conditioning code needs to know of the latents (scaling and family flags)."""
         return {"scaling_factor": self.config.scaling_factor}
 
+    def latent_scaling(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(shift, scale) per channel from raw latents to the scaled ones :meth:`encode` gives:
+        ``scaled = (raw - shift) * scale``."""
+        return (0.0,) * self.latent_channels, (float(self.scaling_factor),) * self.latent_channels
+
     def latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.temporal_compression + 1
 

@@ -285,6 +285,9 @@ class OpenSoraVAE(VideoVAE):
         half = self.config.spatial.sample_size // 2
         return Tiling(half, half, 0.25, 0.25)
 
+    def latent_scaling(self):
+        return tuple(float(v) for v in self.config.shift), tuple(1 / float(v) for v in self.config.scale)
+
     def decode_bytes(self, num_frames: int, height: int, width: int, chunk_frames: int = 4) -> int:
         """Peak memory of decoding: one chunk's temporal activations at the latent size, a
         micro-batch of full-resolution spatial activations, and the output."""
@@ -424,10 +427,17 @@ def config_from(sd: dict[str, torch.Tensor], raw: dict | None, path) -> OpenSora
         if name in ("filters", "num_res_blocks", "latent_embed_dim", "embed_dim", "in_out_channels"):
             if int(given) != getattr(temporal, name):
                 raise CheckpointError(f"{path}: config.json says vae_temporal {name}={given} but the weights have {getattr(temporal, name)}")
-    base = OpenSoraVAEConfig()
-    vec = lambda v, default: tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 4)) if v is not None else default  # noqa: E731
-    return OpenSoraVAEConfig(spatial=spatial, temporal=temporal, micro_frame_size=int(raw.get("micro_frame_size") or base.micro_frame_size),
-                             shift=vec(raw.get("shift"), base.shift), scale=vec(raw.get("scale"), base.scale))
+    shift, scale = normalisation(raw)
+    return OpenSoraVAEConfig(spatial=spatial, temporal=temporal, micro_frame_size=int(raw.get("micro_frame_size") or OpenSoraVAEConfig.micro_frame_size),
+                             shift=shift, scale=scale)
+
+
+def normalisation(raw: dict | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The latents' per-channel (shift, scale) a released config.json gives (a number or a list
+    each), else the release's."""
+    raw, base = raw or {}, OpenSoraVAEConfig()
+    vec = lambda v, default: tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * len(default))) if v is not None else default  # noqa: E731
+    return vec(raw.get("shift"), base.shift), vec(raw.get("scale"), base.scale)
 
 
 def load_vae(path, dtype: torch.dtype | None = torch.float32, device="cpu", config: OpenSoraVAEConfig | None = None) -> OpenSoraVAE:

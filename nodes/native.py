@@ -1,0 +1,299 @@
+"""ComfyUI's own model objects around vdit_core's models, so that ComfyUI's samplers, schedulers,
+model patches, previews and memory management work on them. Needs ComfyUI (imported by the
+nodes only inside it).
+
+* MODEL: a model patcher around :class:`VDITModel` (ComfyUI's ``BaseModel``), whose diffusion
+  model (:class:`VDITDiffusion`) calls the vdit transformer. The family's prediction type and
+  schedule are ComfyUI model sampling (:func:`model_sampling`): v-prediction on the family's
+  discrete schedule (zero terminal SNR clamped as ComfyUI clamps it), or rectified flow whose
+  resolution/length shift is applied to the sigmas of each run (:func:`shift_sigmas`).
+* CONDITIONING: ComfyUI's ``[[tensor, dict]]``: the family's main text states
+  (:attr:`Family.text_state`) as the tensor, its other inputs (masks, mT5 states, the null
+  caption flag) in the dict as ``vdit_<name>`` (:func:`conditioning`).
+* LATENT holds the VAE's raw latents, as with ComfyUI's own video models; the model's latent
+  format (:class:`VDITLatentFormat`) maps them to the model's (``process_in``) and back.
+* VAE: ComfyUI's ``VAE`` with the vdit VAE as its first stage (:func:`native_vae`): chunked,
+  memory-sized tiles, progress and cancel between chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.model_sampling as ms
+import comfy.patcher_extension as pe
+import comfy.sd
+import comfy.supported_models_base
+import comfy.utils
+from vdit_core.fp8 import compute_dtype
+from vdit_core.schedules import TERMINAL_ALPHA_BAR, DiscreteSchedule, FlowSchedule, time_shift
+
+PREFIX = "vdit_"  # the conditioning dict's keys of a family's inputs besides its main text states
+
+
+# ----------------------------------------------------------------------------------------------
+# latents and sampling
+
+
+class VDITLatentFormat(comfy.latent_formats.LatentFormat):
+    """A family's latents: ``process_in`` takes the VAE's raw latents to the model's,
+    ``(raw - shift) * scale`` per channel; the preview factors work on the model's."""
+
+    latent_dimensions = 3
+
+    def __init__(self, shift: tuple[float, ...], scale: tuple[float, ...], latent_rgb=None):
+        self.latent_channels = len(scale)
+        self.shift, self.scale = torch.tensor(shift, dtype=torch.float32), torch.tensor(scale, dtype=torch.float32)
+        self.scale_factor = float(scale[0])  # (what ComfyUI's own code reads of a uniform scale)
+        if latent_rgb is not None and len(latent_rgb[0]) == len(scale):  # (a family's factors fit its release VAE only)
+            self.latent_rgb_factors = [list(row) for row in latent_rgb[0]]
+            self.latent_rgb_factors_bias = list(latent_rgb[1])
+
+    def _per_channel(self, v: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        return v.to(device=latent.device, dtype=latent.dtype).view(1, -1, *([1] * (latent.ndim - 2)))
+
+    def process_in(self, latent):
+        return (latent - self._per_channel(self.shift, latent)) * self._per_channel(self.scale, latent)
+
+    def process_out(self, latent):
+        return latent / self._per_channel(self.scale, latent) + self._per_channel(self.shift, latent)
+
+
+class DiscreteV(ms.V_PREDICTION, ms.ModelSamplingDiscrete):
+    """v-prediction on a family's discrete schedule (:func:`model_sampling`)."""
+
+
+class DiscreteEps(ms.EPS, ms.ModelSamplingDiscrete):
+    """eps-prediction on a family's discrete schedule."""
+
+
+class DiscreteX0(ms.X0, ms.ModelSamplingDiscrete):
+    """x0-prediction on a family's discrete schedule."""
+
+
+class Flow(ms.CONST, ms.ModelSamplingDiscreteFlow):
+    """Rectified flow with no shift of its own: a run's sigmas get the family's resolution/length
+    shift (:func:`shift_sigmas`)."""
+
+
+def comfy_sigmas(schedule: DiscreteSchedule) -> torch.Tensor:
+    """The schedule's sigma table, its zero-SNR end (sigma = inf) clamped as ComfyUI clamps it."""
+    ac = schedule.alphas_cumprod.clone()
+    if ac[-1] <= 0:
+        ac[-1] = TERMINAL_ALPHA_BAR
+    return ((1 - ac) / ac).sqrt()
+
+
+def model_sampling(family, schedule) -> torch.nn.Module:
+    """ComfyUI model sampling for a family's prediction type and schedule."""
+    prediction = family.denoiser(None, schedule).prediction
+    if isinstance(schedule, FlowSchedule):
+        out = Flow()
+        out.set_parameters(shift=1.0, timesteps=schedule.num_timesteps, multiplier=schedule.num_timesteps)
+        return out
+    classes = {"v": DiscreteV, "eps": DiscreteEps, "x0": DiscreteX0}
+    if prediction not in classes:
+        raise ValueError(f"{family.label}: no ComfyUI model sampling for {prediction!r} prediction")
+    out = classes[prediction]()
+    out.set_sigmas(comfy_sigmas(schedule))
+    return out
+
+
+def shift_sigmas(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: a flow family's sigmas shifted for this run's latent size (Open-Sora's
+    resolution/length shift), unless a ModelSampling node replaced the model's sampling."""
+    patcher = executor.class_obj.model_patcher
+    model = patcher.model
+    if isinstance(patcher.get_model_object("model_sampling"), Flow):
+        shift = model.vdit_family.sigma_shift(tuple(noise.shape), model.vdit_spatial_scale)
+        if shift != 1.0:
+            sigmas = time_shift(sigmas.double(), shift).to(sigmas)
+    return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class VDITDiffusion(torch.nn.Module):
+    """ComfyUI's diffusion model: ComfyUI's model input and timestep in, the transformer's output
+    in ComfyUI's convention out (the noise channels only: learned-variance channels dropped; a
+    flow velocity ``x0 - noise`` turned into ``noise - x0``). Runs through ComfyUI's
+    DIFFUSION_MODEL wrappers (EasyCache and other model patches)."""
+
+    def __init__(self, transformer: torch.nn.Module, family, negate: bool):
+        super().__init__()
+        self.transformer = transformer
+        self.family = family
+        self.negate = negate
+        self.bool_inputs: set[str] = set()  # inputs sent as integers (ComfyUI casts other tensors to the model's dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return compute_dtype(self.transformer)
+
+    def forward(self, x, timestep, context=None, control=None, transformer_options={}, **kwargs):  # noqa: B006 (ComfyUI's signature)
+        wrappers = pe.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL, transformer_options)
+        return pe.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(x, timestep, context, control, transformer_options, **kwargs)
+
+    def _forward(self, x, timestep, context, control, transformer_options, **kwargs):
+        # x: [B, C, T, h, w], timestep: [B] -> [B, C, T, h, w]
+        cond = {k[len(PREFIX):]: (v.bool() if k in self.bool_inputs else v) for k, v in kwargs.items() if k.startswith(PREFIX)}
+        if context is not None:
+            cond[self.family.text_state] = context
+        out = self.transformer(x, timestep, **cond)[:, : x.shape[1]]
+        return -out if self.negate else out
+
+
+class VDITModelConfig(comfy.supported_models_base.BASE):
+    """The model config ComfyUI's BaseModel is built from (the diffusion model is ours)."""
+
+    unet_config = {}
+    unet_extra_config = {}
+
+    def __init__(self, latent_format: VDITLatentFormat):
+        super().__init__(dict(self.unet_config))
+        self.latent_format = latent_format
+
+
+class VDITModel(comfy.model_base.BaseModel):
+    """A vdit transformer as ComfyUI's model object: ComfyUI samples it like its own models."""
+
+    def __init__(self, transformer: torch.nn.Module, family, folder, name: str, defaults: dict):
+        schedule = defaults["schedule"]
+        flow = isinstance(schedule, FlowSchedule)
+        latent_format = VDITLatentFormat(*family.latent_scaling(folder, transformer.config), defaults.get("latent_rgb") or family.latent_rgb)
+        model_type = comfy.model_base.ModelType.FLOW if flow else comfy.model_base.ModelType.V_PREDICTION
+        denoiser = family.denoiser(None, schedule)
+        negate = flow and getattr(denoiser, "inner", denoiser).sign > 0  # Open-Sora's velocity is x0 - noise
+        diffusion = VDITDiffusion(transformer, family, negate)
+        # ComfyUI builds its diffusion model through unet_model: here the transformer already loaded
+        super().__init__(VDITModelConfig(latent_format), model_type=model_type, unet_model=lambda **_: diffusion)
+        self.model_sampling = model_sampling(family, schedule)
+        self.vdit_family, self.vdit_name, self.vdit_spatial_scale = family, name, int(defaults["vae_scale"])
+        self.vdit_defaults = defaults  # sampler, steps, cfg of the release (the Empty Latent and the workflows quote them)
+
+    @property
+    def vdit_config(self):
+        return self.diffusion_model.transformer.config
+
+    def extra_conds(self, **kwargs):
+        out = {}
+        if kwargs.get("cross_attn") is not None:  # never padded by repeating tokens: masks and joint attention read every one
+            out["c_crossattn"] = comfy.conds.CONDRegular(kwargs["cross_attn"])
+        for k, v in kwargs.items():
+            if k.startswith(PREFIX) and isinstance(v, torch.Tensor):
+                if v.dtype == torch.bool:
+                    self.diffusion_model.bool_inputs.add(k)
+                    v = v.long()
+                out[k] = comfy.conds.CONDRegular(v)
+        noise = kwargs.get("noise")
+        if noise is not None:  # inputs from the latent shape (Open-Sora's fps and pixel size), unless the conditioning gives them
+            for k, v in self.vdit_family.sample_conditioning(self.vdit_config, tuple(noise.shape), self.vdit_spatial_scale).items():
+                out.setdefault(PREFIX + k, comfy.conds.CONDRegular(v))
+        return out
+
+
+def patcher_class():
+    """ComfyUI's model patcher class (newer versions rebind ``CoreModelPatcher`` for dynamic VRAM)."""
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
+def native_model(transformer: torch.nn.Module, family, folder, name: str, defaults: dict):
+    """A loaded vdit transformer as a ComfyUI MODEL (a model patcher; ComfyUI loads and offloads it)."""
+    model = VDITModel(transformer, family, folder, name, defaults)
+    patcher = patcher_class()(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    if isinstance(model.model_sampling, Flow):
+        patcher.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "vdit_sigma_shift", shift_sigmas)
+    return patcher
+
+
+def vdit_model(model, what: str = "model"):
+    """The :class:`VDITModel` inside a MODEL, or a one-line refusal naming what it is instead."""
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, VDITModel):
+        raise ValueError(f"{what}: {type(inner).__name__} is not a vdit model; connect VDIT Load Model (a CogVideoX, HunyuanDiT or Open-Sora transformer)")
+    return inner
+
+
+# ----------------------------------------------------------------------------------------------
+# conditioning
+
+
+def conditioning(family, cond: dict[str, torch.Tensor]) -> list:
+    """A family's encoded prompt as ComfyUI CONDITIONING."""
+    main = cond[family.text_state]
+    return [[main, {PREFIX + k: v for k, v in cond.items() if k != family.text_state}]]
+
+
+# ----------------------------------------------------------------------------------------------
+# the VAE
+
+
+class VAEStage(torch.nn.Module):
+    """The first stage ComfyUI's VAE calls: raw latents in and out, the vdit VAE inside
+    (pixels [B, 3, F, H, W] in [-1, 1])."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        shift, scale = vae.latent_scaling()
+        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        problem = self.vae.frames_problem(pixels.shape[2])
+        if problem:
+            raise ValueError(problem)
+        s = self.vae.spatial_compression
+        tiling = self.vae.auto_tiling(pixels.shape[2], pixels.shape[3] // s * s, pixels.shape[4] // s * s)
+        z = self.vae.encode(pixels, tiling=tiling).float()
+        return z / self.scale.to(z.device) + self.shift.to(z.device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = (latents.float() - self.shift.to(latents.device)) * self.scale.to(latents.device)
+        s = self.vae.spatial_compression
+        frames, h, w = self.vae.pixel_frames(z.shape[2]), z.shape[3] * s, z.shape[4] * s
+        bar = comfy.utils.ProgressBar(100)
+
+        def progress(done: int, total: int) -> None:  # after each chunk: a cancel stops here
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(done * 100 // total, 100)
+
+        return self.vae.decode(z.to(self.vae.dtype), tiling=self.vae.auto_tiling(frames, h, w), progress=progress)
+
+
+class VDITVAE(comfy.sd.VAE):
+    """ComfyUI's VAE around a vdit VAE (VAEDecode, VAEDecodeTiled and VAEEncode take it)."""
+
+    def __init__(self, vae):
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # ComfyUI warns of the missing weights it is given: ours come below
+        try:
+            super().__init__(sd={})
+        finally:
+            logging.disable(previous)
+        self.first_stage_model = VAEStage(vae).eval()
+        t, s = vae.temporal_compression, vae.spatial_compression
+        self.latent_channels, self.latent_dim, self.output_channels = vae.latent_channels, 3, 3
+        self.downscale_ratio = (lambda f: max(0, vae.latent_frames(f)), s, s)
+        self.upscale_ratio = (lambda n: max(0, vae.pixel_frames(n)), s, s)
+        self.downscale_index_formula = self.upscale_index_formula = (t, s, s)
+        self.working_dtypes = [torch.bfloat16, torch.float32]
+        self.memory_used_decode = lambda shape, dtype: vae.decode_bytes(vae.pixel_frames(shape[2]), shape[3] * s, shape[4] * s)
+        self.memory_used_encode = lambda shape, dtype: vae.decode_bytes(shape[2], shape[3], shape[4])
+        self.device, self.vae_dtype = mm.vae_device(), vae.dtype
+        self.output_device = mm.intermediate_device()
+        self.patcher = patcher_class()(self.first_stage_model, load_device=self.device, offload_device=mm.vae_offload_device())
+
+
+def native_vae(vae) -> VDITVAE:
+    """A loaded vdit VAE as a ComfyUI VAE."""
+    return VDITVAE(vae)

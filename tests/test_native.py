@@ -1,0 +1,161 @@
+"""vdit models as ComfyUI's own model objects (nodes/native.py), run by ComfyUI's real code: its
+samplers, schedulers, CFG, model sampling, latent formats and VAE class.
+
+ComfyUI is not a PyPI package, so these tests run where a ComfyUI checkout is named by
+``VDIT_COMFYUI`` (its repository root) and its dependencies are importable, e.g. in ComfyUI's
+own venv with pytest added::
+
+    VDIT_COMFYUI=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest tests/test_native.py
+
+Elsewhere they are skipped. What ComfyUI's sampling gives here is also saved as fixtures
+(``tests/fixtures/native``, written with ``VDIT_WRITE_FIXTURES=1``), and
+``test_native_fixtures.py`` checks vdit_core's pipeline against them on every machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+COMFY = os.environ.get("VDIT_COMFYUI")
+if not COMFY or not (Path(COMFY) / "comfy" / "model_base.py").is_file():
+    pytest.skip("VDIT_COMFYUI does not name a ComfyUI checkout", allow_module_level=True)
+sys.path.insert(0, COMFY)
+
+import comfy.cli_args  # noqa: E402
+
+if not torch.cuda.is_available():
+    comfy.cli_args.args.cpu = True  # ComfyUI's --cpu
+import comfy.model_management  # noqa: E402
+import comfy.patcher_extension  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+
+import native_cases  # noqa: E402
+from test_package import load_pack  # noqa: E402
+from vdit_core.pipeline import Pipeline  # noqa: E402
+
+PACK = load_pack()
+native = __import__(f"{PACK.__name__}.nodes.native", fromlist=["x"])
+
+
+def comfy_sample(patcher, case, sampler="euler", scheduler="simple"):
+    """ComfyUI's KSampler path (comfy.sample.sample) on the case's noise and conditioning:
+    raw latents out, as the KSampler node returns them."""
+    family = patcher.model.vdit_family
+    positive = native.conditioning(family, case.cond)
+    negative = native.conditioning(family, case.uncond)
+    latent = torch.zeros_like(case.noise)
+    return comfy.sample.sample(patcher, case.noise, case.steps, case.cfg, sampler, scheduler, positive, negative, latent,
+                               seed=0, disable_pbar=True)
+
+
+def comfy_sigmas(patcher, case, scheduler="simple") -> torch.Tensor:
+    """The sigmas a KSampler run uses: the scheduler's, then the model's OUTER_SAMPLE shift."""
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, case.steps)
+    if isinstance(patcher.get_model_object("model_sampling"), native.Flow):
+        shift = patcher.model.vdit_family.sigma_shift(tuple(case.noise.shape), patcher.model.vdit_spatial_scale)
+        sigmas = native.time_shift(sigmas.double(), shift).float()
+    return sigmas
+
+
+def vdit_sample(case, sigmas: torch.Tensor) -> torch.Tensor:
+    """vdit_core's pipeline on the same noise, conditioning and sigmas: model-space latents."""
+    defaults = {k: v for k, v in case.defaults.items() if k != "latent_rgb"}
+    pipe = Pipeline(transformer=case.transformer, vae=None, text_encoder=None, family=case.family, **defaults)
+    request = pipe.prepare(cond=case.cond, uncond=case.uncond, noise=case.noise, latents=case.noise, steps=case.steps,
+                           cfg=case.cfg, sampler="euler")
+    with torch.no_grad():
+        return pipe.run(dataclasses.replace(request, sigmas=sigmas.double()), progress=False)
+
+
+@pytest.mark.parametrize("name", native_cases.NAMES)
+def test_ksampler_matches_the_pipeline(name):
+    """ComfyUI's KSampler (euler, simple scheduler, CFG) through the native model gives vdit_core's
+    pipeline's latents on the same noise, conditioning and sigmas, within 1e-4."""
+    case = native_cases.case(name)
+    patcher = native.native_model(case.transformer, case.family, None, name, case.defaults)
+    with torch.no_grad():
+        raw = comfy_sample(patcher, case)
+    sigmas = comfy_sigmas(patcher, case)
+    ours = vdit_sample(case, sigmas)
+    theirs = patcher.model.process_latent_in(raw)
+    err = (theirs - ours).abs().max().item()
+    scale = ours.abs().max().item()
+    print(f"{name}: max |KSampler - pipeline| = {err:.2e} (latents up to {scale:.2f})")
+    assert err < 1e-4
+    if os.environ.get("VDIT_WRITE_FIXTURES"):
+        native_cases.save_fixture(name, sigmas, theirs)
+
+
+def test_model_sampling_sigmas_are_the_familys():
+    """The native model's sigma table is the family's schedule (zero-SNR end clamped as ComfyUI
+    does), and its simple scheduler gives the release's trailing timesteps."""
+    case = native_cases.case("cogvideox-5b")
+    patcher = native.native_model(case.transformer, case.family, None, "x", case.defaults)
+    ms = patcher.get_model_object("model_sampling")
+    schedule = case.defaults["schedule"]
+    assert torch.allclose(ms.sigmas[:-1].double(), schedule.sigmas[:-1], rtol=1e-6)
+    assert abs(float(ms.sigma_max) - 4518.9) < 1.0  # ComfyUI's clamp of alpha_bar = 0
+    sigmas = comfy.samplers.calculate_sigmas(ms, "simple", 50)
+    t = ms.timestep(sigmas[:-1]).long()
+    assert t.tolist() == schedule.timesteps(50, "trailing").long().tolist()  # 999, 979, ..., 19
+
+
+def test_open_sora_gets_its_resolution_and_length_shift():
+    """KSampler's simple schedule on the Open-Sora model, shifted by the OUTER_SAMPLE wrapper, is
+    the release's schedule for that size; a ModelSampling node's own sampling is left alone."""
+    case = native_cases.case("opensora")
+    patcher = native.native_model(case.transformer, case.family, None, "x", case.defaults)
+    ours = case.family.sigmas(case.defaults["schedule"], case.steps, None, tuple(case.noise.shape), 8)
+    assert torch.allclose(comfy_sigmas(patcher, case).double(), ours, atol=1e-6)
+    seen = []
+    patched = patcher.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "probe",
+                                 lambda ex, noise, latent, sampler, sigmas, *a, **k: seen.append(sigmas) or ex(noise, latent, sampler, sigmas, *a, **k))
+    import comfy_extras.nodes_model_advanced as advanced
+
+    sd3 = advanced.ModelSamplingSD3().patch(patched, shift=3.0)[0]
+    with torch.no_grad():
+        comfy.sample.sample(sd3, case.noise, 3, 1.0, "euler", "simple", native.conditioning(case.family, case.cond), [], torch.zeros_like(case.noise), disable_pbar=True)
+    expected = comfy.samplers.calculate_sigmas(sd3.get_model_object("model_sampling"), "simple", 3)
+    assert torch.allclose(seen[-1].cpu(), expected)
+
+
+def test_latent_format_round_trips_and_previews():
+    case = native_cases.case("opensora")
+    fmt = native.native_model(case.transformer, case.family, None, "x", case.defaults).model.latent_format
+    z = torch.randn(1, 4, 2, 3, 5)
+    assert torch.allclose(fmt.process_out(fmt.process_in(z)), z, atol=1e-6)
+    assert fmt.latent_dimensions == 3 and fmt.latent_channels == 4
+    demo = native_cases.case("demo")
+    fmt = native.native_model(demo.transformer, demo.family, native_cases.demo_folder(), "demo", demo.defaults).model.latent_format
+    assert len(fmt.latent_rgb_factors) == 2 and fmt.scale_factor == pytest.approx(1.8808143820303318)
+
+
+def test_native_vae_round_trip_matches_the_vdit_vae():
+    """ComfyUI's VAE class (VAEEncode / VAEDecode's calls) around the demo VAE: raw latents that
+    the model's latent format scales to the vdit VAE's, and the same frames back."""
+    from vdit_core.demo import demo_model_path
+    from vdit_core.vae.cogvideox_vae import load_vae
+
+    vae = load_vae(demo_model_path() / "vae", dtype=torch.float32)
+    comfy_vae = native.native_vae(vae)
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(9, 64, 64, 3, generator=g)  # IMAGE [F, H, W, 3]
+    raw = comfy_vae.encode(frames)
+    assert raw.shape == (1, 2, 3, 8, 8)
+    video = frames.permute(3, 0, 1, 2)[None] * 2 - 1
+    with torch.no_grad():
+        scaled = vae.encode(video)
+    assert torch.allclose(raw * vae.scaling_factor, scaled, atol=1e-5)
+    images = comfy_vae.decode(raw)  # [B, F, H, W, 3] in [0, 1]
+    with torch.no_grad():
+        ref = ((vae.decode(scaled) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)
+    assert images.shape == (1, 9, 64, 64, 3)
+    assert torch.allclose(images, ref, atol=1e-4)
