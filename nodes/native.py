@@ -148,8 +148,25 @@ class VDITDiffusion(torch.nn.Module):
         cond = {k[len(PREFIX):]: (v.bool() if k in self.bool_inputs else v) for k, v in kwargs.items() if k.startswith(PREFIX)}
         if context is not None:
             cond[self.family.text_state] = context
+        cond = self._paired(cond, transformer_options.get("cond_or_uncond") or [], x.shape[0])
         out = self.transformer(x, timestep, **cond)[:, : x.shape[1]]
         return -out if self.negate else out
+
+    def _paired(self, cond: dict, order: list, batch: int) -> dict:
+        """The family's pairing of the two CFG branches (an unconditional branch may borrow from
+        the conditional one: Open-Sora's null caption takes the prompt's mask), where ComfyUI runs
+        them in one batch: ``order`` says which chunk of the batch is which (0: cond, 1: uncond)."""
+        if 0 not in order or 1 not in order or any(not isinstance(v, torch.Tensor) or v.shape[0] != batch for v in cond.values()):
+            return cond
+        chunks = {k: list(v.chunk(len(order))) for k, v in cond.items()}
+        first = order.index(0)
+        positive = {k: v[first] for k, v in chunks.items()}
+        for i, kind in enumerate(order):
+            if kind == 1:
+                _, paired = self.family.pair_conditioning(positive, {k: v[i] for k, v in chunks.items()})
+                for k in chunks:
+                    chunks[k][i] = paired[k]
+        return {k: torch.cat(v) for k, v in chunks.items()}
 
 
 class VDITModelConfig(comfy.supported_models_base.BASE):

@@ -20,7 +20,7 @@ from vdit_core.models.hunyuan_dit import HunyuanDiT, HunyuanDiTConfig
 from vdit_core.models.opensora import STDiT3, STDiT3Config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "native"
-NAMES = ("demo", "cogvideox-2b", "cogvideox-5b", "hunyuandit-v1.2", "opensora")
+NAMES = ("demo", "cogvideox-2b", "cogvideox-5b", "hunyuandit-v1.2", "opensora", "opensora-null")
 
 
 @dataclass
@@ -90,7 +90,7 @@ def case(name: str) -> Case:
             return {"context": randn(1, 5, 12), "context_mask": mask, "context_t5": randn(1, 6, 16), "context_t5_mask": mask_t5}
 
         return Case(family, transformer, family.sampling_defaults(None, config), text(), text(), randn(1, 4, 1, 6, 8), 6, 6.0)
-    if name == "opensora":
+    if name.startswith("opensora"):  # "-null": the negative is the learned null caption (an empty prompt), paired with the prompt's mask
         config = STDiT3Config(hidden_size=24, depth=2, num_heads=2, caption_channels=12, model_max_length=6)
         family = families.get("opensora")
         transformer = _randomised(STDiT3(config), 3)
@@ -98,6 +98,10 @@ def case(name: str) -> Case:
         mask[:, 4:] = 0
         cond = {"y": randn(1, 6, 12), "mask": mask, "drop_text": torch.tensor([False])}
         uncond = {"y": randn(1, 6, 12), "mask": mask, "drop_text": torch.tensor([False])}
+        if name.endswith("-null"):
+            empty = torch.zeros(1, 6, dtype=torch.long)
+            empty[:, 0] = 1  # an empty prompt's mask: its end token
+            uncond = {**uncond, "mask": empty, "drop_text": torch.tensor([True])}
         return Case(family, transformer, family.sampling_defaults(None, config), cond, uncond, randn(1, 4, 5, 4, 6), 5, 7.0)
     raise KeyError(name)
 

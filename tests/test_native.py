@@ -159,3 +159,16 @@ def test_native_vae_round_trip_matches_the_vdit_vae():
         ref = ((vae.decode(scaled) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)
     assert images.shape == (1, 9, 64, 64, 3)
     assert torch.allclose(images, ref, atol=1e-4)
+
+
+def test_null_caption_takes_the_prompts_mask_in_a_cfg_batch():
+    """Open-Sora's negative as released: an empty prompt is the learned null caption, read with the
+    prompt's mask; ComfyUI batches the two branches in either order."""
+    case = native_cases.case("opensora-null")
+    diffusion = native.native_model(case.transformer, case.family, None, "x", case.defaults).model.diffusion_model
+    cond = {"y": torch.cat([case.uncond["y"], case.cond["y"]]), "mask": torch.cat([case.uncond["mask"], case.cond["mask"]]),
+            "drop_text": torch.tensor([True, False])}
+    paired = diffusion._paired(cond, [1, 0], 2)
+    assert torch.equal(paired["mask"], torch.cat([case.cond["mask"]] * 2))
+    assert torch.equal(paired["y"], torch.cat([case.cond["y"]] * 2))  # (replaced by the null embedding in the model)
+    assert diffusion._paired(cond, [1], 2) is cond  # a branch run alone keeps its own
