@@ -1,16 +1,22 @@
 """ComfyUI nodes: thin adapters over vdit_core's public API (no model maths here)."""
 
 from . import comfy
-from .loaders import VDITModelLoader, VDITTextEncoderLoader, VDITVAELoader
+from .loaders import VDITLoadModel, VDITLoadVAE, VDITModelLoader, VDITTextEncoderLoader, VDITVAELoader
 from .lora import VDITLoraApply
-from .sampling import VDITEmptyLatent, VDITSampler
-from .text import VDITTextEncode
+from .sampling import VDITEmptyLatent, VDITEmptyLatentVideo, VDITSampler
+from .text import VDITPromptEncode, VDITTextEncode
 from .vae import VDITVAEDecode, VDITVAEEncode
 from .video import VDITSaveVideo
 
 comfy.register_folders()
 
 NODE_CLASS_MAPPINGS = {
+    # ComfyUI-native: MODEL, VAE, CONDITIONING and LATENT for KSampler, VAE Decode and the rest of ComfyUI
+    "VDITLoadModel": VDITLoadModel,
+    "VDITLoadVAE": VDITLoadVAE,
+    "VDITPromptEncode": VDITPromptEncode,
+    "VDITEmptyLatentVideo": VDITEmptyLatentVideo,
+    # vdit's own types (VDIT_MODEL, VDIT_VAE, VDIT_CONDITIONING), kept for saved workflows
     "VDITModelLoader": VDITModelLoader,
     "VDITTextEncoderLoader": VDITTextEncoderLoader,
     "VDITVAELoader": VDITVAELoader,
@@ -24,6 +30,10 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "VDITLoadModel": "VDIT Load Model (CogVideoX, Open-Sora, HunyuanDiT)",
+    "VDITLoadVAE": "VDIT Load VAE",
+    "VDITPromptEncode": "VDIT Prompt Encode (conditioning)",
+    "VDITEmptyLatentVideo": "VDIT Empty Latent Video",
     "VDITModelLoader": "VDIT Model Loader (CogVideoX, Open-Sora, HunyuanDiT)",
     "VDITTextEncoderLoader": "VDIT Text Encoder Loader (T5, HunyuanDiT)",
     "VDITVAELoader": "VDIT VAE Loader",

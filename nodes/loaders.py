@@ -78,18 +78,47 @@ class VDITModelLoader:
     CATEGORY = "vdit"
 
     def load(self, model, weight_dtype, attention, compile=False, gpu_blocks=-1):
-        device = comfy.devices("diffusion")[0]
-        dtype = _dtype("default" if weight_dtype == FP8 else weight_dtype, "diffusion")
-        attention = None if attention == "auto" else attention
-        # block swap itself is ComfyUI's to place (Managed): loaded on the CPU here
-        options = dict(attention=attention, compile=compile, fp8=weight_dtype == FP8)
-        check_transformer_options(device, dtype, gpu_blocks=None if gpu_blocks < 0 else gpu_blocks, **options)
-        path, folder = resolve(model, self.KIND)
-        family = families.for_folder(path) if folder else families.for_file(path, "transformer")
-        transformer = setup_transformer(family, path / "transformer" if folder else path, "cpu", dtype, **options)
-        defaults = family.model_defaults(path if folder else None, transformer.config)
+        transformer, family, _, defaults = load_transformer(model, weight_dtype, attention, compile, None if gpu_blocks < 0 else gpu_blocks)
         return (ModelHandle(transformer, comfy.Managed(transformer, "diffusion", None if compile else list(family.blocks(transformer)),
                                                                  None if gpu_blocks < 0 else gpu_blocks), defaults, model.rstrip("/"), family),)
+
+
+def load_transformer(choice: str, weight_dtype: str, attention: str, compile: bool, gpu_blocks: int | None = None):
+    """(transformer on the CPU, family, model folder or None, sampling defaults) of a loader's
+    choices, every option checked before anything is read."""
+    device = comfy.devices("diffusion")[0]
+    dtype = _dtype("default" if weight_dtype == FP8 else weight_dtype, "diffusion")
+    # placing it is ComfyUI's (its model management, or our block swap): loaded on the CPU here
+    options = dict(attention=None if attention == "auto" else attention, compile=compile, fp8=weight_dtype == FP8)
+    check_transformer_options(device, dtype, gpu_blocks=gpu_blocks, **options)
+    path, folder = resolve(choice, VDITModelLoader.KIND)
+    family = families.for_folder(path) if folder else families.for_file(path, "transformer")
+    transformer = setup_transformer(family, path / "transformer" if folder else path, "cpu", dtype, **options)
+    return transformer, family, path if folder else None, family.model_defaults(path if folder else None, transformer.config)
+
+
+class VDITLoadModel:
+    """Load a diffusion transformer as a ComfyUI MODEL: KSampler, the LoRA loaders, model patches
+    and ComfyUI's memory management work on it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = VDITModelLoader.INPUT_TYPES()
+        spec["optional"].pop("gpu_blocks")  # ComfyUI's own memory management places it
+        return spec
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    DESCRIPTION = ("Loads a video or image diffusion transformer (DiT) as a ComfyUI model for KSampler and ComfyUI's other sampling nodes: "
+                   "CogVideoX text/image-to-video, HunyuanDiT text-to-image, Open-Sora 1.2, or the bundled demo. The family is detected "
+                   "from the folder or the weights; its prediction type, schedule and preview colours come with it.")
+    CATEGORY = "vdit"
+
+    def load(self, model, weight_dtype, attention, compile=False):
+        from . import native
+
+        transformer, family, folder, defaults = load_transformer(model, weight_dtype, attention, compile)
+        return (native.native_model(transformer, family, folder, model.rstrip("/"), defaults),)
 
 
 class VDITTextEncoderLoader:
@@ -155,10 +184,35 @@ class VDITVAELoader:
     CATEGORY = "vdit"
 
     def load(self, vae, dtype, variant):
-        path, folder = resolve(vae, self.KIND)
-        family = families.for_folder(path) if folder else families.for_file(path, "vae")
-        model = family.load_vae(path / "vae" if folder else path, _dtype(dtype, "vae"), "cpu", None if variant == "auto" else variant)
+        model = load_vae(vae, dtype, variant)
         return (VAEHandle(model, comfy.Managed(model, "vae"), vae.rstrip("/")),)
 
 
-__all__ = ["VDITModelLoader", "VDITTextEncoderLoader", "VDITVAELoader"]
+def load_vae(choice: str, dtype: str, variant: str):
+    """The VAE of a loader's choices, on the CPU."""
+    path, folder = resolve(choice, VDITVAELoader.KIND)
+    family = families.for_folder(path) if folder else families.for_file(path, "vae")
+    return family.load_vae(path / "vae" if folder else path, _dtype(dtype, "vae"), "cpu", None if variant == "auto" else variant)
+
+
+class VDITLoadVAE:
+    """Load a VAE as a ComfyUI VAE (VAE Decode, VAE Decode (Tiled), VAE Encode)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return VDITVAELoader.INPUT_TYPES()
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    DESCRIPTION = ("Loads a model's VAE for ComfyUI's VAE Decode and VAE Encode: CogVideoX's 3D causal video VAE, the SDXL-style image "
+                   "VAE of HunyuanDiT, or Open-Sora's two-stage VAE. Decodes chunk by chunk in time, tiled to the free memory, with "
+                   "progress and cancel between chunks.")
+    CATEGORY = "vdit"
+
+    def load(self, vae, dtype, variant):
+        from . import native
+
+        return (native.native_vae(load_vae(vae, dtype, variant)),)
+
+
+__all__ = ["VDITModelLoader", "VDITTextEncoderLoader", "VDITVAELoader", "VDITLoadModel", "VDITLoadVAE"]

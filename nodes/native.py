@@ -36,6 +36,7 @@ from vdit_core.fp8 import compute_dtype
 from vdit_core.schedules import TERMINAL_ALPHA_BAR, DiscreteSchedule, FlowSchedule, time_shift
 
 PREFIX = "vdit_"  # the conditioning dict's keys of a family's inputs besides its main text states
+FAMILY_KEY = "vdit_family"  # the conditioning dict's record of the family a prompt was encoded for
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,8 +49,9 @@ class VDITLatentFormat(comfy.latent_formats.LatentFormat):
 
     latent_dimensions = 3
 
-    def __init__(self, shift: tuple[float, ...], scale: tuple[float, ...], latent_rgb=None):
+    def __init__(self, shift: tuple[float, ...], scale: tuple[float, ...], latent_rgb=None, spatial_scale: int = 8):
         self.latent_channels = len(scale)
+        self.spacial_downscale_ratio = spatial_scale  # (newer ComfyUI reads it to fit empty latents to the model)
         self.shift, self.scale = torch.tensor(shift, dtype=torch.float32), torch.tensor(scale, dtype=torch.float32)
         self.scale_factor = float(scale[0])  # (what ComfyUI's own code reads of a uniform scale)
         if latent_rgb is not None and len(latent_rgb[0]) == len(scale):  # (a family's factors fit its release VAE only)
@@ -186,7 +188,8 @@ class VDITModel(comfy.model_base.BaseModel):
     def __init__(self, transformer: torch.nn.Module, family, folder, name: str, defaults: dict):
         schedule = defaults["schedule"]
         flow = isinstance(schedule, FlowSchedule)
-        latent_format = VDITLatentFormat(*family.latent_scaling(folder, transformer.config), defaults.get("latent_rgb") or family.latent_rgb)
+        latent_format = VDITLatentFormat(*family.latent_scaling(folder, transformer.config), defaults.get("latent_rgb") or family.latent_rgb,
+                                         int(defaults["vae_scale"]))
         model_type = comfy.model_base.ModelType.FLOW if flow else comfy.model_base.ModelType.V_PREDICTION
         denoiser = family.denoiser(None, schedule)
         negate = flow and getattr(denoiser, "inner", denoiser).sign > 0  # Open-Sora's velocity is x0 - noise
@@ -202,6 +205,10 @@ class VDITModel(comfy.model_base.BaseModel):
         return self.diffusion_model.transformer.config
 
     def extra_conds(self, **kwargs):
+        encoded_for = kwargs.get(FAMILY_KEY, self.vdit_family.name)
+        if encoded_for != self.vdit_family.name:
+            raise ValueError(f"{kwargs.get('prompt_type', 'conditioning')}: encoded for {encoded_for}, but the model is {self.vdit_family.label}: "
+                             f"set the text encoder loader's family to {self.vdit_family.name}")
         out = {}
         if kwargs.get("cross_attn") is not None:  # never padded by repeating tokens: masks and joint attention read every one
             out["c_crossattn"] = comfy.conds.CONDRegular(kwargs["cross_attn"])
@@ -219,8 +226,10 @@ class VDITModel(comfy.model_base.BaseModel):
 
 
 def patcher_class():
-    """ComfyUI's model patcher class (newer versions rebind ``CoreModelPatcher`` for dynamic VRAM)."""
-    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    """ComfyUI's plain model patcher. Not the ``CoreModelPatcher`` of newer versions: with dynamic
+    VRAM that one streams only ComfyUI's own cast layers, and on plain torch modules it skips weight
+    patches (LoRA) and uploads the whole model again on every load."""
+    return comfy.model_patcher.ModelPatcher
 
 
 def native_model(transformer: torch.nn.Module, family, folder, name: str, defaults: dict):
@@ -245,9 +254,10 @@ def vdit_model(model, what: str = "model"):
 
 
 def conditioning(family, cond: dict[str, torch.Tensor]) -> list:
-    """A family's encoded prompt as ComfyUI CONDITIONING."""
+    """A family's encoded prompt as ComfyUI CONDITIONING (``vdit_family`` names the family it was
+    encoded for: a model of another family refuses it)."""
     main = cond[family.text_state]
-    return [[main, {PREFIX + k: v for k, v in cond.items() if k != family.text_state}]]
+    return [[main, {**{PREFIX + k: v for k, v in cond.items() if k != family.text_state}, FAMILY_KEY: family.name}]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +316,7 @@ class VDITVAE(comfy.sd.VAE):
         self.working_dtypes = [torch.bfloat16, torch.float32]
         self.memory_used_decode = lambda shape, dtype: vae.decode_bytes(vae.pixel_frames(shape[2]), shape[3] * s, shape[4] * s)
         self.memory_used_encode = lambda shape, dtype: vae.decode_bytes(shape[2], shape[3], shape[4])
+        self.disable_offload = True  # loaded whole: its layers are plain torch ones, which ComfyUI cannot stream
         self.device, self.vae_dtype = mm.vae_device(), vae.dtype
         self.output_device = mm.intermediate_device()
         self.patcher = patcher_class()(self.first_stage_model, load_device=self.device, offload_device=mm.vae_offload_device())

@@ -87,6 +87,39 @@ class VDITEmptyLatent:
         return ({"samples": samples, "vdit_frames": frames},)
 
 
+class VDITEmptyLatentVideo:
+    """Zero latents [B, C, T, h, w] shaped for a ComfyUI MODEL of a vdit family (KSampler's input)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = VDITEmptyLatent.INPUT_TYPES()
+        spec["required"]["model"] = ("MODEL", {"tooltip": "the model the latents are shaped for (VDIT Load Model: channels, frame rule, size step)"})
+        return spec
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "generate"
+    DESCRIPTION = ("Empty latents for text-to-video or text-to-image with a video DiT, for KSampler: the size and frame count checked "
+                   "against the model's family (frame rule, size step) before anything runs.")
+    CATEGORY = "vdit"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, frames, resolution="custom", duration="custom"):
+        return VDITEmptyLatent.VALIDATE_INPUTS(width, height, frames, resolution, duration)
+
+    def generate(self, model, width, height, frames, batch_size, resolution="custom", duration="custom"):
+        from . import native
+
+        width, height, frames = apply_presets(width, height, frames, resolution, duration)
+        inner = native.vdit_model(model)
+        family, config, scale = inner.vdit_family, inner.vdit_config, inner.vdit_spatial_scale
+        problem = family.size_problem(frames, height, width, config, scale, frames_label="frames")
+        if problem:
+            raise ValueError(f"{inner.vdit_name}: {problem}")
+        _, t = family.latent_frames(config, frames)
+        samples = torch.zeros(batch_size, family.latent_channels(config), t, height // scale, width // scale)
+        return ({"samples": samples, "vdit_frames": frames},)
+
+
 def _preview(denoised: torch.Tensor, scale: int, latent_rgb=None):
     """A cheap look at the current x0 estimate, as an RGB image (ComfyUI sends previews as JPEG):
     the middle latent frame through the family's latent -> RGB projection when it has one, else
