@@ -91,7 +91,7 @@ def load_transformer(choice: str, weight_dtype: str, attention: str, compile: bo
     # placing it is ComfyUI's (its model management, or our block swap): loaded on the CPU here
     options = dict(attention=None if attention == "auto" else attention, compile=compile, fp8=weight_dtype == FP8)
     check_transformer_options(device, dtype, gpu_blocks=gpu_blocks, **options)
-    path, folder = resolve(choice, VDITModelLoader.KIND)
+    path, folder = resolve(choice, VDITLoadModel.KIND)
     family = families.for_folder(path) if folder else families.for_file(path, "transformer")
     transformer = setup_transformer(family, path / "transformer" if folder else path, "cpu", dtype, **options)
     return transformer, family, path if folder else None, family.model_defaults(path if folder else None, transformer.config)
@@ -100,6 +100,8 @@ def load_transformer(choice: str, weight_dtype: str, attention: str, compile: bo
 class VDITLoadModel:
     """Load a diffusion transformer as a ComfyUI MODEL: KSampler, the LoRA loaders, model patches
     and ComfyUI's memory management work on it."""
+
+    KIND = VDITModelLoader.KIND
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -190,13 +192,15 @@ class VDITVAELoader:
 
 def load_vae(choice: str, dtype: str, variant: str):
     """The VAE of a loader's choices, on the CPU."""
-    path, folder = resolve(choice, VDITVAELoader.KIND)
+    path, folder = resolve(choice, VDITLoadVAE.KIND)
     family = families.for_folder(path) if folder else families.for_file(path, "vae")
     return family.load_vae(path / "vae" if folder else path, _dtype(dtype, "vae"), "cpu", None if variant == "auto" else variant)
 
 
 class VDITLoadVAE:
     """Load a VAE as a ComfyUI VAE (VAE Decode, VAE Decode (Tiled), VAE Encode)."""
+
+    KIND = VDITVAELoader.KIND
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -27,7 +27,17 @@ CORE = {
     "SaveImage": {"inputs": [("images", "IMAGE"), ("filename_prefix", "WIDGET")], "outputs": [], "ui_extra": []},
     "ImageScale": {"inputs": [("image", "IMAGE"), ("upscale_method", "WIDGET"), ("width", "WIDGET"), ("height", "WIDGET"), ("crop", "WIDGET")],
                    "outputs": ["IMAGE"], "ui_extra": []},
+    "KSampler": {"inputs": [("model", "MODEL"), ("seed", "WIDGET", {"control_after_generate": True}), ("steps", "WIDGET"), ("cfg", "WIDGET"),
+                            ("sampler_name", "WIDGET"), ("scheduler", "WIDGET"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                            ("latent_image", "LATENT"), ("denoise", "WIDGET")], "outputs": ["LATENT"], "ui_extra": []},
+    "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "outputs": ["IMAGE"], "ui_extra": []},
+    "CreateVideo": {"inputs": [("images", "IMAGE"), ("fps", "WIDGET"), ("audio", "AUDIO")], "outputs": ["VIDEO"], "ui_extra": []},
+    "SaveVideo": {"inputs": [("video", "VIDEO"), ("filename_prefix", "WIDGET"), ("format", "WIDGET"), ("codec", "WIDGET")], "outputs": [], "ui_extra": []},
 }
+# vdit's samplers as KSampler's: DDIM (eta 0) is Euler on these sigmas, and KSampler's "simple"
+# scheduler gives the releases' trailing timesteps. CogVideoX's DPM and dynamic CFG are only in the
+# VDIT Sampler for now: the 5B workflows run DDIM.
+KSAMPLER = {"ddim": "ddim", "euler": "euler", "ddpm": "ddpm", "cogvideox_dpm": "ddim"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 # The weight files of each model folder the workflows name, as the releases publish them: the
@@ -52,7 +62,8 @@ RELEASE_FILES = {
 
 
 # the widget of each loader that names a model folder or file
-LOADER_WIDGETS = {"VDITModelLoader": ("model",), "VDITTextEncoderLoader": ("text_encoder",), "VDITVAELoader": ("vae",)}
+LOADER_WIDGETS = {"VDITModelLoader": ("model",), "VDITTextEncoderLoader": ("text_encoder",), "VDITVAELoader": ("vae",),
+                  "VDITLoadModel": ("model",), "VDITLoadVAE": ("vae",)}
 
 
 def model_entries(folder: str) -> list[dict]:
@@ -76,7 +87,7 @@ def node_signature(node_type: str, nodes: dict) -> dict:
     """{"inputs": [(name, type or WIDGET, options)], "outputs": [types], "ui_extra": [...]}"""
     if node_type in CORE:
         c = CORE[node_type]
-        return {"inputs": [(n, t, {}) for n, t in c["inputs"]], "outputs": c["outputs"], "ui_extra": c["ui_extra"]}
+        return {"inputs": [(n, t, opts[0] if opts else {}) for n, t, *opts in c["inputs"]], "outputs": c["outputs"], "ui_extra": c["ui_extra"]}
     cls = nodes[node_type]
     spec = cls.INPUT_TYPES()
     inputs = []
@@ -272,6 +283,39 @@ def text_to_video(pack, model: str, note: str, facts: dict, prompt: str, dtype="
     return g
 
 
+def native_loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[dict, dict, dict]:
+    """The three loaders of a model folder (or file) for ComfyUI's own nodes: MODEL, the text
+    encoder, VAE."""
+    m = g.add("VDITLoadModel", model=source, weight_dtype=dtype, attention="auto", compile=False)
+    te = g.add("VDITTextEncoderLoader", text_encoder=source, dtype=dtype, max_length=0, family=family)
+    vae = g.add("VDITLoadVAE", vae=source, dtype=dtype, variant="auto")
+    return m, te, vae
+
+
+def native(pack, model: str, note: str, facts: dict, prompt: str, dtype="default", negative="", prefix="vdit/t2v", steps: int | None = None,
+           size: dict | None = None, family: str = "auto", image: bool = False) -> Graph:
+    """A text-to-video (``image``: text-to-image) graph on ComfyUI's own sampling and saving nodes:
+    KSampler with the release's sampler, steps and CFG, VAE Decode, then Create Video + Save Video
+    (or Save Image)."""
+    g = Graph(pack)
+    g.note(note)
+    m, te, vae = native_loaders(g, model, dtype, family)
+    negative_title = "Negative prompt (empty: the learned null)" if facts.get("null_negative") else "Negative prompt"
+    pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text=prompt)
+    neg = g.add("VDITPromptEncode", negative_title, text_encoder=(te, 0), text=negative)
+    size = size or {"width": facts["width"], "height": facts["height"], "frames": facts["frames"], "resolution": "custom", "duration": "custom"}
+    lat = g.add("VDITEmptyLatentVideo", model=(m, 0), batch_size=1, **size)
+    s = g.add("KSampler", model=(m, 0), seed=42, steps=steps or facts["steps"], cfg=float(facts["cfg"]), sampler_name=KSAMPLER[facts["sampler"]],
+              scheduler="simple", positive=(pos, 0), negative=(neg, 0), latent_image=(lat, 0), denoise=1.0)
+    d = g.add("VAEDecode", samples=(s, 0), vae=(vae, 0))
+    if image:
+        g.add("SaveImage", images=(d, 0), filename_prefix=prefix)
+    else:
+        v = g.add("CreateVideo", images=(d, 0), fps=float(facts["fps"]))
+        g.add("SaveVideo", video=(v, 0), filename_prefix=prefix, format="mp4", codec="h264")
+    return g
+
+
 FOLDER_NOTE = (
     "Files: put the diffusers-format model folder ({repo}) into ComfyUI/models/vdit/{name} "
     "(model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/). "
@@ -332,15 +376,25 @@ HUNYUAN_NOTE = (
 HUNYUAN_WORKFLOW_STEPS = 50
 
 
-def hunyuandit(pack, image_to_image: bool) -> Graph:
+def hunyuandit_note(r: dict, extra: str = "") -> str:
     from vdit_core import families
 
-    r = release("hunyuandit", "hunyuandit-v1.2")
     sizes = ", ".join(f"{w}x{h}" for w, h in families.get("hunyuandit").resolutions)
+    return HUNYUAN_NOTE.format(sizes=sizes, frame_rule=r["frame_rule"], steps=HUNYUAN_WORKFLOW_STEPS, release_steps=r["steps"]) + extra
+
+
+def hunyuandit_text_to_image(pack) -> Graph:
+    r = release("hunyuandit", "hunyuandit-v1.2")
+    size = {"width": r["width"], "height": r["height"], "frames": r["frames"], "resolution": f"HunyuanDiT {r['width']}x{r['height']}", "duration": "custom"}
+    return native(pack, "HunyuanDiT-v1.2-Diffusers/", hunyuandit_note(r), r, "a cute cat sitting on a windowsill, watercolour",
+                  negative="blurry, low quality, deformed", prefix="vdit/hunyuandit", steps=HUNYUAN_WORKFLOW_STEPS, size=size, image=True)
+
+
+def hunyuandit(pack, image_to_image: bool) -> Graph:
+    r = release("hunyuandit", "hunyuandit-v1.2")
     g = Graph(pack)
     folder = "HunyuanDiT-v1.2-Diffusers/"
-    g.note(HUNYUAN_NOTE.format(sizes=sizes, frame_rule=r["frame_rule"], steps=HUNYUAN_WORKFLOW_STEPS, release_steps=r["steps"]) +
-           (" Load the image to vary; lower denoise keeps more of it." if image_to_image else ""))
+    g.note(hunyuandit_note(r, " Load the image to vary; lower denoise keeps more of it." if image_to_image else ""))
     m, te, vae = loaders(g, folder, "default")
     pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="a cute cat sitting on a windowsill, watercolour")
     neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="blurry, low quality, deformed")
@@ -368,6 +422,29 @@ OPENSORA_NOTE = (
 OPENSORA_SIZE, OPENSORA_DURATION = "360p 16:9", "2s"  # the workflows' choice among the release's names
 
 
+def opensora_note(r: dict, extra: str = "") -> str:
+    from vdit_core import families
+
+    family = families.get("opensora")
+    return OPENSORA_NOTE.format(frame_rule=r["frame_rule"], two_seconds=family.durations["2s"], steps=r["steps"], cfg=r["cfg"],
+                                aesthetic_score=families.opensora.AESTHETIC_SCORE) + extra
+
+
+OPENSORA_PROMPT = "a drone shot over a misty pine forest at sunrise, soft light, slow forward motion"
+
+
+def opensora_text_to_video(pack) -> Graph:
+    from vdit_core import families
+
+    r = release("opensora", "opensora-v1.2")
+    family = families.get("opensora")
+    (width, height), frames = family.named_resolutions[OPENSORA_SIZE], family.durations[OPENSORA_DURATION]
+    size = {"width": width, "height": height, "frames": frames, "resolution": f"{family.label} {OPENSORA_SIZE} {width}x{height}",
+            "duration": f"{family.label} {OPENSORA_DURATION} ({frames} frames)"}
+    return native(pack, "OpenSora-v1.2/", opensora_note(r), {**r, "null_negative": True}, OPENSORA_PROMPT, dtype="bf16",
+                  prefix="vdit/opensora", size=size, family="opensora")
+
+
 def opensora(pack, image_to_video: bool) -> Graph:
     from vdit_core import families
 
@@ -376,13 +453,10 @@ def opensora(pack, image_to_video: bool) -> Graph:
     (width, height), frames = family.named_resolutions[OPENSORA_SIZE], family.durations[OPENSORA_DURATION]
     g = Graph(pack)
     folder = "OpenSora-v1.2/"
-    g.note(OPENSORA_NOTE.format(frame_rule=r["frame_rule"], two_seconds=family.durations["2s"], steps=r["steps"], cfg=r["cfg"],
-                                aesthetic_score=families.opensora.AESTHETIC_SCORE) +
-           (" Image-to-video: load the first frame (resized to the video's size); an encoded clip "
-            "in its place continues that clip." if image_to_video else ""))
+    g.note(opensora_note(r, " Image-to-video: load the first frame (resized to the video's size); an encoded clip "
+                            "in its place continues that clip." if image_to_video else ""))
     m, te, vae = loaders(g, folder, "bf16", family="opensora")
-    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0),
-                text="a drone shot over a misty pine forest at sunrise, soft light, slow forward motion")
+    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text=OPENSORA_PROMPT)
     neg = g.add("VDITTextEncode", "Negative prompt (empty: the learned null)", text_encoder=(te, 0), text="")
     lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1,
                 resolution=f"{family.label} {OPENSORA_SIZE} {width}x{height}", duration=f"{family.label} {OPENSORA_DURATION} ({frames} frames)")
@@ -404,21 +478,22 @@ def all_workflows(pack) -> dict[str, Graph]:
 
     demo, b2, b5 = folder_facts(demo_model_path()), release("cogvideox", "cogvideox-2b"), release("cogvideox", "cogvideox-5b")
     return {
-        "vdit demo - text to video (no downloads)": text_to_video(
+        "vdit demo - text to video (no downloads)": native(
             pack, "vdit-demo (bundled)",
             f"Runs with no downloads: the tiny demo model bundled with vdit ({demo['width']}x{demo['height']}, {demo['frames']} frames of moving shapes). "
             "Try prompts like 'a blue square moving up': 3 shapes (circle, square, triangle), 6 colours (red, green, "
             "blue, yellow, white, purple), 4 directions (left, right, up, down).",
             demo, "a blue square moving up", prefix="vdit/demo"),
-        "CogVideoX 2B - text to video": text_to_video(
+        "CogVideoX 2B - text to video": native(
             pack, "CogVideoX-2b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-2b", name="CogVideoX-2b/") +
             f" The 2B model runs in fp16 with {b2['sampler'].upper()}, {b2['steps']} steps, CFG {b2['cfg']:g}, {b2['frames']} frames at "
             f"{b2['width']}x{b2['height']}, {b2['fps']:g} fps.",
             b2, "a panda playing a guitar in a bamboo forest, soft morning light", dtype="fp16"),
-        "CogVideoX 5B - text to video": text_to_video(
+        "CogVideoX 5B - text to video": native(
             pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
-            f" The 5B model runs in bf16; its recommended sampler is cogvideox_dpm with dynamic CFG, {b5['steps']} steps, CFG {b5['cfg']:g}.",
-            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", sampler="cogvideox_dpm", dynamic_cfg=True),
+            f" The 5B model runs in bf16, here with KSampler's DDIM, {b5['steps']} steps, CFG {b5['cfg']:g}. Its release recommends "
+            "CogVideoX's DPM sampler with dynamic CFG: VDIT Sampler has both (its workflows: image to video, with a LoRA).",
+            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16"),
         "CogVideoX 5B - text to video with a LoRA": text_to_video(
             pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
             " Put your LoRA (from python -m vdit_core.train, diffusers/PEFT or kohya files) into models/loras and pick it "
@@ -427,9 +502,9 @@ def all_workflows(pack) -> dict[str, Graph]:
             sampler="cogvideox_dpm", dynamic_cfg=True, lora="my_cogvideox_lora.safetensors", prefix="vdit/lora"),
         "CogVideoX 5B - image to video": image_to_video(pack),
         "CogVideoX 5B - video to video": video_to_video(pack),
-        "HunyuanDiT 1.2 - text to image": hunyuandit(pack, image_to_image=False),
+        "HunyuanDiT 1.2 - text to image": hunyuandit_text_to_image(pack),
         "HunyuanDiT 1.2 - image to image": hunyuandit(pack, image_to_image=True),
-        "Open-Sora 1.2 - text to video": opensora(pack, image_to_video=False),
+        "Open-Sora 1.2 - text to video": opensora_text_to_video(pack),
         "Open-Sora 1.2 - image to video": opensora(pack, image_to_video=True),
     }
 
@@ -444,9 +519,9 @@ def demo_thumbnail(graph: Graph, out: Path) -> None:
     from vdit_core.demo import demo_model_path
 
     v = {n["type"] + ("." + n["title"] if n["title"] else ""): n["values"] for n in graph.items}
-    lat, smp = v["VDITEmptyLatent"], v["VDITSampler"]
+    lat, smp = v["VDITEmptyLatentVideo"], v["KSampler"]
     pipe = load_pipeline(demo_model_path(), device="cpu")
-    frames = pipe(prompt=v["VDITTextEncode.Positive prompt"]["text"], num_frames=lat["frames"], height=lat["height"], width=lat["width"],
+    frames = pipe(prompt=v["VDITPromptEncode.Positive prompt"]["text"], num_frames=lat["frames"], height=lat["height"], width=lat["width"],
                   steps=smp["steps"], cfg=smp["cfg"], seed=smp["seed"], progress=False)
     n = len(frames) - 1
     a, b, c, d = (frames[round(n * k / 3)] for k in range(4))
