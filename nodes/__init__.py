@@ -3,7 +3,7 @@
 from . import comfy
 from .loaders import VDITLoadModel, VDITLoadVAE, VDITModelLoader, VDITTextEncoderLoader, VDITVAELoader
 from .lora import VDITLoraApply
-from .sampling import VDITEmptyLatent, VDITEmptyLatentVideo, VDITSampler
+from .sampling import VDITEmptyLatent, VDITEmptyLatentVideo, VDITImageToVideo, VDITSampler
 from .text import VDITPromptEncode, VDITTextEncode
 from .vae import VDITVAEDecode, VDITVAEEncode
 from .video import VDITSaveVideo
@@ -16,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "VDITLoadVAE": VDITLoadVAE,
     "VDITPromptEncode": VDITPromptEncode,
     "VDITEmptyLatentVideo": VDITEmptyLatentVideo,
+    "VDITImageToVideo": VDITImageToVideo,
     # vdit's own types (VDIT_MODEL, VDIT_VAE, VDIT_CONDITIONING), kept for saved workflows
     "VDITModelLoader": VDITModelLoader,
     "VDITTextEncoderLoader": VDITTextEncoderLoader,
@@ -34,6 +35,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VDITLoadVAE": "VDIT Load VAE",
     "VDITPromptEncode": "VDIT Prompt Encode (conditioning)",
     "VDITEmptyLatentVideo": "VDIT Empty Latent Video",
+    "VDITImageToVideo": "VDIT Image To Video (first frame)",
     "VDITModelLoader": "VDIT Model Loader (CogVideoX, Open-Sora, HunyuanDiT)",
     "VDITTextEncoderLoader": "VDIT Text Encoder Loader (T5, HunyuanDiT)",
     "VDITVAELoader": "VDIT VAE Loader",

@@ -150,6 +150,10 @@ class VDITDiffusion(torch.nn.Module):
         cond = {k[len(PREFIX):]: (v.bool() if k in self.bool_inputs else v) for k, v in kwargs.items() if k.startswith(PREFIX)}
         if context is not None:
             cond[self.family.text_state] = context
+        cond.pop("frame_latents", None)  # held frames: VDITModel._apply_model keeps them clean
+        mask = cond.pop("frame_mask", None)
+        if mask is not None:
+            cond[self.family.held_frames_input] = ~mask.bool()
         cond = self._paired(cond, transformer_options.get("cond_or_uncond") or [], x.shape[0])
         out = self.transformer(x, timestep, **cond)[:, : x.shape[1]]
         return -out if self.negate else out
@@ -204,6 +208,19 @@ class VDITModel(comfy.model_base.BaseModel):
     def vdit_config(self):
         return self.diffusion_model.transformer.config
 
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
+        """Frames held clean (``frame_latents`` where ``frame_mask``: Open-Sora's image and video
+        conditioning): the network sees them clean and their denoised value is themselves, so any
+        sampler leaves them where they are (as the family's FrameConditioned denoiser)."""
+        mask = kwargs.get(PREFIX + "frame_mask")
+        if mask is None:
+            return super()._apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        keep = mask.to(x.device).bool()[:, None, :, None, None]  # [B, 1, T, 1, 1]
+        clean = kwargs[PREFIX + "frame_latents"].to(x)
+        held = torch.where(keep, clean, x)
+        denoised = super()._apply_model(held, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        return torch.where(keep, clean, denoised)
+
     def extra_conds(self, **kwargs):
         encoded_for = kwargs.get(FAMILY_KEY, self.vdit_family.name)
         if encoded_for != self.vdit_family.name:
@@ -251,6 +268,11 @@ def vdit_model(model, what: str = "model"):
 
 # ----------------------------------------------------------------------------------------------
 # conditioning
+
+
+def with_inputs(conditioning: list, inputs: dict[str, torch.Tensor]) -> list:
+    """CONDITIONING with more of the family's inputs (image latents, held frames) in each entry."""
+    return [[t, {**d, **{PREFIX + k: v for k, v in inputs.items()}}] for t, d in conditioning]
 
 
 def conditioning(family, cond: dict[str, torch.Tensor]) -> list:
@@ -325,3 +347,28 @@ class VDITVAE(comfy.sd.VAE):
 def native_vae(vae) -> VDITVAE:
     """A loaded vdit VAE as a ComfyUI VAE."""
     return VDITVAE(vae)
+
+
+def vdit_vae(vae, what: str = "vae"):
+    """The vdit VAE inside a ComfyUI VAE, or a one-line refusal naming what it is instead."""
+    if not isinstance(vae, VDITVAE):
+        raise ValueError(f"{what}: {type(vae).__name__} is not a vdit VAE; connect VDIT Load VAE (the model's own VAE)")
+    return vae.first_stage_model.vae
+
+
+def encode_scaled(vae: VDITVAE, pixels: torch.Tensor, scale) -> torch.Tensor:
+    """Posterior means of pixels [B, 3, F, H, W] in [-1, 1], times ``scale(vae_info)`` (the
+    family's scaling of conditioning frames), on ComfyUI's intermediate device. The VAE is loaded
+    through ComfyUI's model management."""
+    inner = vdit_vae(vae)
+    mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_encode(pixels.shape, vae.vae_dtype))
+    with torch.no_grad():
+        z = inner.encode(pixels.to(vae.device, inner.dtype), scale=scale(inner.info()))
+    return z.float().to(mm.intermediate_device())
+
+
+def resized(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] scaled to cover width x height and centre-cropped (ComfyUI's own resize)."""
+    if images.shape[1:3] == (height, width):
+        return images
+    return comfy.utils.common_upscale(images.movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)

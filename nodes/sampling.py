@@ -120,6 +120,55 @@ class VDITEmptyLatentVideo:
         return ({"samples": samples, "vdit_frames": frames},)
 
 
+class VDITImageToVideo:
+    """Image-to-video in ComfyUI's native style: the first frame, encoded, goes into both prompts'
+    conditioning, and empty latents of the video's size come out for KSampler."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        first = first_release()
+        step = size_step()
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "an image-to-video model (VDIT Load Model): CogVideoX I2V, or Open-Sora (a first frame is optional there)"}),
+            "positive": ("CONDITIONING", {"tooltip": "the prompt (VDIT Prompt Encode)"}),
+            "negative": ("CONDITIONING", {"tooltip": "the negative prompt (VDIT Prompt Encode)"}),
+            "vae": ("VAE", {"tooltip": "the model's VAE (VDIT Load VAE): encodes the first frame"}),
+            "start_image": ("IMAGE", {"tooltip": "the first frame; resized (centre crop) to width x height"}),
+            "width": ("INT", {"default": first["width"], "min": step, "max": 4096, "step": step, "tooltip": "the video's width in pixels"}),
+            "height": ("INT", {"default": first["height"], "min": step, "max": 4096, "step": step, "tooltip": "the video's height in pixels"}),
+            "frames": ("INT", {"default": first["frames"], "min": 1, "max": 1025, "tooltip": f"video frames ({families.quote('frame_rule')})"}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "videos made at once"}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    FUNCTION = "encode"
+    DESCRIPTION = ("Image to video for KSampler: encodes the first frame with the model's VAE into the conditioning (CogVideoX I2V "
+                   "reads it beside the noise; Open-Sora holds it as the video's first frames) and makes the video's empty latents.")
+    CATEGORY = "vdit"
+
+    def encode(self, model, positive, negative, vae, start_image, width, height, frames, batch_size):
+        from vdit_core.pipeline import frames_conditioning
+        from vdit_core.vae.common import frames_to_pixels
+
+        from . import native
+
+        inner = native.vdit_model(model)
+        family, config, scale = inner.vdit_family, inner.vdit_config, inner.vdit_spatial_scale
+        if not family.takes_image(config):
+            raise ValueError(f"{inner.vdit_name} is a text-to-video model; image to video needs an image-to-video model (e.g. CogVideoX-5b-I2V)")
+        problem = family.size_problem(frames, height, width, config, scale, frames_label="frames")
+        if problem:
+            raise ValueError(f"{inner.vdit_name}: {problem}")
+        check_finite("start_image", start_image)
+        image = native.resized(start_image[:1], width, height)  # [1, H, W, 3]
+        z = native.encode_scaled(vae, frames_to_pixels(image), lambda info: family.image_latent_scale(info))  # [1, C, 1, h, w]
+        _, t = family.latent_frames(config, frames)
+        inputs = frames_conditioning(family, config, z.float().to(comfy.intermediate_device()), t)
+        latent = torch.zeros(batch_size, family.latent_channels(config), t, height // scale, width // scale)
+        return native.with_inputs(positive, inputs), native.with_inputs(negative, inputs), {"samples": latent, "vdit_frames": frames}
+
+
 def _preview(denoised: torch.Tensor, scale: int, latent_rgb=None):
     """A cheap look at the current x0 estimate, as an RGB image (ComfyUI sends previews as JPEG):
     the middle latent frame through the family's latent -> RGB projection when it has one, else

@@ -20,7 +20,7 @@ from vdit_core.models.hunyuan_dit import HunyuanDiT, HunyuanDiTConfig
 from vdit_core.models.opensora import STDiT3, STDiT3Config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "native"
-NAMES = ("demo", "cogvideox-2b", "cogvideox-5b", "hunyuandit-v1.2", "opensora", "opensora-null")
+NAMES = ("demo", "cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "hunyuandit-v1.2", "opensora", "opensora-null", "opensora-i2v")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Case:
     noise: torch.Tensor  # [1, C, T, h, w]
     steps: int
     cfg: float
+    frame_latents: torch.Tensor | None = None  # image-to-video: the first frame's latents [1, C, 1, h, w], model space
 
 
 def _randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -64,9 +65,10 @@ def case(name: str) -> Case:
                         latent_rgb=pipe.latent_rgb)
         return Case(pipe.family, pipe.transformer, defaults, cond, uncond, randn(1, 2, 5, 8, 8), 8, 5.0)
     if name.startswith("cogvideox"):
-        config = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, num_layers=2, in_channels=4, out_channels=4, text_embed_dim=16,
-                                 time_embed_dim=20, sample_height=4, sample_width=6, sample_frames=9, max_text_seq_length=8,
-                                 use_rotary_positional_embeddings=name.endswith("5b"))
+        i2v = name.endswith("-i2v")
+        config = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, num_layers=2, in_channels=8 if i2v else 4, out_channels=4,
+                                 text_embed_dim=16, time_embed_dim=20, sample_height=4, sample_width=6, sample_frames=9, max_text_seq_length=8,
+                                 use_rotary_positional_embeddings=not name.endswith("2b"), use_learned_positional_embeddings=i2v)
         family = families.get("cogvideox")
         transformer = _randomised(CogVideoXTransformer(config), 1)
         defaults = family.sampling_defaults(None, config)
@@ -77,7 +79,7 @@ def case(name: str) -> Case:
 
             defaults["schedule"] = DiscreteSchedule.from_config(release_schedule(PRESETS["cogvideox-2b"]))
         cond, uncond = {"context": randn(1, 8, 16)}, {"context": randn(1, 8, 16)}
-        return Case(family, transformer, defaults, cond, uncond, randn(1, 4, 3, 4, 6), 6, 6.0)
+        return Case(family, transformer, defaults, cond, uncond, randn(1, 4, 3, 4, 6), 6, 6.0, randn(1, 4, 1, 4, 6) if i2v else None)
     if name.startswith("hunyuandit"):
         config = HunyuanDiTConfig(num_attention_heads=2, attention_head_dim=8, hidden_size=16, num_layers=4, cross_attention_dim=12,
                                   cross_attention_dim_t5=16, pooled_projection_dim=8, text_len=5, text_len_t5=6, sample_size=8, mlp_ratio=2.0)
@@ -102,7 +104,8 @@ def case(name: str) -> Case:
             empty = torch.zeros(1, 6, dtype=torch.long)
             empty[:, 0] = 1  # an empty prompt's mask: its end token
             uncond = {**uncond, "mask": empty, "drop_text": torch.tensor([True])}
-        return Case(family, transformer, family.sampling_defaults(None, config), cond, uncond, randn(1, 4, 5, 4, 6), 5, 7.0)
+        frames = randn(1, 4, 1, 4, 6) if name.endswith("-i2v") else None
+        return Case(family, transformer, family.sampling_defaults(None, config), cond, uncond, randn(1, 4, 5, 4, 6), 5, 7.0, frames)
     raise KeyError(name)
 
 

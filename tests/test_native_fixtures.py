@@ -21,8 +21,8 @@ def test_pipeline_matches_comfyuis_ksampler(name):
     defaults = {k: v for k, v in case.defaults.items() if k != "latent_rgb"}
     pipe = Pipeline(transformer=case.transformer, vae=None, text_encoder=None, family=case.family, **defaults)
     request = pipe.prepare(cond=case.cond, uncond=case.uncond, noise=case.noise, latents=case.noise, steps=case.steps,
-                           cfg=case.cfg, sampler="euler")
+                           cfg=case.cfg, sampler="euler", frame_latents=case.frame_latents)
     with torch.no_grad():
         ours = pipe.run(dataclasses.replace(request, sigmas=saved["sigmas"].double()), progress=False)
     assert ours.shape == saved["latents"].shape
-    assert (ours - saved["latents"]).abs().max().item() < 1e-4
+    assert (ours - saved["latents"]).abs().max().item() < 1e-4 * max(1.0, ours.abs().max().item())  # (see test_native.py)

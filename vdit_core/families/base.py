@@ -57,6 +57,7 @@ class Family:
     # latent -> RGB in [-1, 1] for previews: (a [C][3] matrix, a bias of 3) over model-space latents, or None
     latent_rgb: tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]] | None = None
     text_state: str = ""  # the conditioning key of the main text states (ComfyUI's conditioning tensor)
+    held_frames_input: str = ""  # the transformer input marking frames generated (True) vs held clean (False), for frame_latents
 
     # -- the releases' facts as users read them (node tooltips, --help and the bundled workflows quote
     # them through release_facts and quote below; the checks use the same methods)

@@ -102,6 +102,7 @@ class OpenSora(Family):
     named_resolutions = NAMED_RESOLUTIONS
     durations = DURATIONS
     text_state = "y"
+    held_frames_input = "x_mask"
     caption_groups = (("drop_text",),)  # caption dropout: the learned null caption, the caption's mask kept (as the release)
     prompt_options = ("aesthetic_score", "motion_score")
     prompt_defaults = {"aesthetic_score": AESTHETIC_SCORE, "motion_score": None}
@@ -301,7 +302,7 @@ class FrameConditioned:
             return self.inner(x, sigma, **cond)
         keep = frame_mask.to(x.device).bool()[:, None, :, None, None]
         clean = frame_latents.to(x)
-        x0 = self.inner(torch.where(keep, clean, x), sigma, x_mask=~frame_mask.to(x.device).bool(), **cond)
+        x0 = self.inner(torch.where(keep, clean, x), sigma, **{OpenSora.held_frames_input: ~frame_mask.to(x.device).bool()}, **cond)
         return torch.where(keep, clean, x0)
 
     def prior(self, noise, sigma):
