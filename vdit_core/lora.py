@@ -9,9 +9,11 @@ before compiling) see every change and share one graph across blocks, runs and s
 
 Files read: ours and ComfyUI's (``diffusion_model.<module>.lora_A/B.weight`` + ``.alpha``),
 diffusers/PEFT (``transformer.<module>.lora_A/B.weight``, alpha from the header when present),
-kohya (``lora_unet_<module_with_underscores>.lora_down/up.weight`` + ``.alpha``). Without an alpha
-the scale is 1, as ComfyUI does. A file whose modules are not in the model raises an error naming
-them; it is never a silent no-op.
+kohya (``lora_unet_<module_with_underscores>.lora_down/up.weight`` + ``.alpha``), and an
+original layout's module names where the transformer maps them (Tencent's HunyuanDiT):
+:class:`LoRANames` holds that rule, which ComfyUI's key map of a native model also uses.
+Without an alpha the scale is 1, as ComfyUI does. A file whose modules are not in the model
+raises an error naming them; it is never a silent no-op.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from .checkpoint import CheckpointError, describe, load_state_dict, safetensors_
 from .fp8 import compute_dtype
 from .layers import LORA_ADAPTERS, lora_hook
 
-PREFIXES = ("diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "unet.")
+PREFIXES = (  # a file's prefixes of our module names (one is taken off)
+    "diffusion_model.transformer.",  # ComfyUI's own name of our modules in a native model (nodes/native.py)
+    "diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "unet.",
+)
 FORMAT = "vdit-lora-v1"
 
 
