@@ -85,7 +85,8 @@ def write_lora(fmt: str, transformer, path: Path, seed: int = 0) -> Path:
         lora = inject_lora(transformer, rank=RANK, alpha=ALPHA, targets="|".join(re.escape(n) for n in targets(transformer)))
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for _, adapter in lora.items():
+            for _, adapter in lora.items():  # (as if trained: B is 0 at the start)
+                adapter.lora_A.copy_(torch.randn(adapter.lora_A.shape, generator=g) * 0.1)
                 adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * 0.1)
         save_lora(lora, path, base_model="tiny")
         lora.detach()
@@ -283,3 +284,32 @@ def test_float8_layers_get_the_patch_in_their_stored_units(tmp_path):
     REPORT["native LoRA cogvideox-5b float8 blocks: max |ComfyUI patch - vdit hook|"] = f"{err:.1e} (LoRA effect {effect:.2f})"
     assert err < 0.2 * effect
     assert torch.equal(denoised(patcher, case), base)
+
+
+def test_hook_lora_on_conditioning_matches_the_lora_loader(tmp_path, caplog):
+    """ComfyUI's hook LoRA (comfy.hooks: the weights patched while sampling the conditioning that
+    carries the hook; CreateHookLora's path) reads the same key map and row splits: sampling with
+    Tencent's fused LoRA as a hook on both prompts gives LoraLoader's result."""
+    import comfy.hooks
+    import comfy.sample
+
+    case = native_cases.case("hunyuandit-v1.2")
+    patcher = native.native_model(case.transformer, case.family, None, "x", case.defaults)
+    path = write_lora("tencent", case.transformer, tmp_path / "tencent.safetensors")
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+
+    def sample(model, hooks=None):
+        pos, neg = (native.conditioning(case.family, c) for c in (case.cond, case.uncond))
+        if hooks is not None:
+            pos, neg = (comfy.hooks.set_hooks_for_conditioning(c, hooks) for c in (pos, neg))
+        with torch.no_grad():
+            return comfy.sample.sample(model, case.noise, 3, case.cfg, "euler", "simple", pos, neg, torch.zeros_like(case.noise), seed=0, disable_pbar=True)
+
+    plain = sample(patcher)
+    with caplog.at_level(logging.WARNING):
+        hooked = sample(patcher, comfy.hooks.create_hook_lora(lora, 1.0, 0.0))
+        loader = sample(comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0])
+    assert left_out(caplog) == []
+    err = (hooked - loader).abs().max().item()
+    REPORT["native LoRA hunyuandit tencent as a conditioning hook: max |hook - LoraLoader| after 3 steps"] = f"{err:.1e}"
+    assert (loader - plain).abs().max().item() > 1e-2 and err < 1e-5
