@@ -14,16 +14,24 @@ nodes only inside it).
   format (:class:`VDITLatentFormat`) maps them to the model's (``process_in``) and back.
 * VAE: ComfyUI's ``VAE`` with the vdit VAE as its first stage (:func:`native_vae`): chunked,
   memory-sized tiles, progress and cancel between chunks.
+* LoRA: ComfyUI's own LoRA loading (LoraLoader, LoraLoaderModelOnly, hook LoRAs) patches the
+  model's weights with every LoRA file vdit_core reads (ours, ComfyUI's, diffusers/PEFT, kohya,
+  Tencent's HunyuanDiT): its key map of a vdit model holds each module name a file may use
+  (:meth:`VDITModel.vdit_lora_key_map`), and a file module feeding several of ours is split by rows
+  (:func:`lora_inputs`).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 
 import torch
 
 import comfy.conds
 import comfy.latent_formats
+import comfy.lora
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -32,7 +40,8 @@ import comfy.patcher_extension as pe
 import comfy.sd
 import comfy.supported_models_base
 import comfy.utils
-from vdit_core.fp8 import compute_dtype
+from vdit_core.fp8 import compute_dtype, is_fp8
+from vdit_core.lora import LoRANames, lora_modules_of
 from vdit_core.schedules import TERMINAL_ALPHA_BAR, DiscreteSchedule, FlowSchedule, time_shift
 
 PREFIX = "vdit_"  # the conditioning dict's keys of a family's inputs besides its main text states
@@ -241,6 +250,24 @@ class VDITModel(comfy.model_base.BaseModel):
                 out.setdefault(PREFIX + k, comfy.conds.CONDRegular(v))
         return out
 
+    def vdit_lora_key_map(self, key_map: dict) -> "LoRAKeyMap":
+        """ComfyUI's LoRA key map (the given dict, extended) with every module name a LoRA file
+        for this transformer may use (vdit_core's reader's rule), each mapped to its weight
+        (:func:`patch_target`); a name feeding several of our modules (Tencent's fused q/k/v)
+        maps to a :class:`RowSplit`."""
+        names = LoRANames(self.diffusion_model.transformer)
+        for name, targets in names.spellings().items():
+            if len(targets) == 1:
+                key_map[name] = patch_target(targets[0], names.linears[targets[0]])
+            else:
+                rows, parts = 0, []
+                for target in targets:
+                    parts.append((patch_target(target, names.linears[target]), rows, names.linears[target].out_features))
+                    rows += parts[-1][2]
+                key_map[name] = RowSplit(parts)
+        shapes = {weight_key(n): tuple(m.weight.shape) for n, m in names.linears.items()}
+        return LoRAKeyMap(key_map, f"vdit {self.vdit_family.label} transformer", shapes)
+
 
 def patcher_class():
     """ComfyUI's plain model patcher. Not the ``CoreModelPatcher`` of newer versions: with dynamic
@@ -264,6 +291,154 @@ def vdit_model(model, what: str = "model"):
     if not isinstance(inner, VDITModel):
         raise ValueError(f"{what}: {type(inner).__name__} is not a vdit model; connect VDIT Load Model (a CogVideoX, HunyuanDiT or Open-Sora transformer)")
     return inner
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA through ComfyUI's LoRA loading
+
+# (the suffixes of ComfyUI's LoRA format, comfy/weight_adapter/lora.py, and its weight differences)
+UP_SUFFIXES = (".lora_up.weight", "_lora.up.weight", ".lora_B.weight", ".lora.up.weight", ".lora_B",
+               ".lora_linear_layer.up.weight", ".lora_B.default.weight", ".diff", ".diff_b")  # rows: output rows
+DOWN_SUFFIXES = (".lora_down.weight", "_lora.down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_A",
+                 ".lora_linear_layer.down.weight", ".lora_A.default.weight", ".alpha")  # shared by every row
+
+
+def weight_key(module: str) -> str:
+    """The model state-dict key of a transformer module's weight."""
+    return f"diffusion_model.transformer.{module}.weight"
+
+
+class InStoredUnits:
+    """A weight patch's function for a float8 layer (vdit_core.fp8.FP8Linear), which stores
+    ``weight / scale``: the patch divided by the scale too. ComfyUI then rounds the sum to float8
+    (stochastically) and the layer's scale multiplies it back."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def __call__(self, diff: torch.Tensor) -> torch.Tensor:
+        return diff / self.scale
+
+
+def patch_target(module: str, linear: torch.nn.Module):
+    """A key-map value for one of our Linears: its weight's key, or for a float8 layer
+    ``(key, no slice, InStoredUnits)``."""
+    scale = getattr(linear, "scale_weight", None)
+    if scale is None or not is_fp8(linear.weight):
+        return weight_key(module)
+    return (weight_key(module), None, InStoredUnits(float(scale)))
+
+
+class RowSplit(tuple):
+    """A key-map value for a file's module that feeds several of ours, row by row:
+    ``((patch target, first row, rows), ...)``. :func:`lora_inputs` splits its matrices."""
+
+    vdit_row_split = True  # (read by attribute: this module may be imported twice)
+
+
+class LoRAKeyMap(dict):
+    """ComfyUI's LoRA key map of a vdit model, which also knows the model (a label for messages)
+    and its Linear weights' shapes (to refuse a LoRA of another size)."""
+
+    def __init__(self, entries: dict, label: str, shapes: dict[str, tuple[int, ...]]):
+        super().__init__(entries)
+        self.vdit_label, self.vdit_shapes = label, shapes
+
+
+def split_rows(lora: dict, key_map: dict) -> tuple[dict, dict]:
+    """The LoRA with each module that a :class:`RowSplit` maps cut into one module per target
+    (``<name>[first:last]``: its up matrix's rows, its down matrix and alpha shared), and the key
+    map naming those: ComfyUI patches one weight per file module."""
+    splits = {name: v for name, v in key_map.items() if getattr(v, "vdit_row_split", False)}
+    if not splits:
+        return lora, key_map
+    lora, key_map = dict(lora), copy.copy(key_map)
+    for name, parts in splits.items():
+        del key_map[name]
+        keys = {name + s: s for s in UP_SUFFIXES + DOWN_SUFFIXES if name + s in lora}
+        if not keys:
+            continue
+        others = [k for k in lora if k.startswith((name + ".", name + "_lora.")) and k not in keys]
+        rows = sum(n for _, _, n in parts)
+        bad = [k for k, s in keys.items() if s in UP_SUFFIXES and lora[k].shape[0] != rows]
+        if others or bad:  # left whole: ComfyUI reports its keys as not loaded
+            logging.warning("vdit: LoRA module %s left out: %s", name,
+                            f"{others[0]} cannot be split by rows" if others else f"{bad[0]} has {lora[bad[0]].shape[0]} rows, not {rows}")
+            continue
+        for key, first, n in parts:
+            part = f"{name}[{first}:{first + n}]"
+            for k, suffix in keys.items():
+                lora[part + suffix] = lora[k][first : first + n] if suffix in UP_SUFFIXES else lora[k]
+            key_map[part] = key
+        for k in keys:
+            del lora[k]
+    return lora, key_map
+
+
+def refuse_misfits(lora: dict, key_map: "LoRAKeyMap", log: bool) -> "LoRAKeyMap":
+    """The key map without the file's modules whose matrices do not fit our weights (a LoRA of
+    another size); with ``log``, one warning naming what of the file this model lacks."""
+    modules = lora_modules_of(lora)
+    wrong = {}  # file module -> its shape and the model's
+    for name, parts in modules.items():
+        target = key_map.get(name)
+        shape = key_map.vdit_shapes.get(target[0] if isinstance(target, tuple) else target)
+        a, b = parts.get("A"), parts.get("B")
+        if shape is not None and a is not None and b is not None and (a.ndim != 2 or b.ndim != 2 or a.shape[1] != shape[1] or b.shape[0] != shape[0]):
+            wrong[name] = f"{name}: {b.shape[0]}x{a.shape[-1]}, the model's {shape[0]}x{shape[1]}"
+    if wrong:
+        key_map = copy.copy(key_map)
+        for name in wrong:
+            del key_map[name]
+    missing = [name for name in modules if name not in key_map and name not in wrong]
+    if log and (missing or wrong):
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} are not in this {key_map.vdit_label} (e.g. {', '.join(missing[:3])})")
+        if wrong:
+            problems.append(f"{len(wrong)} have other shapes (e.g. {next(iter(wrong.values()))})")
+        logging.warning("vdit: a LoRA for another model? Of its %d modules, %s; they are not applied", len(modules), " and ".join(problems))
+    return key_map
+
+
+def lora_inputs(lora: dict, key_map: dict, log: bool = True) -> tuple[dict, dict]:
+    """What ComfyUI's ``load_lora`` is given for a vdit model: fused modules split by rows, then
+    (for a vdit key map) modules that do not fit left out and reported."""
+    lora, key_map = split_rows(lora, key_map)
+    if getattr(key_map, "vdit_shapes", None) is not None:
+        key_map = refuse_misfits(lora, key_map, log)
+    return lora, key_map
+
+
+def install_lora_support() -> None:
+    """Wrap ComfyUI's ``comfy.lora.model_lora_keys_unet`` (a vdit model adds its names) and
+    ``comfy.lora.load_lora`` (:func:`lora_inputs`), once per process. ComfyUI's callers
+    (``comfy.sd.load_lora_for_models``, its bypass variant, ``comfy.hooks``) look both up in the
+    module when called; every other model passes through unchanged."""
+    if getattr(comfy.lora.load_lora, "vdit_wrapped", False):
+        return
+    keys, load = comfy.lora.model_lora_keys_unet, comfy.lora.load_lora
+
+    @functools.wraps(keys)
+    def model_lora_keys_unet(model, *args, **kwargs):
+        extend = getattr(model, "vdit_lora_key_map", None)
+        if extend is None:
+            return keys(model, *args, **kwargs)
+        if not args and "key_map" not in kwargs:
+            args = ({},)  # (not ComfyUI's shared default dict: it would keep our names for other models)
+        return extend(keys(model, *args, **kwargs))
+
+    @functools.wraps(load)
+    def load_lora(lora, to_load, *args, **kwargs):
+        log = kwargs.get("log_missing", args[0] if args else True)
+        lora, to_load = lora_inputs(lora, to_load, log)
+        return load(lora, to_load, *args, **kwargs)
+
+    model_lora_keys_unet.vdit_wrapped = load_lora.vdit_wrapped = True
+    comfy.lora.model_lora_keys_unet, comfy.lora.load_lora = model_lora_keys_unet, load_lora
+
+
+install_lora_support()
 
 
 # ----------------------------------------------------------------------------------------------

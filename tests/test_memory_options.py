@@ -13,7 +13,7 @@ from vdit_core import families
 from vdit_core.checkpoint import load_state_dict
 from vdit_core.demo import demo_model_path
 from vdit_core.models.cogvideox import load_transformer
-from vdit_core.fp8 import FP8Linear, check_support, quantize, quantize_weight
+from vdit_core.fp8 import FP8Linear, check_support, quantize, quantize_weight, round_stochastic
 from vdit_core.pipeline import load_pipeline
 
 E4M3 = torch.float8_e4m3fn
@@ -87,6 +87,26 @@ def demo_runs():
     plain = load_pipeline(demo_model_path(), device="cpu")
     small = load_pipeline(demo_model_path(), device="cpu", fp8=True)
     return plain, small, kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_stochastic_rounding_keeps_float8_values_and_is_unbiased(dtype):
+    """round_stochastic (how a float8 layer stores a patched weight, FP8Linear.set_weight): every
+    float8 value comes back exactly; others go to a neighbour, unbiased on average; out of range
+    clamps."""
+    every = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    every = every[torch.isfinite(every)]
+    assert torch.equal(round_stochastic(every, dtype, seed=1).float(), every)
+    x = torch.full((100_000,), 0.3)
+    r = round_stochastic(x, dtype, seed=2).float()
+    assert len(set(r.tolist())) == 2 and abs(r.mean().item() - 0.3) < 1e-3  # (0.3 is no float8 value)
+    big = torch.finfo(dtype).max
+    assert round_stochastic(torch.tensor([10 * big, -10 * big]), dtype).float().tolist() == [big, -big]
+    lin = FP8Linear(4, 3, device="cpu", weight_dtype=dtype)
+    lin.weight.data = every[:12].reshape(3, 4).to(dtype)
+    before = lin.weight.clone()
+    lin.set_weight(lin.weight.float(), seed=0)
+    assert torch.equal(lin.weight.float(), before.float()) and lin.weight.dtype == dtype
 
 
 def test_fp8_pipeline_stores_block_linears_in_float8_and_stays_close(demo_runs):

@@ -16,6 +16,7 @@ Two ways in:
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -78,6 +79,36 @@ class FP8Linear(nn.Linear):
         # x: [..., in] -> [..., out], in x's dtype
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return linear(x, self.dequantized(x.dtype), bias)
+
+    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed: int | None = None, return_weight: bool = False, **kwargs):
+        """Store a patched weight given in stored units (``weight / scale``, as ComfyUI's model
+        patcher reads this layer: it has no ``convert_weight``), rounded to float8 stochastically
+        (:func:`round_stochastic`, seeded) so that patches smaller than a float8 step survive on
+        average; a value already in float8 is kept exactly."""
+        q = round_stochastic(weight, self.weight.dtype, seed)
+        if return_weight:
+            return q
+        if inplace_update:
+            self.weight.data.copy_(q)
+        else:
+            self.weight = nn.Parameter(q, requires_grad=False)
+
+
+def round_stochastic(x: torch.Tensor, dtype: torch.dtype, seed: int | None = None) -> torch.Tensor:
+    """``x`` in float8 ``dtype``, each value rounded to one of its two float8 neighbours with
+    the probability of its distance to the other (unbiased), clamped to the format's range.
+    Exact where ``x`` is a float8 value already. Computed in float32; ``seed`` fixes the draw."""
+    info = torch.finfo(dtype)
+    mantissa_bits, min_exponent = round(-math.log2(info.eps)), round(math.log2(info.tiny))
+    x = x.float()
+    a = x.abs().clamp(max=info.max)
+    step = torch.exp2(torch.floor(torch.log2(a)).clamp(min=min_exponent) - mantissa_bits)  # float8 spacing at |x| (log2(0) = -inf: clamped)
+    scaled = a / step  # (exact: step is a power of 2)
+    low = scaled.floor()
+    g = torch.Generator(device=x.device)
+    g.manual_seed(0 if seed is None else seed)
+    up = torch.rand(x.shape, generator=g, device=x.device) < scaled - low
+    return (torch.sign(x) * (low + up) * step).clamp(info.min, info.max).to(dtype)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -9,9 +9,11 @@ before compiling) see every change and share one graph across blocks, runs and s
 
 Files read: ours and ComfyUI's (``diffusion_model.<module>.lora_A/B.weight`` + ``.alpha``),
 diffusers/PEFT (``transformer.<module>.lora_A/B.weight``, alpha from the header when present),
-kohya (``lora_unet_<module_with_underscores>.lora_down/up.weight`` + ``.alpha``). Without an alpha
-the scale is 1, as ComfyUI does. A file whose modules are not in the model raises an error naming
-them; it is never a silent no-op.
+kohya (``lora_unet_<module_with_underscores>.lora_down/up.weight`` + ``.alpha``), and an
+original layout's module names where the transformer maps them (Tencent's HunyuanDiT):
+:class:`LoRANames` holds that rule, which ComfyUI's key map of a native model also uses.
+Without an alpha the scale is 1, as ComfyUI does. A file whose modules are not in the model
+raises an error naming them; it is never a silent no-op.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from .checkpoint import CheckpointError, describe, load_state_dict, safetensors_
 from .fp8 import compute_dtype
 from .layers import LORA_ADAPTERS, lora_hook
 
-PREFIXES = ("diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "unet.")
+PREFIXES = (  # a file's prefixes of our module names (one is taken off)
+    "diffusion_model.transformer.",  # ComfyUI's own name of our modules in a native model (nodes/native.py)
+    "diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "unet.",
+)
 FORMAT = "vdit-lora-v1"
 
 
@@ -249,6 +254,64 @@ def _peft_scale(metadata: dict) -> float | None:
     return None
 
 
+def lora_modules_of(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoRA state dict by module: {module name as the file spells it (its keys' stem): {"A": down,
+    "B": up, "alpha": alpha}}, for every suffix pair of :data:`_SUFFIXES` (modules with neither
+    matrix left out)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        for down, up in _SUFFIXES:
+            for suffix, slot in ((down, "A"), (up, "B")):
+                if key.endswith(suffix):
+                    pairs.setdefault(key[: -len(suffix)], {})[slot] = value
+        if key.endswith(".alpha"):
+            pairs.setdefault(key[: -len(".alpha")], {})["alpha"] = value
+    return {k: v for k, v in pairs.items() if "A" in v or "B" in v}
+
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")  # kohya's module names: one of these + the name with underscores
+
+
+class LoRANames:
+    """Which Linear modules of ``model`` a LoRA file's module name adapts. Names read: ours, bare or
+    under one of :data:`PREFIXES` (ComfyUI's ``diffusion_model.``, diffusers' ``transformer.``,
+    PEFT's ``base_model.model.``, ...); kohya's (:data:`KOHYA_PREFIXES`); and an original layout's,
+    where the transformer class maps them (``lora_modules``: e.g. Tencent's fused HunyuanDiT
+    projections, each feeding several of ours; ``lora_original_names`` lists them)."""
+
+    def __init__(self, model: nn.Module):
+        self.linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._kohya = {n.replace(".", "_"): n for n in self.linears}
+        self._official = getattr(model, "lora_modules", None)
+        self._original_names = getattr(model, "lora_original_names", None)
+
+    def targets(self, stem: str) -> list[str]:
+        """The modules ``stem`` (a file's module name) adapts, in the order of its output rows
+        (several for a fused projection of an original layout); [] when it names none."""
+        name = _strip_prefix(stem)
+        if name in self.linears:
+            return [name]
+        for prefix in KOHYA_PREFIXES:
+            if name.startswith(prefix) and name[len(prefix):] in self._kohya:
+                return [self._kohya[name[len(prefix):]]]
+        return list(self._official(name)) if self._official is not None else []
+
+    def spellings(self) -> dict[str, list[str]]:
+        """Every module name a LoRA file for this model may use (each prefix, kohya's, the
+        original layout's) -> :meth:`targets`: what ComfyUI's LoRA key map of a vdit model holds."""
+        bare = [*self.linears, *(self._original_names() if self._original_names is not None else ())]
+        out = {}
+        for name in bare:
+            for prefix in ("", *PREFIXES):
+                targets = self.targets(prefix + name)
+                if targets and all(t in self.linears for t in targets):
+                    out[prefix + name] = targets
+        for under in self._kohya:
+            for prefix in KOHYA_PREFIXES:
+                out[prefix + under] = self.targets(prefix + under)
+        return out
+
+
 def read_lora(path: str | Path, model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict]:
     """{module name in ``model``: (A, B, scale)} and the header metadata of a LoRA file.
 
@@ -258,27 +321,17 @@ def read_lora(path: str | Path, model: nn.Module) -> tuple[dict[str, tuple[torch
     path = Path(path)
     sd = load_state_dict(path)
     metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    kohya = {n.replace(".", "_"): n for n in linears}
+    names = LoRANames(model)
+    linears = names.linears
     file_scale = _peft_scale(metadata)
 
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        for down, up in _SUFFIXES:
-            for suffix, slot in ((down, "A"), (up, "B")):
-                if key.endswith(suffix):
-                    pairs.setdefault(key[: -len(suffix)], {})[slot] = value
-        if key.endswith(".alpha"):
-            pairs.setdefault(key[: -len(".alpha")], {})["alpha"] = value
-    pairs = {k: v for k, v in pairs.items() if "A" in v or "B" in v}
+    pairs = lora_modules_of(sd)
     if not pairs:
         raise CheckpointError(f"{path}: expected a LoRA, but this looks like {describe(sd.keys())}")
 
-    split_map = _official_names(model)
     out, unmatched = {}, []
     for raw_name, parts in pairs.items():
-        name = _resolve(raw_name, linears, kohya)
-        targets = [name] if name is not None else split_map(_strip_prefix(raw_name))
+        targets = names.targets(raw_name)
         if not targets:
             unmatched.append(raw_name)
             continue
@@ -334,25 +387,6 @@ def _strip_prefix(raw: str) -> str:
         if raw.startswith(p):
             return raw[len(p):]
     return raw
-
-
-def _official_names(model: nn.Module):
-    """The model's map from a module name of its official layout (a fused projection, say) to
-    our modules in the order of its output rows (``lora_modules`` of the transformer class), or a
-    map that knows nothing for models without one."""
-    return getattr(model, "lora_modules", None) or (lambda name: [])
-
-
-def _resolve(raw: str, linears: dict, kohya: dict) -> str | None:
-    """The model's module name for a LoRA key stem."""
-    name = _strip_prefix(raw)
-    if name in linears:
-        return name
-    if name.startswith("lora_unet_"):
-        return kohya.get(name[len("lora_unet_"):])
-    if name.startswith("lora_transformer_"):
-        return kohya.get(name[len("lora_transformer_"):])
-    return None
 
 
 def load_lora(model: nn.Module, path: str | Path, strength: float = 1.0, dtype: torch.dtype | None = None) -> LoRASet:

@@ -305,6 +305,21 @@ class HunyuanDiT(nn.Module):
         target = next(iter(convert_original({name + ".weight": torch.zeros(0)}))).removesuffix(".weight")
         return [target] if target != name else []
 
+    def lora_original_names(self) -> list[str]:
+        """The names :meth:`lora_modules` maps: Tencent's for our Linears (a fused projection once)."""
+        names = []
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            original = re.sub(r"\.attn1\.to_[qkv]$", ".attn1.Wqkv", name)
+            original = re.sub(r"\.attn2\.to_[kv]$", ".attn2.kv_proj", original) + "."
+            for theirs, ours in reversed(_ORIGINAL_RENAMES):
+                original = original.replace(ours, theirs)
+            original = original.removesuffix(".")
+            if original not in names and name in self.lora_modules(original):
+                names.append(original)
+        return names
+
     def default_meta(self, batch: int, h: int, w: int, device) -> torch.Tensor:
         """v1.1's image-size conditioning for a latent grid, as Tencent's inference builds it:
         original 1024x1024, target (width, height) of the generated image, crop (0, 0)."""
