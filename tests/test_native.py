@@ -214,3 +214,37 @@ def test_image_to_video_node_conditions_both_prompts_and_samples():
     t2v = PACK.NODE_CLASS_MAPPINGS["VDITLoadModel"]().load("vdit-demo (bundled)", "default", "auto")[0]
     with pytest.raises(ValueError, match="text-to-video model"):
         node.encode(t2v, text(), text(), vae, image, 64, 64, 9, 1)
+
+
+def test_lora_loader_applies_a_demo_lora_trained_by_the_trainer(tmp_path):
+    """ComfyUI's LoraLoaderModelOnly on the native demo model with a LoRA that ``python -m
+    vdit_core.train`` wrote: strength 0 samples exactly the plain model's latents, strength 1
+    changes them (KSampler, same seed)."""
+    import nodes as comfy_nodes
+
+    from vdit_core.demo import shapes
+    from vdit_core.train.trainer import main as train
+
+    shapes.write_dataset(tmp_path / "data", seed=0, clips_per_combo=1, combos=shapes.train_combos()[:2])
+    out = tmp_path / "run"
+    assert train(["--model", str(native_cases.demo_folder()), "--data", str(tmp_path / "data"), "--output", str(out),
+                  "--cache-dir", str(tmp_path / "cache"), "--steps", "3", "--lora-rank", "4", "--lr", "1e-2"]) == 0
+    import folder_paths
+
+    folder_paths.add_model_folder_path("loras", str(out))
+    model = PACK.NODE_CLASS_MAPPINGS["VDITLoadModel"]().load("vdit-demo (bundled)", "default", "auto")[0]
+    te = PACK.NODE_CLASS_MAPPINGS["VDITTextEncoderLoader"]().load("vdit-demo (bundled)", "default", 0)[0]
+    encode = PACK.NODE_CLASS_MAPPINGS["VDITPromptEncode"]()
+    pos, neg = encode.encode(te, "a red circle moving right")[0], encode.encode(te, "")[0]
+    latent = PACK.NODE_CLASS_MAPPINGS["VDITEmptyLatentVideo"]().generate(model, 64, 64, 17, 1)[0]
+
+    def sample(m):
+        return comfy_nodes.KSampler().sample(m, 7, 4, 5.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+
+    loader = comfy_nodes.LoraLoaderModelOnly()
+    plain = sample(model)
+    off = sample(loader.load_lora_model_only(model, "lora.safetensors", 0.0)[0])
+    on = sample(loader.load_lora_model_only(model, "lora.safetensors", 1.0)[0])
+    assert torch.equal(off, plain)
+    assert (on - plain).abs().max() > 1e-3
+    assert torch.equal(sample(model), plain)  # the loaded model is as it was

@@ -31,6 +31,7 @@ CORE = {
                             ("sampler_name", "WIDGET"), ("scheduler", "WIDGET"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                             ("latent_image", "LATENT"), ("denoise", "WIDGET")], "outputs": ["LATENT"], "ui_extra": []},
     "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "outputs": ["IMAGE"], "ui_extra": []},
+    "LoraLoaderModelOnly": {"inputs": [("model", "MODEL"), ("lora_name", "WIDGET"), ("strength_model", "WIDGET")], "outputs": ["MODEL"], "ui_extra": []},
     "CreateVideo": {"inputs": [("images", "IMAGE"), ("fps", "WIDGET"), ("audio", "AUDIO")], "outputs": ["VIDEO"], "ui_extra": []},
     "SaveVideo": {"inputs": [("video", "VIDEO"), ("filename_prefix", "WIDGET"), ("format", "WIDGET"), ("codec", "WIDGET")], "outputs": [], "ui_extra": []},
 }
@@ -293,13 +294,15 @@ def native_loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> t
 
 
 def native(pack, model: str, note: str, facts: dict, prompt: str, dtype="default", negative="", prefix="vdit/t2v", steps: int | None = None,
-           size: dict | None = None, family: str = "auto", image: bool = False) -> Graph:
+           size: dict | None = None, family: str = "auto", image: bool = False, lora: str | None = None) -> Graph:
     """A text-to-video (``image``: text-to-image) graph on ComfyUI's own sampling and saving nodes:
     KSampler with the release's sampler, steps and CFG, VAE Decode, then Create Video + Save Video
     (or Save Image)."""
     g = Graph(pack)
     g.note(note)
     m, te, vae = native_loaders(g, model, dtype, family)
+    if lora:
+        m = g.add("LoraLoaderModelOnly", model=(m, 0), lora_name=lora, strength_model=1.0)
     negative_title = "Negative prompt (empty: the learned null)" if facts.get("null_negative") else "Negative prompt"
     pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text=prompt)
     neg = g.add("VDITPromptEncode", negative_title, text_encoder=(te, 0), text=negative)
@@ -494,12 +497,13 @@ def all_workflows(pack) -> dict[str, Graph]:
             f" The 5B model runs in bf16, here with KSampler's DDIM, {b5['steps']} steps, CFG {b5['cfg']:g}. Its release recommends "
             "CogVideoX's DPM sampler with dynamic CFG: VDIT Sampler has both (its workflows: image to video, with a LoRA).",
             b5, "a golden retriever running through shallow waves at sunset", dtype="bf16"),
-        "CogVideoX 5B - text to video with a LoRA": text_to_video(
+        "CogVideoX 5B - text to video with a LoRA": native(
             pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
-            " Put your LoRA (from python -m vdit_core.train, diffusers/PEFT or kohya files) into models/loras and pick it "
-            "in VDIT LoRA Apply; chain several nodes to stack LoRAs.",
-            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16",
-            sampler="cogvideox_dpm", dynamic_cfg=True, lora="my_cogvideox_lora.safetensors", prefix="vdit/lora"),
+            " The LoRA is your own: train one with python -m vdit_core.train --model models/vdit/CogVideoX-5b --data <clips> "
+            "--lora-rank 64 (or use a diffusers/PEFT or kohya file), put it into models/loras and pick it in Load LoRA; chain "
+            "several to stack LoRAs.",
+            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", lora="my_cogvideox_lora.safetensors",
+            prefix="vdit/lora"),
         "CogVideoX 5B - image to video": image_to_video(pack),
         "CogVideoX 5B - video to video": video_to_video(pack),
         "HunyuanDiT 1.2 - text to image": hunyuandit_text_to_image(pack),
