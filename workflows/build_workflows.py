@@ -500,7 +500,7 @@ def all_workflows(pack) -> dict[str, Graph]:
         "CogVideoX 5B - text to video with a LoRA": native(
             pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
             " The LoRA is your own: train one with python -m vdit_core.train --model models/vdit/CogVideoX-5b --data <clips> "
-            "--lora-rank 64 (or use a diffusers/PEFT or kohya file), put it into models/loras and pick it in Load LoRA; chain "
+            "--output my_lora --lora-rank 64 (or use a diffusers/PEFT or kohya file), put its lora.safetensors into models/loras and pick it in Load LoRA; chain "
             "several to stack LoRAs.",
             b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", lora="my_cogvideox_lora.safetensors",
             prefix="vdit/lora"),
