@@ -186,15 +186,15 @@ class VDITVAELoader:
     CATEGORY = "vdit"
 
     def load(self, vae, dtype, variant):
-        model = load_vae(vae, dtype, variant)
+        model, _ = load_vae(vae, dtype, variant)
         return (VAEHandle(model, comfy.Managed(model, "vae"), vae.rstrip("/")),)
 
 
 def load_vae(choice: str, dtype: str, variant: str):
-    """The VAE of a loader's choices, on the CPU."""
+    """(the VAE of a loader's choices on the CPU, its family)."""
     path, folder = resolve(choice, VDITLoadVAE.KIND)
     family = families.for_folder(path) if folder else families.for_file(path, "vae")
-    return family.load_vae(path / "vae" if folder else path, _dtype(dtype, "vae"), "cpu", None if variant == "auto" else variant)
+    return family.load_vae(path / "vae" if folder else path, _dtype(dtype, "vae"), "cpu", None if variant == "auto" else variant), family
 
 
 class VDITLoadVAE:
@@ -216,7 +216,8 @@ class VDITLoadVAE:
     def load(self, vae, dtype, variant):
         from . import native
 
-        return (native.native_vae(load_vae(vae, dtype, variant)),)
+        model, family = load_vae(vae, dtype, variant)
+        return (native.native_vae(model, family.size_multiple(spatial_scale=model.spatial_compression)),)
 
 
 __all__ = ["VDITModelLoader", "VDITTextEncoderLoader", "VDITVAELoader", "VDITLoadModel", "VDITLoadVAE"]

@@ -495,9 +495,11 @@ class VAEStage(torch.nn.Module):
 
 
 class VDITVAE(comfy.sd.VAE):
-    """ComfyUI's VAE around a vdit VAE (VAEDecode, VAEDecodeTiled and VAEEncode take it)."""
+    """ComfyUI's VAE around a vdit VAE (VAEDecode, VAEDecodeTiled and VAEEncode take it).
+    ``size_multiple``: the pixel multiple its model's sizes take (HunyuanDiT: 16); VAE Encode
+    centre-crops images to it, as ComfyUI crops to the VAE's own ratio."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, size_multiple: int | None = None):
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)  # ComfyUI warns of the missing weights it is given: ours come below
         try:
@@ -517,11 +519,21 @@ class VDITVAE(comfy.sd.VAE):
         self.device, self.vae_dtype = mm.vae_device(), vae.dtype
         self.output_device = mm.intermediate_device()
         self.patcher = patcher_class()(self.first_stage_model, load_device=self.device, offload_device=mm.vae_offload_device())
+        self.size_multiple = size_multiple or s
+
+    def vae_encode_crop_pixels(self, pixels):
+        # pixels [..., H, W, C]: the centre, in whole multiples of the model's size step
+        m = self.size_multiple
+        for dim in (-3, -2):
+            n = pixels.shape[dim]
+            if n % m:
+                pixels = pixels.narrow(pixels.ndim + dim, (n % m) // 2, n // m * m)
+        return pixels
 
 
-def native_vae(vae) -> VDITVAE:
-    """A loaded vdit VAE as a ComfyUI VAE."""
-    return VDITVAE(vae)
+def native_vae(vae, size_multiple: int | None = None) -> VDITVAE:
+    """A loaded vdit VAE as a ComfyUI VAE (``size_multiple``: its model family's size step)."""
+    return VDITVAE(vae, size_multiple)
 
 
 def vdit_vae(vae, what: str = "vae"):

@@ -25,12 +25,11 @@ CORE = {
     "GetVideoComponents": {"inputs": [("video", "VIDEO")], "outputs": ["IMAGE", "AUDIO", "FLOAT"], "ui_extra": []},
     "ImageFromBatch": {"inputs": [("image", "IMAGE"), ("batch_index", "WIDGET"), ("length", "WIDGET")], "outputs": ["IMAGE"], "ui_extra": []},
     "SaveImage": {"inputs": [("images", "IMAGE"), ("filename_prefix", "WIDGET")], "outputs": [], "ui_extra": []},
-    "ImageScale": {"inputs": [("image", "IMAGE"), ("upscale_method", "WIDGET"), ("width", "WIDGET"), ("height", "WIDGET"), ("crop", "WIDGET")],
-                   "outputs": ["IMAGE"], "ui_extra": []},
     "KSampler": {"inputs": [("model", "MODEL"), ("seed", "WIDGET", {"control_after_generate": True}), ("steps", "WIDGET"), ("cfg", "WIDGET"),
                             ("sampler_name", "WIDGET"), ("scheduler", "WIDGET"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                             ("latent_image", "LATENT"), ("denoise", "WIDGET")], "outputs": ["LATENT"], "ui_extra": []},
     "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "outputs": ["IMAGE"], "ui_extra": []},
+    "VAEEncode": {"inputs": [("pixels", "IMAGE"), ("vae", "VAE")], "outputs": ["LATENT"], "ui_extra": []},
     "LoraLoaderModelOnly": {"inputs": [("model", "MODEL"), ("lora_name", "WIDGET"), ("strength_model", "WIDGET")], "outputs": ["MODEL"], "ui_extra": []},
     "CreateVideo": {"inputs": [("images", "IMAGE"), ("fps", "WIDGET"), ("audio", "AUDIO")], "outputs": ["VIDEO"], "ui_extra": []},
     "SaveVideo": {"inputs": [("video", "VIDEO"), ("filename_prefix", "WIDGET"), ("format", "WIDGET"), ("codec", "WIDGET")], "outputs": [], "ui_extra": []},
@@ -63,8 +62,7 @@ RELEASE_FILES = {
 
 
 # the widget of each loader that names a model folder or file
-LOADER_WIDGETS = {"VDITModelLoader": ("model",), "VDITTextEncoderLoader": ("text_encoder",), "VDITVAELoader": ("vae",),
-                  "VDITLoadModel": ("model",), "VDITLoadVAE": ("vae",)}
+LOADER_WIDGETS = {"VDITLoadModel": ("model",), "VDITTextEncoderLoader": ("text_encoder",), "VDITLoadVAE": ("vae",)}
 
 
 def model_entries(folder: str) -> list[dict]:
@@ -257,33 +255,6 @@ def folder_facts(folder: Path) -> dict:
     return families.release_facts(family, config, folder)
 
 
-def loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[dict, dict, dict]:
-    """The three loaders of a model folder (or file): transformer, text encoder, VAE."""
-    m = g.add("VDITModelLoader", model=source, weight_dtype=dtype, attention="auto", compile=False, gpu_blocks=-1)
-    te = g.add("VDITTextEncoderLoader", text_encoder=source, dtype=dtype, max_length=0, family=family)
-    vae = g.add("VDITVAELoader", vae=source, dtype=dtype, variant="auto")
-    return m, te, vae
-
-
-def text_to_video(pack, model: str, note: str, facts: dict, prompt: str, dtype="default", sampler="default", dynamic_cfg=False,
-                  lora: str | None = None, negative="", prefix="vdit/t2v") -> Graph:
-    """A text-to-video graph at the size, steps, cfg and fps of ``facts`` (:func:`release`)."""
-    g = Graph(pack)
-    g.note(note)
-    m, te, vae = loaders(g, model, dtype)
-    if lora:
-        m = g.add("VDITLoraApply", model=(m, 0), lora_name=lora, strength=1.0)
-    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text=prompt)
-    neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text=negative)
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=facts["width"], height=facts["height"], frames=facts["frames"], batch_size=1,
-                resolution="custom", duration="custom")
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=facts["steps"],
-              cfg=float(facts["cfg"]), sampler=sampler, schedule="default", denoise=1.0, dynamic_cfg=dynamic_cfg, step_cache=0.0)
-    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
-    g.add("VDITSaveVideo", images=(d, 0), fps=float(facts["fps"]), filename_prefix=prefix, format="mp4")
-    return g
-
-
 def native_loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[dict, dict, dict]:
     """The three loaders of a model folder (or file) for ComfyUI's own nodes: MODEL, the text
     encoder, VAE."""
@@ -308,15 +279,22 @@ def native(pack, model: str, note: str, facts: dict, prompt: str, dtype="default
     neg = g.add("VDITPromptEncode", negative_title, text_encoder=(te, 0), text=negative)
     size = size or {"width": facts["width"], "height": facts["height"], "frames": facts["frames"], "resolution": "custom", "duration": "custom"}
     lat = g.add("VDITEmptyLatentVideo", model=(m, 0), batch_size=1, **size)
+    sample_and_save(g, m, vae, (pos, 0), (neg, 0), (lat, 0), facts, prefix, steps=steps, image=image)
+    return g
+
+
+def sample_and_save(g: Graph, m: dict, vae: dict, pos: tuple, neg: tuple, latent: tuple, facts: dict, prefix: str, steps: int | None = None,
+                    denoise: float = 1.0, image: bool = False) -> None:
+    """KSampler with the release's sampler, steps and CFG, VAE Decode, then Create Video + Save Video
+    (or Save Image)."""
     s = g.add("KSampler", model=(m, 0), seed=42, steps=steps or facts["steps"], cfg=float(facts["cfg"]), sampler_name=KSAMPLER[facts["sampler"]],
-              scheduler="simple", positive=(pos, 0), negative=(neg, 0), latent_image=(lat, 0), denoise=1.0)
+              scheduler="simple", positive=pos, negative=neg, latent_image=latent, denoise=denoise)
     d = g.add("VAEDecode", samples=(s, 0), vae=(vae, 0))
     if image:
         g.add("SaveImage", images=(d, 0), filename_prefix=prefix)
     else:
         v = g.add("CreateVideo", images=(d, 0), fps=float(facts["fps"]))
         g.add("SaveVideo", video=(v, 0), filename_prefix=prefix, format="mp4", codec="h264")
-    return g
 
 
 FOLDER_NOTE = (
@@ -331,18 +309,15 @@ def image_to_video(pack) -> Graph:
     r = release("cogvideox", "cogvideox-5b-i2v")
     g = Graph(pack)
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b-I2V", name="CogVideoX-5b-I2V/") +
-           f" Load a {r['width']}x{r['height']} image as the first frame (image-to-video needs that exact size).")
-    m, te, vae = loaders(g, "CogVideoX-5b-I2V/", "bf16")
+           f" Load the first frame: VDIT Image To Video resizes it to {r['width']}x{r['height']} (centre crop). KSampler runs DDIM here; "
+           "the release recommends CogVideoX's DPM with dynamic CFG.")
+    m, te, vae = native_loaders(g, "CogVideoX-5b-I2V/", "bf16")
     img = g.add("LoadImage", image="first_frame.png")
-    enc = g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
-    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the scene slowly comes to life, gentle camera motion")
-    neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=r["width"], height=r["height"], frames=r["frames"], batch_size=1, resolution="custom",
-                duration="custom")
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=r["steps"], cfg=float(r["cfg"]),
-              sampler="cogvideox_dpm", schedule="default", denoise=1.0, image_latent=(enc, 0), dynamic_cfg=True, step_cache=0.0)
-    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
-    g.add("VDITSaveVideo", images=(d, 0), fps=float(r["fps"]), filename_prefix="vdit/i2v", format="mp4")
+    pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text="the scene slowly comes to life, gentle camera motion")
+    neg = g.add("VDITPromptEncode", "Negative prompt", text_encoder=(te, 0), text="")
+    i2v = g.add("VDITImageToVideo", model=(m, 0), positive=(pos, 0), negative=(neg, 0), vae=(vae, 0), start_image=(img, 0),
+                width=r["width"], height=r["height"], frames=r["frames"], batch_size=1)
+    sample_and_save(g, m, vae, (i2v, 0), (i2v, 1), (i2v, 2), r, "vdit/i2v")
     return g
 
 
@@ -352,17 +327,14 @@ def video_to_video(pack) -> Graph:
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
            f" Load a video ({r['width']}x{r['height']} works best); its first {r['frames']} frames are re-generated following the prompt; "
            "lower denoise keeps more of the input.")
-    m, te, vae = loaders(g, "CogVideoX-5b/", "bf16")
+    m, te, vae = native_loaders(g, "CogVideoX-5b/", "bf16")
     vid = g.add("LoadVideo", file="input.mp4")
     comp = g.add("GetVideoComponents", video=(vid, 0))
     frames = g.add("ImageFromBatch", f"First {r['frames']} frames", image=(comp, 0), batch_index=0, length=r["frames"])
-    enc = g.add("VDITVAEEncode", vae=(vae, 0), pixels=(frames, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
-    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="the same scene as a watercolour painting")
-    neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="")
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(enc, 0), seed=42, steps=r["steps"], cfg=float(r["cfg"]),
-              sampler="default", schedule="default", denoise=0.7, dynamic_cfg=False, step_cache=0.0)
-    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
-    g.add("VDITSaveVideo", images=(d, 0), fps=float(r["fps"]), filename_prefix="vdit/v2v", format="mp4")
+    enc = g.add("VAEEncode", pixels=(frames, 0), vae=(vae, 0))
+    pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text="the same scene as a watercolour painting")
+    neg = g.add("VDITPromptEncode", "Negative prompt", text_encoder=(te, 0), text="")
+    sample_and_save(g, m, vae, (pos, 0), (neg, 0), (enc, 0), r, "vdit/v2v", denoise=0.7)
     return g
 
 
@@ -393,24 +365,16 @@ def hunyuandit_text_to_image(pack) -> Graph:
                   negative="blurry, low quality, deformed", prefix="vdit/hunyuandit", steps=HUNYUAN_WORKFLOW_STEPS, size=size, image=True)
 
 
-def hunyuandit(pack, image_to_image: bool) -> Graph:
+def hunyuandit_image_to_image(pack) -> Graph:
     r = release("hunyuandit", "hunyuandit-v1.2")
     g = Graph(pack)
-    folder = "HunyuanDiT-v1.2-Diffusers/"
-    g.note(hunyuandit_note(r, " Load the image to vary; lower denoise keeps more of it." if image_to_image else ""))
-    m, te, vae = loaders(g, folder, "default")
-    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text="a cute cat sitting on a windowsill, watercolour")
-    neg = g.add("VDITTextEncode", "Negative prompt", text_encoder=(te, 0), text="blurry, low quality, deformed")
-    if image_to_image:
-        img = g.add("LoadImage", image="input.png")
-        lat = g.add("VDITVAEEncode", "Encode the image", vae=(vae, 0), pixels=(img, 0), chunk_frames=8, tiling="auto", tile_height=0, tile_width=0)
-    else:
-        lat = g.add("VDITEmptyLatent", model=(m, 0), width=r["width"], height=r["height"], frames=r["frames"], batch_size=1,
-                    resolution=f"HunyuanDiT {r['width']}x{r['height']}", duration="custom")
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=HUNYUAN_WORKFLOW_STEPS, cfg=float(r["cfg"]),
-              sampler="default", schedule="default", denoise=0.6 if image_to_image else 1.0, dynamic_cfg=False, step_cache=0.0)
-    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=2, tiling="auto", tile_height=0, tile_width=0)
-    g.add("SaveImage", images=(d, 0), filename_prefix="vdit/hunyuandit_i2i" if image_to_image else "vdit/hunyuandit")
+    g.note(hunyuandit_note(r, " Load the image to vary (VAE Encode centre-crops it to multiples of 16); lower denoise keeps more of it."))
+    m, te, vae = native_loaders(g, "HunyuanDiT-v1.2-Diffusers/", "default")
+    pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text="a cute cat sitting on a windowsill, watercolour")
+    neg = g.add("VDITPromptEncode", "Negative prompt", text_encoder=(te, 0), text="blurry, low quality, deformed")
+    img = g.add("LoadImage", image="input.png")
+    enc = g.add("VAEEncode", "Encode the image", pixels=(img, 0), vae=(vae, 0))
+    sample_and_save(g, m, vae, (pos, 0), (neg, 0), (enc, 0), r, "vdit/hunyuandit_i2i", steps=HUNYUAN_WORKFLOW_STEPS, denoise=0.6, image=True)
     return g
 
 
@@ -448,31 +412,22 @@ def opensora_text_to_video(pack) -> Graph:
                   prefix="vdit/opensora", size=size, family="opensora")
 
 
-def opensora(pack, image_to_video: bool) -> Graph:
+def opensora_image_to_video(pack) -> Graph:
     from vdit_core import families
 
     r = release("opensora", "opensora-v1.2")
     family = families.get("opensora")
     (width, height), frames = family.named_resolutions[OPENSORA_SIZE], family.durations[OPENSORA_DURATION]
     g = Graph(pack)
-    folder = "OpenSora-v1.2/"
-    g.note(opensora_note(r, " Image-to-video: load the first frame (resized to the video's size); an encoded clip "
-                            "in its place continues that clip." if image_to_video else ""))
-    m, te, vae = loaders(g, folder, "bf16", family="opensora")
-    pos = g.add("VDITTextEncode", "Positive prompt", text_encoder=(te, 0), text=OPENSORA_PROMPT)
-    neg = g.add("VDITTextEncode", "Negative prompt (empty: the learned null)", text_encoder=(te, 0), text="")
-    lat = g.add("VDITEmptyLatent", model=(m, 0), width=width, height=height, frames=frames, batch_size=1,
-                resolution=f"{family.label} {OPENSORA_SIZE} {width}x{height}", duration=f"{family.label} {OPENSORA_DURATION} ({frames} frames)")
-    extra = {}
-    if image_to_video:
-        img = g.add("LoadImage", image="first_frame.png")
-        scaled = g.add("ImageScale", "Resize to the video size", image=(img, 0), upscale_method="bilinear", width=width, height=height, crop="center")
-        extra["image_latent"] = (g.add("VDITVAEEncode", "Encode the first frame", vae=(vae, 0), pixels=(scaled, 0), chunk_frames=8,
-                                       tiling="auto", tile_height=0, tile_width=0), 0)
-    s = g.add("VDITSampler", model=(m, 0), positive=(pos, 0), negative=(neg, 0), latent=(lat, 0), seed=42, steps=r["steps"], cfg=float(r["cfg"]),
-              sampler="default", schedule="default", denoise=1.0, dynamic_cfg=False, step_cache=0.0, **extra)
-    d = g.add("VDITVAEDecode", vae=(vae, 0), samples=(s, 0), chunk_frames=5, tiling="auto", tile_height=0, tile_width=0)
-    g.add("VDITSaveVideo", images=(d, 0), fps=float(r["fps"]), filename_prefix="vdit/opensora_i2v" if image_to_video else "vdit/opensora", format="mp4")
+    g.note(opensora_note(r, " Image-to-video: load the first frame; VDIT Image To Video resizes it to the video's size (centre crop) "
+                            "and holds it as the video's first frames."))
+    m, te, vae = native_loaders(g, "OpenSora-v1.2/", "bf16", family="opensora")
+    img = g.add("LoadImage", image="first_frame.png")
+    pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text=OPENSORA_PROMPT)
+    neg = g.add("VDITPromptEncode", "Negative prompt (empty: the learned null)", text_encoder=(te, 0), text="")
+    i2v = g.add("VDITImageToVideo", model=(m, 0), positive=(pos, 0), negative=(neg, 0), vae=(vae, 0), start_image=(img, 0),
+                width=width, height=height, frames=frames, batch_size=1)
+    sample_and_save(g, m, vae, (i2v, 0), (i2v, 1), (i2v, 2), r, "vdit/opensora_i2v")
     return g
 
 
@@ -507,9 +462,9 @@ def all_workflows(pack) -> dict[str, Graph]:
         "CogVideoX 5B - image to video": image_to_video(pack),
         "CogVideoX 5B - video to video": video_to_video(pack),
         "HunyuanDiT 1.2 - text to image": hunyuandit_text_to_image(pack),
-        "HunyuanDiT 1.2 - image to image": hunyuandit(pack, image_to_image=True),
+        "HunyuanDiT 1.2 - image to image": hunyuandit_image_to_image(pack),
         "Open-Sora 1.2 - text to video": opensora_text_to_video(pack),
-        "Open-Sora 1.2 - image to video": opensora(pack, image_to_video=True),
+        "Open-Sora 1.2 - image to video": opensora_image_to_video(pack),
     }
 
 
