@@ -1,6 +1,6 @@
-"""The only module that imports ComfyUI. Everything else in ``nodes/`` asks here for devices,
-model folders, progress, previews and interrupts, and gets plain fallbacks outside ComfyUI (so the
-node classes run in tests and scripts).
+"""ComfyUI's services for the nodes: devices, model folders, progress, previews and interrupts,
+with plain fallbacks outside ComfyUI (so the node classes run in tests and scripts). The other
+module that imports ComfyUI is ``native.py`` (ComfyUI's model objects), used only inside it.
 
 Outside ComfyUI, model folders come from ``VDIT_MODELS_DIR`` (with ``diffusion_models/``,
 ``text_encoders/``, ``vae/``, ``loras/``, ``vdit/`` inside) and outputs go to ``VDIT_OUTPUT_DIR``
@@ -70,7 +70,9 @@ def list_files(kind: str) -> list[str]:
 
 
 def list_model_folders() -> list[str]:
-    """Model folders under ``models/vdit`` whose layout a registered family recognises."""
+    """Model folders under ``models/vdit`` whose layout a registered family recognises, or whose
+    transformer weights it does (an incomplete download: offered, and refused with what it lacks
+    when loaded)."""
     from vdit_core import families
 
     out = []
@@ -82,7 +84,8 @@ def list_model_folders() -> list[str]:
 
 def _recognised(families, folder: Path) -> bool:
     try:
-        return folder.is_dir() and any(f.recognises_folder(folder) for f in families.FAMILIES.values())
+        return folder.is_dir() and (any(f.recognises_folder(folder) for f in families.FAMILIES.values())
+                                    or families.weights_family(folder) is not None)
     except ValueError:  # an unreadable config: not offered (loading it by path says why)
         return False
 

@@ -92,7 +92,7 @@ def load_transformer(choice: str, weight_dtype: str, attention: str, compile: bo
     options = dict(attention=None if attention == "auto" else attention, compile=compile, fp8=weight_dtype == FP8)
     check_transformer_options(device, dtype, gpu_blocks=gpu_blocks, **options)
     path, folder = resolve(choice, VDITLoadModel.KIND)
-    family = families.for_folder(path) if folder else families.for_file(path, "transformer")
+    family = families.for_folder(path, "transformer") if folder else families.for_file(path, "transformer")
     transformer = setup_transformer(family, path / "transformer" if folder else path, "cpu", dtype, **options)
     return transformer, family, path if folder else None, family.model_defaults(path if folder else None, transformer.config)
 
@@ -149,7 +149,7 @@ class VDITTextEncoderLoader:
         dtype_ = _dtype(dtype, "text")
         chosen = families.get(family) if family != "auto" else None
         if folder:
-            found = families.for_folder(path)
+            found = families.for_folder(path, "text_encoder")
             if chosen is not None and chosen is not found:
                 raise ValueError(f"{text_encoder}: this folder's text encoder is {found.label}'s; it cannot encode for {chosen.label} (set family to auto)")
             family = found
@@ -193,7 +193,7 @@ class VDITVAELoader:
 def load_vae(choice: str, dtype: str, variant: str):
     """(the VAE of a loader's choices on the CPU, its family)."""
     path, folder = resolve(choice, VDITLoadVAE.KIND)
-    family = families.for_folder(path) if folder else families.for_file(path, "vae")
+    family = families.for_folder(path, "vae") if folder else families.for_file(path, "vae")
     return family.load_vae(path / "vae" if folder else path, _dtype(dtype, "vae"), "cpu", None if variant == "auto" else variant), family
 
 

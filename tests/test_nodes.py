@@ -293,3 +293,25 @@ def test_previews_use_the_familys_latent_to_rgb_factors(family):
         z[:, ch] = 1.0
         assert node_sampling._preview(z, 1, (factors, bias)).getpixel((0, 0)) == tuple(
             round(min(max((f + b + 1) / 2, 0), 1) * 255) for f, b in zip(factors[ch], bias))
+
+
+def test_a_folder_of_downloaded_weights_alone_is_offered_and_refused_with_what_it_lacks(models_dir):
+    """What a download dialog lists is only the weights: such a folder shows in the loaders'
+    lists, and loading it names the missing configs and tokenizers in one line."""
+    src, dst = models_dir / "vdit" / "tiny-5b", models_dir / "vdit" / "weights-only"
+    for f in src.rglob("*.safetensors"):
+        (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst / f.relative_to(src))
+    try:
+        for node in ("VDITLoadModel", "VDITModelLoader", "VDITVAELoader", "VDITTextEncoderLoader"):
+            spec = NODES[node].INPUT_TYPES()["required"]
+            assert "weights-only/" in next(iter(spec.values()))[0], node
+        with pytest.raises(CheckpointError, match=r"weights-only/: an incomplete CogVideoX model folder: it lacks model_index.json, "
+                                                  r"transformer/config.json; the weights alone do not load"):
+            NODES["VDITModelLoader"]().load("weights-only/", "default", "auto")
+        with pytest.raises(CheckpointError, match=r"it lacks model_index.json, text_encoder/config.json, tokenizer/"):
+            NODES["VDITTextEncoderLoader"]().load("weights-only/", "default", 0)
+        with pytest.raises(CheckpointError, match=r"it lacks model_index.json, vae/config.json"):
+            NODES["VDITVAELoader"]().load("weights-only/", "default", "auto")
+    finally:
+        shutil.rmtree(dst)

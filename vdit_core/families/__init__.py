@@ -23,9 +23,9 @@ from ..text import load_t5_encoder
 from .base import Family, multiple_problem, neighbours
 from .choices import duration_choices, parse_duration, parse_resolution, quote, release_facts, resolution_choices, vae_variants
 from .folder import SCHEDULER_SAMPLERS, folder_defaults
-from .registry import FAMILIES, file_keys, for_file, for_folder, for_transformer, get, register, unregister
+from .registry import FAMILIES, file_keys, for_file, for_folder, for_transformer, get, register, unregister, weights_family
 
 from . import cogvideox, hunyuandit, opensora  # noqa: E402  (each registers itself, in this order)
 
 __all__ = ["folder_defaults", "SCHEDULER_SAMPLERS", "Family", "Signature", "FAMILIES", "register", "unregister", "detect", "describe", "get", "for_folder", "for_file",
-           "for_transformer", "file_keys", "signatures", "vae_variants", "release_facts", "quote", "resolution_choices", "duration_choices", "parse_resolution", "parse_duration", "multiple_problem", "neighbours", "cogvideox", "hunyuandit", "opensora"]
+           "for_transformer", "weights_family", "file_keys", "signatures", "vae_variants", "release_facts", "quote", "resolution_choices", "duration_choices", "parse_resolution", "parse_duration", "multiple_problem", "neighbours", "cogvideox", "hunyuandit", "opensora"]

@@ -73,6 +73,17 @@ class Family:
         return 0
 
     # -- detection -------------------------------------------------------------------------------
+    # what each part of a complete model folder holds besides its weights (a trailing "/": a folder
+    # that must not be empty); the weights alone (what a download dialog lists) do not load
+    folder_parts: dict[str, tuple[str, ...]] = {}
+
+    def folder_missing(self, folder: Path, part: str | None = None) -> list[str]:
+        """What a model folder lacks of :attr:`folder_parts` (``part``: "transformer", "vae",
+        "text_encoder"; None: all of them); empty when complete."""
+        needed = [p for k, ps in self.folder_parts.items() if part is None or k == part for p in ps]
+        return [p for p in dict.fromkeys(needed)
+                if not ((folder / p).is_dir() and any((folder / p).iterdir()) if p.endswith("/") else (folder / p).is_file())]
+
     def recognises_folder(self, folder: Path) -> bool:
         """Whether ``folder`` is a model folder of this family."""
         index = folder / "model_index.json"

@@ -62,6 +62,8 @@ class CogVideoX(Family):
     text_length = TEXT_LENGTH
     resolutions = ((720, 480), (480, 720), (1360, 768), (768, 1360))  # 1.0 (and the demo's 64x64 is its own); 1.5
     text_state = "context"
+    folder_parts = {"transformer": ("model_index.json", "transformer/config.json"), "vae": ("model_index.json", "vae/config.json"),
+                    "text_encoder": ("model_index.json", "text_encoder/config.json", "tokenizer/")}
     noise_permute = (1, 0, 2, 3)  # the reference draws latents as [T, C, H, W] per sample
     # latent -> RGB preview factors for the 16-channel VAE (shared by 1.0 and 1.5), as published with
     # kijai's ComfyUI-CogVideoXWrapper (latent_preview.py), rounded; fitted there on scaled latents

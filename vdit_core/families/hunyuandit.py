@@ -59,8 +59,10 @@ class HunyuanDiT(Family):
     prompt_note = "reads Chinese as well as English"
     presets = model.PRESETS
     resolutions = RESOLUTIONS
-    caption_groups = (("context", "context_mask"), ("context_t5", "context_t5_mask"))
-    text_state = "context"  # each encoder dropped on its own
+    caption_groups = (("context", "context_mask"), ("context_t5", "context_t5_mask"))  # each encoder dropped on its own
+    text_state = "context"
+    folder_parts = {"transformer": ("model_index.json", "transformer/config.json"), "vae": ("model_index.json", "vae/config.json"),
+                    "text_encoder": ("model_index.json", "text_encoder/config.json", "tokenizer/", "text_encoder_2/config.json", "tokenizer_2/")}
     # the SDXL VAE's published latent -> RGB factors (ComfyUI's latent_formats.SDXL)
     latent_rgb = (((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
                   (0.1084, -0.0175, -0.0011))

@@ -103,6 +103,8 @@ class OpenSora(Family):
     durations = DURATIONS
     text_state = "y"
     held_frames_input = "x_mask"
+    folder_parts = {"transformer": ("transformer/config.json",), "vae": ("vae/config.json",),
+                    "text_encoder": ("text_encoder/config.json", "tokenizer/")}
     caption_groups = (("drop_text",),)  # caption dropout: the learned null caption, the caption's mask kept (as the release)
     prompt_options = ("aesthetic_score", "motion_score")
     prompt_defaults = {"aesthetic_score": AESTHETIC_SCORE, "motion_score": None}

@@ -35,18 +35,36 @@ def get(name: str) -> Family:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
-def for_folder(folder: str | Path) -> Family:
-    """The family of a model folder; a one-line error when no family recognises it."""
+def for_folder(folder: str | Path, part: str | None = None) -> Family:
+    """The family of a model folder; a one-line error when no family recognises it, or when the
+    folder lacks what its ``part`` ("transformer", "vae", "text_encoder"; None: every part) needs
+    besides the weights (naming the missing files)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: expected a model folder (model_index.json, transformer/, vae/, ...)")
-    for family in FAMILIES.values():
-        if family.recognises_folder(folder):
-            return family
+    family = next((f for f in FAMILIES.values() if f.recognises_folder(folder)), None) or weights_family(folder)
+    if family is not None:
+        missing = family.folder_missing(folder, part)
+        if missing:
+            raise CheckpointError(f"{folder.name}/: an incomplete {family.label} model folder: it lacks {', '.join(missing)}; the weights "
+                                  f"alone do not load: download the model's whole folder (configs and tokenizers too)")
+        return family
     index = folder / "model_index.json"
     what = f"a {read_json(index).get('_class_name') or 'unknown'} pipeline" if index.is_file() else "no model_index.json"
     known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
     raise CheckpointError(f"{folder}: not a model folder of any supported family ({what}); expected one of {known}")
+
+
+def weights_family(folder: Path) -> Family | None:
+    """The family whose transformer weights a folder holds in ``transformer/`` (a folder whose
+    configs are missing), or None."""
+    weights = sorted(p for p in (folder / "transformer").glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if not weights:
+        return None
+    try:
+        return for_file(weights[0], "transformer")
+    except (CheckpointError, OSError, ValueError):
+        return None
 
 
 def file_keys(path: str | Path) -> set[str]:
