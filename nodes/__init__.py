@@ -3,6 +3,7 @@
 from . import comfy
 from .loaders import VDITLoadModel, VDITLoadVAE, VDITModelLoader, VDITTextEncoderLoader, VDITVAELoader
 from .lora import VDITLoraApply
+from .native_sampling import VDITDynamicCFGGuider, VDITSamplerSelect, VDITStepCache
 from .sampling import VDITEmptyLatent, VDITEmptyLatentVideo, VDITImageToVideo, VDITSampler
 from .text import VDITPromptEncode, VDITTextEncode
 from .vae import VDITVAEDecode, VDITVAEEncode
@@ -17,6 +18,9 @@ NODE_CLASS_MAPPINGS = {
     "VDITPromptEncode": VDITPromptEncode,
     "VDITEmptyLatentVideo": VDITEmptyLatentVideo,
     "VDITImageToVideo": VDITImageToVideo,
+    "VDITSamplerSelect": VDITSamplerSelect,
+    "VDITDynamicCFGGuider": VDITDynamicCFGGuider,
+    "VDITStepCache": VDITStepCache,
     # vdit's own types (VDIT_MODEL, VDIT_VAE, VDIT_CONDITIONING), kept for saved workflows
     "VDITModelLoader": VDITModelLoader,
     "VDITTextEncoderLoader": VDITTextEncoderLoader,
@@ -36,6 +40,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VDITPromptEncode": "VDIT Prompt Encode (conditioning)",
     "VDITEmptyLatentVideo": "VDIT Empty Latent Video",
     "VDITImageToVideo": "VDIT Image To Video (first frame)",
+    "VDITSamplerSelect": "VDIT Sampler Select",
+    "VDITDynamicCFGGuider": "VDIT Dynamic CFG Guider",
+    "VDITStepCache": "VDIT Step Cache",
     "VDITModelLoader": "VDIT Model Loader (CogVideoX, Open-Sora, HunyuanDiT)",
     "VDITTextEncoderLoader": "VDIT Text Encoder Loader (T5, HunyuanDiT)",
     "VDITVAELoader": "VDIT VAE Loader",

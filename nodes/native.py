@@ -37,12 +37,16 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling as ms
 import comfy.patcher_extension as pe
+import comfy.samplers
 import comfy.sd
 import comfy.supported_models_base
 import comfy.utils
 from vdit_core.fp8 import compute_dtype, is_fp8
 from vdit_core.lora import LoRANames, lora_modules_of
+from vdit_core.pipeline import check_request
+from vdit_core.sampling import FLOW, SAMPLERS, STOCHASTIC_SAMPLERS, VE, SeededNoise
 from vdit_core.schedules import TERMINAL_ALPHA_BAR, DiscreteSchedule, FlowSchedule, time_shift
+from vdit_core.step_cache import StepCache
 
 PREFIX = "vdit_"  # the conditioning dict's keys of a family's inputs besides its main text states
 FAMILY_KEY = "vdit_family"  # the conditioning dict's record of the family a prompt was encoded for
@@ -291,6 +295,144 @@ def vdit_model(model, what: str = "model"):
     if not isinstance(inner, VDITModel):
         raise ValueError(f"{what}: {type(inner).__name__} is not a vdit model; connect VDIT Load Model (a CogVideoX, HunyuanDiT or Open-Sora transformer)")
     return inner
+
+
+# ----------------------------------------------------------------------------------------------
+# vdit_core's samplers, dynamic CFG and step cache in ComfyUI's custom sampling
+
+
+def sampler_noise(seed: int, x: torch.Tensor, family=None) -> SeededNoise:
+    """A stochastic sampler's fresh noise for ComfyUI's seed: vdit_core's seeded stream (CPU
+    generators, sample ``b`` seeded ``seed + b``; a vdit family's reference layout) after its first
+    draw, which the pipeline takes as the initial noise. So it does not repeat ComfyUI's initial
+    noise of the same seed (on the CPU ComfyUI's own samplers do), and a run started from the
+    pipeline's initial noise of that seed draws what the pipeline's run draws."""
+    source = SeededNoise(seed, x.shape, device=x.device, dtype=x.dtype, permute=getattr(family, "noise_permute", None))
+    source()
+    return source
+
+
+class SamplerDenoiser:
+    """ComfyUI's denoiser (what KSAMPLER hands its sampler function) with what vdit_core's
+    samplers read: the noise form of the model's sampling (rectified flow for ComfyUI's CONST,
+    else variance exploding, as ComfyUI's own samplers assume), and sigmas passed in ComfyUI's
+    dtype (vdit_core's samplers pass float64)."""
+
+    def __init__(self, model, noise_form, dtype: torch.dtype):
+        self.model, self.noise_form, self.dtype = model, noise_form, dtype
+
+    def __call__(self, x, sigma, **kwargs):
+        return self.model(x, sigma.to(self.dtype), **kwargs)
+
+
+def inner_model(denoiser):
+    """The BaseModel behind the denoiser ComfyUI's KSAMPLER passes (KSamplerX0Inpaint -> guider ->
+    model), or None (ComfyUI's own samplers reach it the same way)."""
+    return getattr(getattr(denoiser, "inner_model", None), "inner_model", None)
+
+
+class VDITSamplerFunction:
+    """A vdit_core sampler as the function ComfyUI's ``KSAMPLER`` calls,
+    ``f(model, x, sigmas, extra_args=..., callback=..., disable=..., **options)``. A stochastic
+    sampler without a ``noise_sampler`` option draws from :func:`sampler_noise` of the run's seed
+    (``extra_args["seed"]``: SamplerCustomAdvanced's noise seed, KSampler's seed)."""
+
+    def __init__(self, name: str):
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown vdit sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+        self.name = name
+        self.__name__ = f"sample_vdit_{name}"  # (newer ComfyUI logs the sampler function's name)
+
+    def __call__(self, model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        extra_args = {} if extra_args is None else extra_args
+        base = inner_model(model)
+        form = FLOW if isinstance(getattr(base, "model_sampling", None), ms.CONST) else VE
+        seed = extra_args.get("seed")
+        if self.name in STOCHASTIC_SAMPLERS and options.get("noise_sampler") is None and seed is not None:
+            options["noise_sampler"] = sampler_noise(seed, x, getattr(base, "vdit_family", None))
+        return SAMPLERS[self.name](SamplerDenoiser(model, form, sigmas.dtype), x, sigmas, extra_args=extra_args, callback=callback,
+                                   disable=disable, **options)
+
+
+def vdit_sampler(name: str):
+    """ComfyUI's SAMPLER for a vdit_core sampler (SamplerCustom, SamplerCustomAdvanced)."""
+    return comfy.samplers.KSAMPLER(VDITSamplerFunction(name))
+
+
+class DynamicCFGGuider(comfy.samplers.CFGGuider):
+    """ComfyUI's CFG guider whose scale follows the family's dynamic guidance (CogVideoX's): a
+    function of sigma (ComfyUI's sigma: the family's for the native model) for the number of steps
+    in the run's sigmas, made when a run starts (:meth:`Family.guidance_scale` with dynamic)."""
+
+    def __init__(self, model_patcher):
+        inner = vdit_model(model_patcher)
+        family, schedule = inner.vdit_family, inner.vdit_defaults["schedule"]
+        try:
+            family.guidance_scale(6.0, 50, schedule, True)
+        except ValueError:
+            raise ValueError(f"{inner.vdit_name}: {family.label} has no dynamic guidance (CogVideoX has); use CFGGuider") from None
+        super().__init__(model_patcher)
+        self.vdit_schedule = None  # the scale as a function of sigma, for the run under way
+
+    def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        inner = vdit_model(self.model_patcher)
+        steps = max(1, sigmas.shape[-1] - 1)
+        if self.cfg > 1.0:  # (as vdit_core's pipeline: cfg 1 or less is no guidance, dynamic or not)
+            self.vdit_schedule = inner.vdit_family.guidance_scale(self.cfg, steps, inner.vdit_defaults["schedule"], True)
+        try:
+            return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            self.vdit_schedule = None
+
+    def guidance(self, sigma: torch.Tensor) -> float:
+        """The scale at a sigma [B] of the run under way (the constant cfg outside a run)."""
+        return self.cfg if self.vdit_schedule is None else float(self.vdit_schedule(sigma))
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative", None), self.conds.get("positive", None),
+                                                self.guidance(timestep), model_options=model_options, seed=seed)
+
+
+class StepCacheRun:
+    """OUTER_SAMPLE wrapper: each sampling run gets its own :class:`StepCache` on the transformer
+    (``transformer.step_cache``, as :meth:`Pipeline.run` sets it), cleared when the run ends; the
+    counts go to the log and stay readable (``last``)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.last: StepCache | None = None  # the last run's cache (computed / skipped transformer calls)
+
+    def __call__(self, executor, *args, **kwargs):
+        transformer = vdit_model(executor.class_obj.model_patcher).diffusion_model.transformer
+        cache = transformer.step_cache = StepCache(self.threshold)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            transformer.step_cache = None
+            self.last = cache
+            total = cache.computed + cache.skipped
+            logging.info("vdit step cache %g: %d of %d transformer calls skipped", self.threshold, cache.skipped, total)
+
+
+STEP_CACHE_KEY = "vdit_step_cache"
+
+
+def with_step_cache(model, threshold: float):
+    """A clone of the MODEL whose runs use the step cache at ``threshold`` (0: without; a step
+    cache it had is replaced)."""
+    vdit_model(model)
+    check_request(step_cache=threshold)
+    out = model.clone()
+    out.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, STEP_CACHE_KEY)
+    if threshold > 0:
+        out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, STEP_CACHE_KEY, StepCacheRun(threshold))
+    return out
+
+
+def step_cache_run(model) -> StepCacheRun | None:
+    """The step cache wrapper of a MODEL from :func:`with_step_cache` (None: it has none)."""
+    runs = model.wrappers.get(pe.WrappersMP.OUTER_SAMPLE, {}).get(STEP_CACHE_KEY, [])
+    return runs[-1] if runs else None
 
 
 # ----------------------------------------------------------------------------------------------
