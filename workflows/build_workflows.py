@@ -30,14 +30,19 @@ CORE = {
                             ("latent_image", "LATENT"), ("denoise", "WIDGET")], "outputs": ["LATENT"], "ui_extra": []},
     "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "outputs": ["IMAGE"], "ui_extra": []},
     "VAEEncode": {"inputs": [("pixels", "IMAGE"), ("vae", "VAE")], "outputs": ["LATENT"], "ui_extra": []},
+    "RandomNoise": {"inputs": [("noise_seed", "WIDGET", {"control_after_generate": True})], "outputs": ["NOISE"], "ui_extra": []},
+    "BasicScheduler": {"inputs": [("model", "MODEL"), ("scheduler", "WIDGET"), ("steps", "WIDGET"), ("denoise", "WIDGET")], "outputs": ["SIGMAS"],
+                       "ui_extra": []},
+    "SamplerCustomAdvanced": {"inputs": [("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                                         ("latent_image", "LATENT")], "outputs": ["LATENT", "LATENT"], "ui_extra": []},
     "LoraLoaderModelOnly": {"inputs": [("model", "MODEL"), ("lora_name", "WIDGET"), ("strength_model", "WIDGET")], "outputs": ["MODEL"], "ui_extra": []},
     "CreateVideo": {"inputs": [("images", "IMAGE"), ("fps", "WIDGET"), ("audio", "AUDIO")], "outputs": ["VIDEO"], "ui_extra": []},
     "SaveVideo": {"inputs": [("video", "VIDEO"), ("filename_prefix", "WIDGET"), ("format", "WIDGET"), ("codec", "WIDGET")], "outputs": [], "ui_extra": []},
 }
 # vdit's samplers as KSampler's: DDIM (eta 0) is Euler on these sigmas, and KSampler's "simple"
-# scheduler gives the releases' trailing timesteps. CogVideoX's DPM and dynamic CFG are only in the
-# VDIT Sampler for now: the 5B workflows run DDIM.
-KSAMPLER = {"ddim": "ddim", "euler": "euler", "ddpm": "ddpm", "cogvideox_dpm": "ddim"}
+# scheduler gives the releases' trailing timesteps. CogVideoX's DPM with dynamic CFG (the 5B
+# releases') runs in SamplerCustomAdvanced with VDIT Sampler Select and VDIT Dynamic CFG Guider.
+KSAMPLER = {"ddim": "ddim", "euler": "euler", "ddpm": "ddpm"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 # The weight files of each model folder the workflows name, as the releases publish them: the
@@ -265,7 +270,7 @@ def native_loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> t
 
 
 def native(pack, model: str, note: str, facts: dict, prompt: str, dtype="default", negative="", prefix="vdit/t2v", steps: int | None = None,
-           size: dict | None = None, family: str = "auto", image: bool = False, lora: str | None = None) -> Graph:
+           size: dict | None = None, family: str = "auto", image: bool = False, lora: str | None = None, sampler: str | None = None) -> Graph:
     """A text-to-video (``image``: text-to-image) graph on ComfyUI's own sampling and saving nodes:
     KSampler with the release's sampler, steps and CFG, VAE Decode, then Create Video + Save Video
     (or Save Image)."""
@@ -279,16 +284,24 @@ def native(pack, model: str, note: str, facts: dict, prompt: str, dtype="default
     neg = g.add("VDITPromptEncode", negative_title, text_encoder=(te, 0), text=negative)
     size = size or {"width": facts["width"], "height": facts["height"], "frames": facts["frames"], "resolution": "custom", "duration": "custom"}
     lat = g.add("VDITEmptyLatentVideo", model=(m, 0), batch_size=1, **size)
-    sample_and_save(g, m, vae, (pos, 0), (neg, 0), (lat, 0), facts, prefix, steps=steps, image=image)
+    sample_and_save(g, m, vae, (pos, 0), (neg, 0), (lat, 0), facts, prefix, steps=steps, image=image, sampler=sampler)
     return g
 
 
 def sample_and_save(g: Graph, m: dict, vae: dict, pos: tuple, neg: tuple, latent: tuple, facts: dict, prefix: str, steps: int | None = None,
-                    denoise: float = 1.0, image: bool = False) -> None:
-    """KSampler with the release's sampler, steps and CFG, VAE Decode, then Create Video + Save Video
-    (or Save Image)."""
-    s = g.add("KSampler", model=(m, 0), seed=42, steps=steps or facts["steps"], cfg=float(facts["cfg"]), sampler_name=KSAMPLER[facts["sampler"]],
-              scheduler="simple", positive=pos, negative=neg, latent_image=latent, denoise=denoise)
+                    denoise: float = 1.0, image: bool = False, sampler: str | None = None) -> None:
+    """The release's sampler, steps and CFG (KSampler, or for CogVideoX's DPM with dynamic CFG,
+    SamplerCustomAdvanced), VAE Decode, then Create Video + Save Video (or Save Image)."""
+    steps, sampler = steps or facts["steps"], sampler or facts["sampler"]
+    if sampler == "cogvideox_dpm":
+        noise = g.add("RandomNoise", noise_seed=42)
+        guider = g.add("VDITDynamicCFGGuider", model=(m, 0), positive=pos, negative=neg, cfg=float(facts["cfg"]))
+        sampler = g.add("VDITSamplerSelect", sampler_name="cogvideox_dpm")
+        sigmas = g.add("BasicScheduler", model=(m, 0), scheduler="simple", steps=steps, denoise=denoise)
+        s = g.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0), sigmas=(sigmas, 0), latent_image=latent)
+    else:
+        s = g.add("KSampler", model=(m, 0), seed=42, steps=steps, cfg=float(facts["cfg"]), sampler_name=KSAMPLER[sampler],
+                  scheduler="simple", positive=pos, negative=neg, latent_image=latent, denoise=denoise)
     d = g.add("VAEDecode", samples=(s, 0), vae=(vae, 0))
     if image:
         g.add("SaveImage", images=(d, 0), filename_prefix=prefix)
@@ -309,15 +322,15 @@ def image_to_video(pack) -> Graph:
     r = release("cogvideox", "cogvideox-5b-i2v")
     g = Graph(pack)
     g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b-I2V", name="CogVideoX-5b-I2V/") +
-           f" Load the first frame: VDIT Image To Video resizes it to {r['width']}x{r['height']} (centre crop). KSampler runs DDIM here; "
-           "the release recommends CogVideoX's DPM with dynamic CFG.")
+           f" Load the first frame: VDIT Image To Video resizes it to {r['width']}x{r['height']} (centre crop). The release's sampler: "
+           "CogVideoX's DPM with dynamic CFG (SamplerCustomAdvanced).")
     m, te, vae = native_loaders(g, "CogVideoX-5b-I2V/", "bf16")
     img = g.add("LoadImage", image="first_frame.png")
     pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text="the scene slowly comes to life, gentle camera motion")
     neg = g.add("VDITPromptEncode", "Negative prompt", text_encoder=(te, 0), text="")
     i2v = g.add("VDITImageToVideo", model=(m, 0), positive=(pos, 0), negative=(neg, 0), vae=(vae, 0), start_image=(img, 0),
                 width=r["width"], height=r["height"], frames=r["frames"], batch_size=1)
-    sample_and_save(g, m, vae, (i2v, 0), (i2v, 1), (i2v, 2), r, "vdit/i2v")
+    sample_and_save(g, m, vae, (i2v, 0), (i2v, 1), (i2v, 2), r, "vdit/i2v", sampler="cogvideox_dpm")
     return g
 
 
@@ -449,15 +462,15 @@ def all_workflows(pack) -> dict[str, Graph]:
             b2, "a panda playing a guitar in a bamboo forest, soft morning light", dtype="fp16"),
         "CogVideoX 5B - text to video": native(
             pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
-            f" The 5B model runs in bf16, here with KSampler's DDIM, {b5['steps']} steps, CFG {b5['cfg']:g}. Its release recommends "
-            "CogVideoX's DPM sampler with dynamic CFG: VDIT Sampler has both (its workflows: image to video, with a LoRA).",
-            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16"),
+            f" The 5B model runs in bf16 with its release's sampler: CogVideoX's DPM with dynamic CFG, {b5['steps']} steps, CFG {b5['cfg']:g} "
+            "(SamplerCustomAdvanced with VDIT Sampler Select and VDIT Dynamic CFG Guider).",
+            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", sampler="cogvideox_dpm"),
         "CogVideoX 5B - text to video with a LoRA": native(
             pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
             " The LoRA is your own: train one with python -m vdit_core.train --model models/vdit/CogVideoX-5b --data <clips> "
             "--output my_lora --lora-rank 64 (or use a diffusers/PEFT or kohya file), put its lora.safetensors into models/loras and pick it in Load LoRA; chain "
             "several to stack LoRAs.",
-            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", lora="my_cogvideox_lora.safetensors",
+            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", lora="my_cogvideox_lora.safetensors", sampler="cogvideox_dpm",
             prefix="vdit/lora"),
         "CogVideoX 5B - image to video": image_to_video(pack),
         "CogVideoX 5B - video to video": video_to_video(pack),
