@@ -248,3 +248,30 @@ def test_lora_loader_applies_a_demo_lora_trained_by_the_trainer(tmp_path):
     assert torch.equal(off, plain)
     assert (on - plain).abs().max() > 1e-3
     assert torch.equal(sample(model), plain)  # the loaded model is as it was
+
+
+def test_a_cancel_during_native_decode_stops_after_the_chunk_in_hand(monkeypatch):
+    """ComfyUI's VAE Decode on a vdit VAE checks for a cancel after each decoded chunk (and moves
+    ComfyUI's progress bar): a cancel during a long decode stops it there."""
+    import nodes as comfy_nodes
+
+    from vdit_core.demo import demo_model_path
+    from vdit_core.vae.cogvideox_vae import load_vae
+
+    vae = native.native_vae(load_vae(demo_model_path() / "vae", dtype=torch.float32))
+    latent = {"samples": torch.randn(1, 2, 9, 8, 8, generator=torch.Generator().manual_seed(0))}  # 33 frames, several chunks
+    chunks, progress = [], []
+
+    class Cancelled(Exception):
+        pass
+
+    def interrupted():
+        chunks.append(1)
+        if len(chunks) == 2:
+            raise Cancelled
+
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupted)
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", lambda self, value, total=None, preview=None: progress.append(value))
+    with pytest.raises(Cancelled):
+        comfy_nodes.VAEDecode().decode(vae, latent)
+    assert len(chunks) == 2 and progress and progress[-1] < 100  # stopped after the second chunk, before the end
