@@ -234,6 +234,14 @@ class VDITModel(comfy.model_base.BaseModel):
         denoised = super()._apply_model(held, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         return torch.where(keep, clean, denoised)
 
+    def memory_required(self, input_shape, cond_shapes=None, **kwargs):
+        """Bytes ComfyUI keeps free for a pass over latents ``input_shape`` (its batch counts the
+        CFG branches it batches): the family's estimate of the transformer's activations, which
+        also decides whether ComfyUI batches the CFG branches together."""
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        need = self.vdit_family.activation_bytes(self.vdit_config, tuple(input_shape), dtype)
+        return super().memory_required(input_shape, cond_shapes or {}) if need is None else need
+
     def extra_conds(self, **kwargs):
         encoded_for = kwargs.get(FAMILY_KEY, self.vdit_family.name)
         if encoded_for != self.vdit_family.name:

@@ -132,6 +132,28 @@ def test_open_sora_gets_its_resolution_and_length_shift():
     assert torch.allclose(seen[-1].cpu(), expected)
 
 
+def test_memory_required_is_the_familys_activation_estimate():
+    """ComfyUI frees memory (and decides whether to batch the CFG branches) by memory_required:
+    for a vdit model it is the family's estimate of the transformer's activations, the same as
+    the pipeline's for that request, and it grows with the batch and the video's length."""
+    import comfy.sampler_helpers
+
+    case = native_cases.case("cogvideox-5b")
+    patcher = native.native_model(case.transformer, case.family, None, "x", case.defaults)
+    shape = tuple(case.noise.shape)
+    conds = {"positive": comfy.sampler_helpers.convert_cond(native.conditioning(case.family, case.cond))}
+    both, one = comfy.sampler_helpers.estimate_memory(patcher, shape, conds)
+    expected = case.family.activation_bytes(case.transformer.config, (2, *shape[1:]), torch.float32)
+    assert both == expected and one * 2 == both
+    defaults = {k: v for k, v in case.defaults.items() if k != "latent_rgb"}
+    pipe = Pipeline(transformer=case.transformer, vae=None, text_encoder=None, family=case.family, **defaults)
+    frames = (shape[2] - 1) * 4 + 1  # CogVideoX: 4 frames per latent frame after the first
+    assert pipe.latent_shape(frames, shape[3] * 8, shape[4] * 8) == shape
+    assert pipe.memory_estimate(frames, shape[3] * 8, shape[4] * 8)["transformer"] == both
+    longer = (1, shape[1], shape[2] * 2, *shape[3:])
+    assert patcher.model.memory_required(longer) > one
+
+
 def test_latent_format_round_trips_and_previews():
     case = native_cases.case("opensora")
     fmt = native.native_model(case.transformer, case.family, None, "x", case.defaults).model.latent_format

@@ -201,11 +201,10 @@ class Pipeline:
         state, the transformer's activations (the CFG pair in one batch), the VAE decode."""
         shape = self.latent_shape(num_frames, height, width, batch)
         out = {"latents": 8 * math.prod(shape) * 4}
-        seq = self.family.tokens(self.config, shape)
-        if seq is not None:
-            n, d = seq
-            item = torch.finfo(compute_dtype(self.transformer)).bits // 8  # activations' dtype
-            out["transformer"] = (2 if guidance else 1) * batch * n * d * item * 12  # q, k, v, attention out, 4x MLP, residuals
+        passes = ((2 if guidance else 1) * shape[0], *shape[1:])  # the CFG pair in one batch
+        activations = self.family.activation_bytes(self.config, passes, compute_dtype(self.transformer))
+        if activations is not None:
+            out["transformer"] = activations
         if self.vae is not None:
             # decoding tiles itself to the free memory (tiling_for_memory): count its smallest tiles and the frames
             small = self.vae.tiling_for_memory(num_frames, height, width, 0)  # free 0: the smallest tiles

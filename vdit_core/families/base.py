@@ -217,6 +217,16 @@ class Family:
         (for memory estimates; None: unknown)."""
         return None
 
+    def activation_bytes(self, config, latent_shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
+        """Rough bytes of the activations of one transformer pass over latents [B, C, T, h, w]
+        (B counts every batched pass, CFG branches included): q, k, v, the attention output, the
+        4x MLP and the residuals, with memory-efficient attention (None: unknown)."""
+        seq = self.tokens(config, tuple(latent_shape))
+        if seq is None:
+            return None
+        n, d = seq
+        return latent_shape[0] * n * d * (torch.finfo(dtype).bits // 8) * 12
+
     def latent_problem(self, config, latents: torch.Tensor) -> str | None:
         """Why latents [B, C, T, h, w] cannot be sampled by this model, or None."""
         c = self.latent_channels(config)
