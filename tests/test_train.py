@@ -277,6 +277,25 @@ def test_config_file_flags_and_cache_reuse(model_dir, tmp_path, monkeypatch):
     assert main(["--config", str(toml)]) == 2  # no --output anywhere
 
 
+def test_a_clip_listed_under_two_captions_is_cached_once_and_trained_with_both(tmp_path):
+    """metadata.jsonl may list one clip with several captions (the demo's partial captions): its
+    latents are encoded once, and training sees every caption."""
+    import json
+
+    from vdit_core.train.cache import CacheSpec, LatentCache
+    from vdit_core.train.data import Report, scan
+
+    data = make_data(tmp_path / "data", 1)
+    rows = [{"path": "clip0.mp4", "caption": "a red square moving right"}, {"path": "clip0.mp4", "caption": "a red square"}]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = scan(data, Report())
+    assert [s.caption for s in samples] == ["a red square moving right", "a red square"]
+    spec = CacheSpec(data / "clip0.mp4", data / "clip0.txt", {}, [(32, 48)], [9], 1, 8.0, torch.float32, False, False)
+    cache = LatentCache(tmp_path / "cache", spec)
+    todo, texts = cache.missing(samples, [s.caption for s in samples])
+    assert len(todo) == 1 and texts == ["a red square moving right", "a red square"]
+
+
 def test_trained_lora_changes_output_and_strength_zero_is_base(model_dir, tmp_path):
     data = make_data(tmp_path / "data", 2)
     out = tmp_path / "out"

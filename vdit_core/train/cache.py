@@ -94,7 +94,7 @@ class LatentCache:
     # -- building (rank 0, before training) ----------------------------------------------------
     def missing(self, samples: list[Sample], prompts: list[str]) -> tuple[list[Sample], list[str]]:
         todo = []
-        for s in samples:
+        for s in {str(s.path): s for s in samples}.values():  # a clip listed under several captions is encoded once
             st = s.path.stat()
             item = self.index["items"].get(str(s.path))
             if item is None or item["size"] != st.st_size or item["mtime"] != int(st.st_mtime) or not (self.dir / item["latent"]).exists():
