@@ -11,7 +11,7 @@ import torch
 from report import REPORT
 from vdit_core.demo import MODEL_DIR
 from vdit_core.demo.evaluate import Scores, analyse
-from vdit_core.demo.shapes import ALL_COMBOS, COLOURS, MOTIONS, SHAPES, held_out_combos, render, train_combos, write_dataset
+from vdit_core.demo.shapes import ALL_COMBOS, COLOURS, MOTIONS, SHAPES, Combo, held_out_combos, render, train_combos, write_dataset
 from vdit_core.video_io import read_video, write_video
 
 
@@ -63,6 +63,54 @@ def test_dataset_writer(tmp_path):
     assert frames.shape == (17, 64, 64, 3) and fps == 8
     assert paths[0].with_suffix(".txt").read_text() == ALL_COMBOS[0].caption
     assert len(SHAPES) == 3 and len(COLOURS) == 6 and len(MOTIONS) == 4
+
+
+def test_partial_captions_list_each_clip_with_its_caption_and_one_without_an_attribute(tmp_path):
+    from vdit_core.demo.shapes import write_partial_captions
+    from vdit_core.train.data import Report, scan
+
+    paths = write_dataset(tmp_path / "data", seed=0, clips_per_combo=2, combos=ALL_COMBOS[:3])
+    meta = write_partial_captions(tmp_path / "data", tmp_path / "parts", seed=0)
+    samples = scan(meta.parent, Report())  # as the trainer reads it
+    assert len(samples) == 2 * len(paths)
+    for clip, (whole, part) in zip(paths, zip(samples[::2], samples[1::2])):
+        combo = next(c for c in ALL_COMBOS if c.caption == clip.with_suffix(".txt").read_text())
+        assert whole.path.resolve() == part.path.resolve() == clip.resolve()
+        assert whole.caption == combo.caption and part.caption in combo.partial_captions
+    assert Combo("square", "green", "down").partial_captions == ("a square moving down", "a green square")
+
+
+def test_shape_weights_mark_the_corners_of_squares_and_triangles_not_circles():
+    from vdit_core.demo.vae_train import shape_weights
+
+    rng = random.Random(3)
+    corners = {}
+    for shape in SHAPES:
+        video = render(Combo(shape, "green", "down"), rng).permute(3, 0, 1, 2)[None] * 2 - 1
+        mask, outline, corner = shape_weights(video)
+        assert mask.shape == outline.shape == corner.shape == (1, 1, 17, 64, 64)
+        assert 250 < mask.sum() / 17 < 450 or shape == "triangle"
+        near = torch.nn.functional.max_pool3d(outline, (1, 5, 5), 1, (0, 2, 2))
+        assert float((corner * (1 - near)).sum()) == 0  # corners lie within 2 px of the outline band
+        corners[shape] = float(corner.sum() / 17)  # per frame
+    assert corners["circle"] < 2 and corners["square"] > 60 and corners["triangle"] > 60, corners
+
+
+def test_decoder_finetune_keeps_the_encoder_and_moves_the_decoder():
+    from vdit_core.demo.vae_train import DEMO_VAE, finetune_decoder
+    from vdit_core.vae.cogvideox_vae import CogVideoXVAE
+
+    torch.manual_seed(0)
+    vae = CogVideoXVAE(DEMO_VAE).eval()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    rng = random.Random(5)
+    clips = torch.stack([(render(c, rng) * 255).round().to(torch.uint8) for c in ALL_COMBOS[:3]])
+    tuned = finetune_decoder(vae, clips, steps=2, batch=2, log=lambda *_: None)
+    after = tuned.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("encoder."))
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("decoder."))
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not any(p.requires_grad for p in tuned.parameters())
 
 
 shipped = pytest.mark.skipif(not (MODEL_DIR / "model_index.json").exists(), reason="demo model not built")
@@ -128,7 +176,10 @@ def test_shipped_weights_meet_the_colour_and_motion_goal(held_out_scores):
 
 @shipped
 def test_shipped_weights_meet_the_shape_goal(held_out_scores):
-    assert held_out_scores.accuracy()["shape"] >= 0.9, held_out_scores.failures
+    """Every held-out square, circle and triangle reads as asked, with room to spare: the shipped
+    weights' smallest margin over 100 held-out videos is 0.046 (fp32 or bf16, 1 or 2 threads)."""
+    assert held_out_scores.accuracy()["shape"] == 1.0, held_out_scores.failures
+    assert held_out_scores.margin()["min"] > 0.02, held_out_scores.margins
 
 
 @shipped
@@ -160,7 +211,7 @@ def test_sampler_previews_show_the_prompts_colour_and_place():
                           ("a yellow circle moving down", lambda r, g, b: r > b and g > b)):
         last = {}
         pipe(prompt=prompt, seed=0, progress=False, callback=lambda info: last.update(x=info["denoised"]))
-        img = torch.from_numpy(__import__("numpy").asarray(preview(last["x"], 8, pipe.latent_rgb))).float().reshape(-1, 3)  # [H*W, 3]
+        img = torch.from_numpy(__import__("numpy").array(preview(last["x"], 8, pipe.latent_rgb))).float().reshape(-1, 3)  # [H*W, 3]
         brightness = img.sum(1)
         shape = img[brightness > brightness.mean() + brightness.std()]
         background = img[brightness <= brightness.median()]
