@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,11 @@ class Combo:
     @property
     def caption(self) -> str:
         return f"a {self.colour} {self.shape} moving {self.motion}"
+
+    @property
+    def partial_captions(self) -> tuple[str, str]:
+        """The caption without its colour, and without its motion: what the clip still shows."""
+        return f"a {self.shape} moving {self.motion}", f"a {self.colour} {self.shape}"
 
 
 ALL_COMBOS = [Combo(s, c, m) for s, c, m in itertools.product(SHAPES, COLOURS, MOTIONS)]
@@ -120,3 +126,29 @@ def write_dataset(out: str | Path, seed: int = 0, clips_per_combo: int = 16, com
             (out / f"{stem}.txt").write_text(combo.caption)
             paths.append(out / f"{stem}.mp4")
     return paths
+
+
+def write_partial_captions(data: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """``out/metadata.jsonl`` listing every clip of ``data`` (written by :func:`write_dataset`)
+    twice: with its caption, and with one of its partial captions (seeded choice).
+
+    A transformer trained on whole captions only learns each combination's look as a whole; on a
+    held-out combination one attribute can then drag another with it (a green square moving down
+    came out round). Captions that leave an attribute out teach each word's effect on its own.
+    """
+    import json
+
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    by_caption = {c.caption: c for c in ALL_COMBOS}
+    rng = random.Random(seed)
+    rows = []
+    for video in sorted(data.glob("*.mp4")):
+        combo = by_caption[video.with_suffix(".txt").read_text().strip()]
+        rel = os.path.relpath(video, out)
+        rows += [{"path": rel, "caption": combo.caption}, {"path": rel, "caption": rng.choice(combo.partial_captions)}]
+    meta = out / "metadata.jsonl"
+    tmp = meta.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(meta)
+    return meta
