@@ -68,6 +68,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         held = score(held_out_combos(), list(range(args.seeds)), Path(tmp))
         print(f"held out, through ComfyUI's KSampler ({ks['sampler_name']}, {ks['scheduler']}, {ks['steps']} steps, cfg {ks['cfg']}): {held.line()}")
+        print(held.table())
         for f in held.failures:
             print("  miss:", f)
         if args.training:

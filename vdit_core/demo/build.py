@@ -4,9 +4,11 @@
 
 1. writes the dataset (moving shapes, held-out combinations excluded),
 2. trains a sentencepiece tokenizer on the captions and initialises a small frozen T5 encoder,
-3. trains the CogVideoX-architecture VAE (``vae_train.py``),
+3. trains the CogVideoX-architecture VAE (``vae_train.py``), then fine-tunes its decoder with the
+   encoder frozen, weighting the shapes' outlines and corners,
 4. initialises the CogVideoX-architecture transformer (RoPE variant) and trains it from scratch
-   with ``python -m vdit_core.train --full`` (in process),
+   with ``python -m vdit_core.train --full`` (in process), then further with each clip also
+   captioned without its colour or its motion (``shapes.write_partial_captions``),
 5. evaluates colour/shape/motion accuracy on held-out and training prompts, and the VAE's PSNR,
 6. with ``--install``, copies the finished model folder into ``vdit_core/demo/model``.
 
@@ -27,8 +29,8 @@ import torch
 from ..models.cogvideox import CogVideoXConfig, CogVideoXTransformer, save_transformer
 from ..text import load_tokenizer
 from ..vae.cogvideox_vae import load_vae
-from .shapes import ALL_COMBOS, FPS, FRAMES, SIZE, held_out_combos, render, train_combos, write_dataset
-from .vae_train import DEMO_VAE, reconstruction_psnr, train_vae
+from .shapes import ALL_COMBOS, FPS, FRAMES, SIZE, held_out_combos, render, train_combos, write_dataset, write_partial_captions
+from .vae_train import DEMO_VAE, finetune_decoder, reconstruction_psnr, train_vae
 
 DEMO_TRANSFORMER = CogVideoXConfig(
     num_layers=6,
@@ -114,6 +116,18 @@ def store_fp16(path: Path) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
+def save_vae(vae, folder: Path) -> None:
+    """The VAE's weights and diffusers config in ``folder``, written beside and renamed into place."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, config = folder / "diffusion_pytorch_model.safetensors", folder / "config.json"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(weights.with_suffix(".tmp")))
+    weights.with_suffix(".tmp").replace(weights)
+    config.with_suffix(".tmp").write_text(json.dumps(vae.config.to_diffusers(), indent=2))
+    config.with_suffix(".tmp").replace(config)  # last: the stage counts as done once its config exists
+
+
 def write_model_folder(root: Path, defaults: dict) -> None:
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
@@ -153,14 +167,15 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
     if not (model / "text_encoder" / "config.json").exists():  # finished stages are kept: resumable
         make_tokenizer([c.caption for c in ALL_COMBOS] * 4 + [""], model / "tokenizer")
         make_text_encoder(model / "text_encoder", len(load_tokenizer(model / "tokenizer")), seed)
-    # 3. VAE
+    # 3. VAE: trained whole, then its decoder fine-tuned for the shapes' corners (encoder frozen)
     if not (model / "vae" / "config.json").exists():
-        vae = train_vae(load_clips(paths), DEMO_VAE, steps=60 if quick else 1500, seed=seed, log=log)
-        (model / "vae").mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(model / "vae" / "diffusion_pytorch_model.safetensors"))
-        (model / "vae" / "config.json").write_text(json.dumps(vae.config.to_diffusers(), indent=2))
+        clips = load_clips(paths)
+        base = out / "vae_base"  # the first pass, kept so that a resumed build redoes only the second
+        if not (base / "config.json").exists():
+            save_vae(train_vae(clips, DEMO_VAE, steps=60 if quick else 1500, seed=seed, log=log), base)
+        vae = finetune_decoder(load_vae(base), clips, steps=4 if quick else 500, seed=seed, log=log)
+        del clips
+        save_vae(vae, model / "vae")
     vae = load_vae(model / "vae")
     rng = random.Random(seed + 1)
     held_clips = torch.stack([render(c, rng) for c in held_out_combos(seed) for _ in range(2)])
@@ -178,23 +193,24 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
     log(f"preview factors fitted (RMS error {rms:.3f} on [-1, 1])")
     defaults = {"steps": 30, "cfg": 5.0, "latent_rgb": [factors, bias]}
     write_model_folder(model, defaults)
-    from ..train.trainer import main as train_main
-
     steps = 40 if quick else 6000
-    train_out = out / "train"
-    code = train_main([
-        "--model", str(model), "--data", str(data), "--output", str(train_out), "--full",
-        "--steps", str(steps), "--batch-size", "32", "--lr", "3e-3", "--warmup-steps", str(min(200, steps // 10)),
-        "--lr-schedule", "cosine", "--weight-decay", "0.01", "--ema-decay", "0.999" if not quick else "0.9",
-        "--no-gradient-checkpointing", "--checkpoint-every", str(max(steps // 4, 10)), "--keep-checkpoints", "1",
-        "--caption-dropout", "0.1", "--seed", str(seed), "--resume",
-    ])
-    if code != 0:
-        raise RuntimeError("training the demo transformer failed")
+    train_transformer(model, data, out / "train", steps, 3e-3, min(200, steps // 10), quick, seed)
+    # 4b. the same transformer trained further with partial captions beside the whole ones
+    first = out / "model_first"  # the model folder with the first pass's transformer: the second pass starts there
+    if not (first / "transformer" / "config.json").exists():
+        shutil.rmtree(first, ignore_errors=True)
+        tmp = out / "model_first.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("transformer"))
+        shutil.copytree(out / "train" / "transformer_ema", tmp / "transformer")
+        tmp.rename(first)
+    parts = write_partial_captions(data, out / "data_parts", seed).parent
+    steps = 10 if quick else 1500
+    train_transformer(first, parts, out / "train_parts", steps, 1e-3, steps // 15, quick, seed)
     final = out / "final"
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(model, final, ignore=shutil.ignore_patterns("transformer"))
-    shutil.copytree(train_out / "transformer_ema", final / "transformer")
+    shutil.copytree(out / "train_parts" / "transformer_ema", final / "transformer")
     for weights in final.glob("*/*.safetensors"):
         store_fp16(weights)
     # 5. evaluation
@@ -210,6 +226,21 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
         size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
         log(f"installed the demo model in {MODEL_DIR} ({size / 2**20:.1f} MiB)")
     return report
+
+
+def train_transformer(model: Path, data: Path, output: Path, steps: int, lr: float, warmup: int, quick: bool, seed: int) -> None:
+    """A full finetune of ``model``'s transformer on ``data`` by the project's trainer (resumable)."""
+    from ..train.trainer import main as train_main
+
+    code = train_main([
+        "--model", str(model), "--data", str(data), "--output", str(output), "--full",
+        "--steps", str(steps), "--batch-size", "32", "--lr", str(lr), "--warmup-steps", str(warmup),
+        "--lr-schedule", "cosine", "--weight-decay", "0.01", "--ema-decay", "0.999" if not quick else "0.9",
+        "--no-gradient-checkpointing", "--checkpoint-every", str(max(steps // 4, 10)), "--keep-checkpoints", "1",
+        "--caption-dropout", "0.1", "--seed", str(seed), "--resume",
+    ])
+    if code != 0:
+        raise RuntimeError(f"training the demo transformer on {data} failed")
 
 
 def evaluate_model(folder: Path, seed: int, quick: bool, video_dir: Path | None, log=print, seeds=None) -> dict:
