@@ -3,6 +3,7 @@ types, and API copies equal to the UI ones."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -151,7 +152,7 @@ def test_models_entries_name_what_the_loaders_read(path):
     """Each "models" entry (the frontend's missing-models dialog) lies in the directory, and under
     the folder or file, that one of the workflow's loaders reads; the frontend offers only
     .safetensors files from huggingface.co. Every model folder a loader names has entries."""
-    from nodes.loaders import location
+    location = importlib.import_module(f"{load_pack().__name__}.nodes.loaders").location  # the pack's, not ComfyUI's nodes.py
 
     wf = json.loads(path.read_text())
     reads = {location(value, NODES[t].KIND) for t, value in _loader_choices(wf)}
