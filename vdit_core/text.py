@@ -230,15 +230,18 @@ def _tokenize(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Ten
     return enc.input_ids, enc.attention_mask
 
 
+class HunyuanTextEncoders(nn.ModuleDict):
+    """HunyuanDiT's CLIP and mT5 as one module, under a name ComfyUI's memory log can show
+    ("Requested to load HunyuanTextEncoders", not "ModuleDict")."""
+
+
 class DualTextEncoder:
     """HunyuanDiT's two text encoders: ``encode(prompts)`` -> {``context`` [B, 77, 1024],
     ``context_mask``, ``context_t5`` [B, 256, 2048], ``context_t5_mask``}; each encoder runs with
     its attention mask, as the release does."""
 
     def __init__(self, clip, clip_tokenizer, t5, t5_tokenizer, clip_length: int = 77, t5_length: int = 256):
-        import torch.nn as nn
-
-        self.model = nn.ModuleDict({"clip": clip.eval().requires_grad_(False), "t5": t5.eval().requires_grad_(False)})
+        self.model = HunyuanTextEncoders({"clip": clip.eval().requires_grad_(False), "t5": t5.eval().requires_grad_(False)})
         self.tokenizers = (clip_tokenizer, t5_tokenizer)
         self.lengths = (clip_length, t5_length)
 
