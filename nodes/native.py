@@ -242,6 +242,19 @@ class VDITModel(comfy.model_base.BaseModel):
         need = self.vdit_family.activation_bytes(self.vdit_config, tuple(input_shape), dtype)
         return super().memory_required(input_shape, cond_shapes or {}) if need is None else need
 
+    def resize_cond_for_context_window(self, cond_key, cond_value, window, x_in, device, retain_index_list=()):
+        """ComfyUI's context windows (newer ComfyUI asks the model before its own rule): a family
+        input with a time axis, image or frame latents [B, C, T, h, w] and frame masks [B, T], is
+        cut to the window's latent frames. None: ComfyUI's own rule applies."""
+        t = getattr(cond_value, "cond", None)
+        if not cond_key.startswith(PREFIX) or not isinstance(t, torch.Tensor) or getattr(window, "dim", None) != 2:
+            return None
+        dim = {5: 2, 2: 1}.get(t.ndim)  # the latent's time axis, or the mask's
+        if dim is None or t.shape[dim] != x_in.shape[2]:
+            return None
+        kept = {"retain_index_list": list(retain_index_list)} if retain_index_list else {}  # newer ComfyUI's frames kept in every window
+        return cond_value._copy_with(window.get_tensor(t, device, dim=dim, **kept))
+
     def extra_conds(self, **kwargs):
         encoded_for = kwargs.get(FAMILY_KEY, self.vdit_family.name)
         if encoded_for != self.vdit_family.name:

@@ -154,6 +154,43 @@ def test_memory_required_is_the_familys_activation_estimate():
     assert patcher.model.memory_required(longer) > one
 
 
+def test_context_windows_cut_the_familys_time_inputs_and_sample():
+    """ComfyUI's context windows: the model cuts its inputs that run along time (CogVideoX's image
+    latents, Open-Sora's held frames and their mask) to the window's frames, and leaves the rest
+    to ComfyUI; KSampler runs with windows over a demo video."""
+    import comfy.conds
+    import comfy.context_windows as cw
+
+    case = native_cases.case("opensora-i2v")
+    patcher = native.native_model(case.transformer, case.family, None, "x", case.defaults)
+    t = case.noise.shape[2]
+    frames = frames_conditioning(case.family, case.transformer.config, case.frame_latents, t)
+    window = cw.IndexListContextWindow([1, 2], dim=2)
+    x = case.noise
+    for key, value in frames.items():
+        cond = comfy.conds.CONDRegular(value.long() if value.dtype == torch.bool else value)
+        cut = patcher.model.resize_cond_for_context_window(native.PREFIX + key, cond, window, x, "cpu")
+        axis = 2 if value.ndim == 5 else 1
+        assert torch.equal(cut.cond, cond.cond.index_select(axis, torch.tensor([1, 2])))
+    text = comfy.conds.CONDRegular(case.cond[case.family.text_state])
+    assert patcher.model.resize_cond_for_context_window("c_crossattn", text, window, x, "cpu") is None
+
+    demo = native_cases.case("demo")
+    model = native.native_model(demo.transformer, demo.family, native_cases.demo_folder(), "demo", demo.defaults)
+    import comfy_extras.nodes_context_windows as nodes_cw
+
+    windowed = nodes_cw.ContextWindowsManualNode.execute(model, 3, 1, "standard_static", 1, False, "pyramid", 2)
+    windowed = getattr(windowed, "result", windowed)[0]
+    positive, negative = native.conditioning(demo.family, demo.cond), native.conditioning(demo.family, demo.uncond)
+    with torch.no_grad():
+        out = comfy.sample.sample(windowed, demo.noise, 3, demo.cfg, "euler", "simple", positive, negative,
+                                  torch.zeros_like(demo.noise), seed=0, disable_pbar=True)
+        plain = comfy.sample.sample(model, demo.noise, 3, demo.cfg, "euler", "simple", positive, negative,
+                                    torch.zeros_like(demo.noise), seed=0, disable_pbar=True)
+    assert out.shape == demo.noise.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, plain)  # the windows did run: 5 latent frames in windows of 3
+
+
 def test_latent_format_round_trips_and_previews():
     case = native_cases.case("opensora")
     fmt = native.native_model(case.transformer, case.family, None, "x", case.defaults).model.latent_format
