@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4, help="seeds per held-out prompt (ComfyUI's KSampler seeds 0..N-1)")
     ap.add_argument("--training", action="store_true", help="also score the training combinations (one seed each)")
     args = ap.parse_args()
-    sys.path[:0] = [os.environ["VDIT_COMFYUI"], str(ROOT / "tests")]
+    sys.path[:0] = [os.environ["VDIT_COMFYUI"], str(ROOT / "tests"), str(ROOT)]  # ComfyUI, the test helpers, vdit_core
     import torch
 
     import comfy.cli_args
