@@ -300,7 +300,7 @@ class CogVideoXTransformer(nn.Module):
         if add is not None:
             vid = vid + add
         if cfg.use_learned_positional_embeddings:
-            table = self.patch_embed.pos_embedding.to(dtype)
+            table = self.patch_embed.pos_embedding.to(x.device, dtype)  # device too: a host that streams layers may leave it behind
             n_text, n_vid = text.shape[1], vid.shape[1]
             if table.shape[1] - cfg.max_text_seq_length < n_vid:
                 raise ValueError(

@@ -92,8 +92,8 @@ class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the weights' dtype (as the release)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
+        w = self.weight.to(x.device, torch.float32) if self.weight is not None else None
+        b = self.bias.to(x.device, torch.float32) if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
@@ -126,7 +126,7 @@ class AttentionPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, L, C] -> [B, out_dim]; the query is the mean token (not mask-aware, as released)
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.device, x.dtype)
         b, s, c = x.shape
         q = self.q_proj(x[:, :1]).view(b, 1, self.heads, c // self.heads)
         k = self.k_proj(x).view(b, s, self.heads, c // self.heads)
@@ -344,7 +344,7 @@ class HunyuanDiT(nn.Module):
         t5 = self.text_embedder(context_t5.to(dtype))  # [B, 256, 1024]
         text = torch.cat([context.to(dtype), t5], dim=1)
         mask = torch.cat([context_mask, context_t5_mask], dim=1).bool()[..., None]
-        text = torch.where(mask, text, self.text_embedding_padding.to(dtype))  # masked positions: the learned padding
+        text = torch.where(mask, text, self.text_embedding_padding.to(x.device, dtype))  # masked positions: the learned padding
         rope = rope_rotations(*rope_2d(cfg.attention_head_dim, h // p, w // p, 512 // cfg.vae_scale // p), x.device)
         sp = self.parallel
         if sp is not None:  # this rank's part of the image tokens: [B, N/W, D]

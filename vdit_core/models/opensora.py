@@ -92,7 +92,8 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = (h * h.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()).to(x.dtype)
         # in place where the dtypes allow: one [.., D] tensor fewer (they are the q and k of every token)
-        return h.mul_(self.weight) if self.weight.dtype == h.dtype else self.weight * h
+        w = self.weight.to(h.device)  # a host that streams layers (ComfyUI's low-VRAM load) may leave it behind
+        return h.mul_(w) if w.dtype == h.dtype else w * h
 
 
 class Mlp(nn.Module):
@@ -196,9 +197,10 @@ class STDiT3Block(nn.Module):
         """(shift, scale, gate) of attention, then of the MLP, each [B, T, 1, D] per frame: the
         conditioning frames' (``x_mask`` False) from t0_mod; [B, 1, 1, D] without a mask."""
         b = t_mod.shape[0]
-        mod = (self.scale_shift_table[None] + t_mod.reshape(b, 6, -1))[:, :, None]  # [B, 6, 1, D]
+        table = self.scale_shift_table.to(t_mod.device)[None]
+        mod = (table + t_mod.reshape(b, 6, -1))[:, :, None]  # [B, 6, 1, D]
         if x_mask is not None:
-            mod0 = (self.scale_shift_table[None] + t0_mod.reshape(b, 6, -1))[:, :, None]
+            mod0 = (table + t0_mod.reshape(b, 6, -1))[:, :, None]
             mod = torch.where(x_mask[:, None, :, None], mod, mod0)  # [B, 6, T, D]
         return mod[:, :, :, None].unbind(1)
 
@@ -242,12 +244,13 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, t_emb, t0_emb, x_mask, t: int):
         # x: [B, N, D], t_emb: [B, D] -> [B, N, prod(patch) * C_out]
-        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
+        table = self.scale_shift_table.to(t_emb.device)[None]
+        shift, scale = (table + t_emb[:, None]).chunk(2, dim=1)
         h = torch.addcmul(shift, self.norm_final(x), 1 + scale)
         if x_mask is not None:
             # the release normalises the already modulated tokens again for conditioning frames
             # (T2IFinalLayer reuses its variable); kept, as the weights were trained with it
-            shift0, scale0 = (self.scale_shift_table[None] + t0_emb[:, None]).chunk(2, dim=1)
+            shift0, scale0 = (table + t0_emb[:, None]).chunk(2, dim=1)
             h = _select(x_mask, h, torch.addcmul(shift0, self.norm_final(h), 1 + scale0), t)
         return self.linear(h)
 
@@ -323,7 +326,7 @@ class STDiT3(nn.Module):
 
     def _rope(self, t: int, device) -> torch.Tensor:
         # interleaved pairs rotated by position * freqs (rotary-embedding-torch's layout): (cos, sin) [t, Dh/2, 2]
-        angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.rope.freqs.float())
+        angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.rope.freqs.to(device, torch.float32))
         return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None, drop_text=None):
@@ -358,7 +361,7 @@ class STDiT3(nn.Module):
         if y.ndim == 4:  # the official [B, 1, L, C]
             y = y[:, 0]
         if drop_text is not None:
-            null = self.y_embedder.y_embedding[: y.shape[1]].to(dtype)
+            null = self.y_embedder.y_embedding[: y.shape[1]].to(x.device, dtype)
             y = torch.where(drop_text.to(x.device).bool()[:, None, None], null[None], y)
         text_keys = None
         if mask is not None:
