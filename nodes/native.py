@@ -36,12 +36,14 @@ import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling as ms
+import comfy.ops
 import comfy.patcher_extension as pe
 import comfy.samplers
 import comfy.sd
 import comfy.supported_models_base
 import comfy.utils
 from vdit_core.fp8 import compute_dtype, is_fp8
+from vdit_core.layers import Linear as VDITLinear
 from vdit_core.lora import LoRANames, lora_modules_of
 from vdit_core.pipeline import check_request
 from vdit_core.sampling import FLOW, SAMPLERS, STOCHASTIC_SAMPLERS, VE, SeededNoise
@@ -301,10 +303,37 @@ def patcher_class():
     return comfy.model_patcher.ModelPatcher
 
 
+class CastLinear(comfy.ops.disable_weight_init.Linear, VDITLinear):
+    """vdit's Linear as ComfyUI's cast layer: streamed by ComfyUI's low-VRAM load, else vdit's."""
+
+
+def castable(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``'s plain torch layers turned into ComfyUI's cast layers (``comfy.ops``) in place,
+    so ComfyUI's low-VRAM load can keep their weights in CPU memory and bring each in as it runs;
+    without them, a partial load leaves whole layers on the CPU and the forward fails. Only exact
+    types change class (parameters, state dict and numerics stay); vdit's float8 and float32 norm
+    layers stay as they are (what they use follows the input's device)."""
+    ops = comfy.ops.disable_weight_init
+    table = {torch.nn.Linear: ops.Linear, VDITLinear: CastLinear, torch.nn.Conv2d: ops.Conv2d, torch.nn.Conv3d: ops.Conv3d,
+             torch.nn.LayerNorm: ops.LayerNorm, torch.nn.GroupNorm: ops.GroupNorm, torch.nn.Embedding: ops.Embedding}
+    for m in module.modules():
+        cast = table.get(type(m))
+        if cast is not None:
+            m.__class__ = cast
+            if not hasattr(m, "bias"):  # ComfyUI's cast reads a bias (Embedding has none)
+                m.bias = None
+    return module
+
+
 def native_model(transformer: torch.nn.Module, family, folder, name: str, defaults: dict):
-    """A loaded vdit transformer as a ComfyUI MODEL (a model patcher; ComfyUI loads and offloads it)."""
+    """A loaded vdit transformer as a ComfyUI MODEL (a model patcher; ComfyUI loads and offloads it).
+    On a GPU its layers become ComfyUI's cast layers (:func:`castable`): ComfyUI loads a model
+    larger than the free memory partially only on a GPU, and the CPU keeps vdit's fused layers."""
+    device = mm.get_torch_device()
+    if torch.device(device).type != "cpu":
+        castable(transformer)
     model = VDITModel(transformer, family, folder, name, defaults)
-    patcher = patcher_class()(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    patcher = patcher_class()(model, load_device=device, offload_device=mm.unet_offload_device())
     if isinstance(model.model_sampling, Flow):
         patcher.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "vdit_sigma_shift", shift_sigmas)
     return patcher

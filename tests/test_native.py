@@ -191,6 +191,44 @@ def test_context_windows_cut_the_familys_time_inputs_and_sample():
     assert not torch.equal(out, plain)  # the windows did run: 5 latent frames in windows of 3
 
 
+@pytest.mark.parametrize("name", ["demo", "cogvideox-5b-i2v", "hunyuandit-v1.2", "opensora"])
+def test_castable_layers_stream_under_a_low_vram_load(name):
+    """On a GPU the native model's layers are ComfyUI's cast layers, so ComfyUI's low-VRAM load can
+    keep their weights in CPU memory and bring each in as it runs. With a budget of 1 byte the
+    forward gives exactly the plain model's output; on a meta load device every tensor the
+    forward touches must follow the input (a tensor left in CPU memory fails)."""
+    import comfy.model_patcher
+    from vdit_core.pipeline import network_call
+
+    case = native_cases.case(name)
+    cond = dict(case.cond)
+    if case.frame_latents is not None:
+        cond.update(frames_conditioning(case.family, case.transformer.config, case.frame_latents, case.noise.shape[2]))
+    x, t = case.noise, torch.tensor([500.0])
+    cond.update(case.family.sample_conditioning(case.transformer.config, tuple(x.shape), int(case.defaults["vae_scale"])))
+    with torch.no_grad():
+        plain = network_call(case.transformer, x, t, **cond)
+    native.castable(case.transformer)
+    assert case.transformer.state_dict().keys() == case.transformer.state_dict().keys()
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(case.transformer, load_device=cpu, offload_device=cpu)
+    patcher.load(cpu, lowvram_model_memory=1)
+    assert sum(bool(getattr(m, "comfy_cast_weights", False)) for m in case.transformer.modules()) > 10  # streamed
+    with torch.no_grad():
+        assert torch.equal(network_call(case.transformer, x, t, **cond), plain)
+    patcher.detach()
+
+    meta = torch.device("meta")
+    fresh = native.castable(native_cases.case(name).transformer)
+    comfy.model_patcher.ModelPatcher(fresh, load_device=meta, offload_device=cpu).load(meta, lowvram_model_memory=1)
+    with torch.no_grad():
+        # values the model reads stay on the CPU: per-sample numbers (Open-Sora's fps, size), and
+        # Open-Sora's text mask (it drops the tokens masked everywhere) is left out
+        meta_cond = {k: v.to(meta) if v.ndim > 1 else v for k, v in cond.items() if not (name == "opensora" and k == "mask")}
+        out = network_call(fresh, x.to(meta), t.to(meta), **meta_cond)
+    assert out.shape == plain.shape
+
+
 def test_latent_format_round_trips_and_previews():
     case = native_cases.case("opensora")
     fmt = native.native_model(case.transformer, case.family, None, "x", case.defaults).model.latent_format

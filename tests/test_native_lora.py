@@ -165,6 +165,30 @@ def test_comfyui_lora_loading_matches_vdit(name, fmt, tmp_path, caplog):
     assert torch.equal(denoised(patcher, case), base)  # the plain model again: ComfyUI unpatched its weights
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_on_castable_layers_under_a_low_vram_load(name, tmp_path):
+    """With the layers ComfyUI's cast layers (as on a GPU) and a low-VRAM load of 1 byte, ComfyUI
+    applies the LoRA to each streamed layer as it runs: the output of a full load with the LoRA."""
+    case = native_cases.case(name)
+    native.castable(case.transformer)
+    patcher = native.native_model(case.transformer, case.family, None, name, case.defaults)
+    lora = comfy_lora(patcher, write_lora("ours", case.transformer, tmp_path / "lora.safetensors"), 1.0)
+    full = denoised(lora, case)
+    comfy.model_management.unload_all_models()
+    cpu = torch.device("cpu")
+    lora.load(cpu, lowvram_model_memory=1)
+    streamed = [m for m in case.transformer.modules() if getattr(m, "comfy_cast_weights", False) and m.weight_function]
+    assert len(streamed) == len(targets(case.transformer))  # every LoRA-patched layer got its patch as a function
+    model = lora.model
+    (main, extra), = native.conditioning(case.family, case.cond)
+    conds = model.extra_conds(cross_attn=main, noise=case.noise, **extra)
+    sigma = lora.get_model_object("model_sampling").percent_to_sigma(0.4)
+    with torch.no_grad():
+        low = model.apply_model(case.noise * 0.7, torch.tensor([sigma]), **{k: c.cond for k, c in conds.items()})
+    assert (low - full).abs().max().item() < 1e-5
+    lora.detach()
+
+
 def test_tencent_fused_names_equal_ours_split():
     """The key map sends Tencent's fused q/k/v and k/v of HunyuanDiT to row slices of our split
     projections, and every other original name to our module's weight."""
