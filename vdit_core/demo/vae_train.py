@@ -39,6 +39,29 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def _pixels(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 clips [B, F, H, W, 3] -> VAE pixels [B, 3, F, H, W] in [-1, 1]."""
+    return clips.float().div(255).permute(0, 4, 1, 2, 3) * 2 - 1
+
+
+def _contrast(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each clip's background (its median colour, per channel) [B, 3, 1, 1, 1] and each pixel's
+    largest difference from it [B, 1, F, H, W], for clips [B, 3, F, H, W]."""
+    bg = video.flatten(2).median(dim=2).values[..., None, None, None]
+    return bg, (video - bg).abs().amax(1, keepdim=True)
+
+
+def _schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine from the full learning rate down to a tenth of it over ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
+def _weighted_error(rec: torch.Tensor, video: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE per pixel, averaged under ``weight``."""
+    err = (rec - video).abs() + (rec - video).pow(2)
+    return (weight * err).mean() / weight.mean()
+
+
 def train_vae(
     clips: torch.Tensor,
     config: CogVideoXVAEConfig = DEMO_VAE,
@@ -58,7 +81,7 @@ def train_vae(
     rng = random.Random(seed)
     vae = CogVideoXVAE(config)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = _schedule(opt, steps)
     n, f, h, w, _ = clips.shape
     centres = _object_centres(clips)  # [N, F, 2] (y, x), for crops that hold the object
     t0 = time.perf_counter()
@@ -75,16 +98,14 @@ def train_vae(
             else:
                 y, x = rng.randrange(h - crop + 1), rng.randrange(w - crop + 1)
             xs.append(clips[i, s : s + window, y : y + crop, x : x + crop])
-        video = torch.stack(xs).float().div(255).permute(0, 4, 1, 2, 3) * 2 - 1  # [B, 3, F, H, W]
+        video = _pixels(torch.stack(xs))  # [B, 3, F, H, W]
         mean, logvar = vae.encode_moments(video).chunk(2, dim=1)
         logvar = logvar.clamp(-30, 20)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         rec = vae.decode(z * config.scaling_factor)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        bg = video.flatten(2).median(dim=2).values[..., None, None, None]  # per clip and channel
-        weight = 1 + object_weight * ((video - bg).abs().amax(1, keepdim=True) > 0.2).float()
-        err = (rec - video).abs() + (rec - video).pow(2)
-        loss = (weight * err).mean() / weight.mean() + kl_weight * kl
+        weight = 1 + object_weight * (_contrast(video)[1] > 0.2).float()
+        loss = _weighted_error(rec, video, weight) + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -96,7 +117,7 @@ def train_vae(
     # the scaling factor: unit variance latents for the diffusion model
     with torch.no_grad():
         sample = clips[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, 64)]]
-        video = sample.float().div(255).permute(0, 4, 1, 2, 3) * 2 - 1
+        video = _pixels(sample)
         means = torch.cat([vae.encode_moments(v[None]).chunk(2, dim=1)[0] for v in video])
         std = means.std().item()
     from dataclasses import replace
@@ -138,17 +159,18 @@ def reconstruction_psnr(vae: CogVideoXVAE, clips: torch.Tensor) -> float:
     return sum(values) / len(values)
 
 
-def shape_weights(video: torch.Tensor, band: int = 5, window: int = 7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def shape_weights(video: torch.Tensor, band: int = 5, window: int = 7, diff: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where a decoder's errors change how a shape reads, for clips [B, 3, F, H, W] in [-1, 1].
 
     Returns the half-maximum silhouette (as the evaluator reads it), the outline band around it
     and its corners, each [B, 1, F, H, W] in [0, 1]. Corners are where the silhouette's edge turns
     within ``window`` pixels: the smaller eigenvalue of the edge's structure tensor, which is
     about 0 along a straight edge and along these circles' gentle curve (at most 0.005) and
-    0.02 at a square's or a triangle's corner.
+    0.02 at a square's or a triangle's corner. ``diff``: the clips' contrast (``_contrast``), when
+    the caller has it.
     """
-    bg = video.flatten(2).median(dim=2).values[..., None, None, None]
-    diff = (video - bg).abs().amax(1, keepdim=True)  # [B, 1, F, H, W]
+    if diff is None:
+        diff = _contrast(video)[1]  # [B, 1, F, H, W]
     peak = diff.flatten(1).amax(1)[:, None, None, None, None]
     mask = (diff >= 0.5 * peak).float()
     flat = mask.transpose(1, 2).flatten(0, 1)  # [B*F, 1, H, W]: the shapes are 2D per frame
@@ -197,29 +219,25 @@ def finetune_decoder(
     n = clips.shape[0]
     t0 = time.perf_counter()
     with torch.no_grad():  # the frozen encoder's posterior, once per clip
-        moments = torch.cat([vae.encode_moments(clips[i : i + 16].float().div(255).permute(0, 4, 1, 2, 3) * 2 - 1)
-                             for i in range(0, n, 16)])
+        moments = torch.cat([vae.encode_moments(_pixels(clips[i : i + 16])) for i in range(0, n, 16)])
     log(f"decoder fine-tune: {n} clips encoded in {time.perf_counter() - t0:.0f} s")
     mean, logvar = moments.chunk(2, dim=1)
     std = (0.5 * logvar.clamp(-30, 20)).exp()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = _schedule(opt, steps)
     bar = trange(steps, desc="fine-tuning the VAE decoder", dynamic_ncols=True)
     for step in bar:
         idx = torch.tensor([rng.randrange(n) for _ in range(batch)])
-        video = clips[idx].float().div(255).permute(0, 4, 1, 2, 3) * 2 - 1  # [B, 3, F, H, W]
+        video = _pixels(clips[idx])  # [B, 3, F, H, W]
         z = mean[idx] + std[idx] * torch.randn_like(mean[idx])  # posterior samples, as the VAE was trained
         rec = vae.decode(z * vae.scaling_factor)
-        mask, outline, corner = shape_weights(video)
-        bg = video.flatten(2).median(dim=2).values[..., None, None, None]
-        obj = ((video - bg).abs().amax(1, keepdim=True) > 0.2).float()
-        weight = 1 + object_weight * obj + outline_weight * outline + corner_weight * corner
-        err = (rec - video).abs() + (rec - video).pow(2)
-        recon = (weight * err).mean() / weight.mean()
+        bg, diff = _contrast(video)  # once per batch: the median is the costly part
+        mask, outline, corner = shape_weights(video, diff=diff)
+        weight = 1 + object_weight * (diff > 0.2).float() + outline_weight * outline + corner_weight * corner
+        recon = _weighted_error(rec, video, weight)
         # the evaluator's silhouette, soft: how far above half the clip's peak contrast each pixel is
-        diff = (rec - bg).abs().amax(1, keepdim=True)
-        peak = (video - bg).abs().amax(1, keepdim=True).flatten(1).amax(1)[:, None, None, None, None]
-        soft = (diff - 0.5 * peak) / (0.05 * peak)
+        peak = diff.flatten(1).amax(1)[:, None, None, None, None]
+        soft = ((rec - bg).abs().amax(1, keepdim=True) - 0.5 * peak) / (0.05 * peak)
         sil_w = 1 + outline_weight * outline + corner_weight * corner
         sil = (sil_w * F.binary_cross_entropy_with_logits(soft, mask, reduction="none")).mean() / sil_w.mean()
         loss = recon + silhouette_weight * sil
