@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import save_diffusers_folder
 from ..models.cogvideox import CogVideoXConfig, CogVideoXTransformer, save_transformer
 from ..text import load_tokenizer
 from ..vae.cogvideox_vae import load_vae
@@ -117,15 +118,21 @@ def store_fp16(path: Path) -> None:
 
 
 def save_vae(vae, folder: Path) -> None:
-    """The VAE's weights and diffusers config in ``folder``, written beside and renamed into place."""
-    from safetensors.torch import save_file
+    """The VAE in the diffusers layout, switched into ``folder`` whole once written (a stage
+    counts as done once its config exists)."""
+    save_diffusers_folder(folder, vae.config.to_diffusers(), vae.state_dict())
 
-    folder.mkdir(parents=True, exist_ok=True)
-    weights, config = folder / "diffusion_pytorch_model.safetensors", folder / "config.json"
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(weights.with_suffix(".tmp")))
-    weights.with_suffix(".tmp").replace(weights)
-    config.with_suffix(".tmp").write_text(json.dumps(vae.config.to_diffusers(), indent=2))
-    config.with_suffix(".tmp").replace(config)  # last: the stage counts as done once its config exists
+
+def with_transformer(model: Path, transformer: Path, dest: Path) -> Path:
+    """``dest``: a copy of the model folder ``model`` whose transformer is the folder
+    ``transformer``, written beside it and renamed into place."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("transformer"))
+    shutil.copytree(transformer, tmp / "transformer")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
 def write_model_folder(root: Path, defaults: dict) -> None:
@@ -198,19 +205,11 @@ def build(out: Path, seed: int = 0, quick: bool = False, install: bool = False, 
     # 4b. the same transformer trained further with partial captions beside the whole ones
     first = out / "model_first"  # the model folder with the first pass's transformer: the second pass starts there
     if not (first / "transformer" / "config.json").exists():
-        shutil.rmtree(first, ignore_errors=True)
-        tmp = out / "model_first.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("transformer"))
-        shutil.copytree(out / "train" / "transformer_ema", tmp / "transformer")
-        tmp.rename(first)
+        with_transformer(model, out / "train" / "transformer_ema", first)
     parts = write_partial_captions(data, out / "data_parts", seed).parent
     steps = 10 if quick else 1500
     train_transformer(first, parts, out / "train_parts", steps, 1e-3, steps // 15, quick, seed)
-    final = out / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(model, final, ignore=shutil.ignore_patterns("transformer"))
-    shutil.copytree(out / "train_parts" / "transformer_ema", final / "transformer")
+    final = with_transformer(model, out / "train_parts" / "transformer_ema", out / "final")
     for weights in final.glob("*/*.safetensors"):
         store_fp16(weights)
     # 5. evaluation
