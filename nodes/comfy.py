@@ -58,15 +58,25 @@ def _dirs(kind: str) -> list[str]:
 
 
 def list_files(kind: str) -> list[str]:
-    """Weight files in a model folder kind (``diffusion_models``, ``text_encoders``, ``vae``, ``loras``)."""
+    """Weight files in a model folder kind (``diffusion_models``, ``text_encoders``, ``vae``, ``loras``);
+    a set of shards (``NAME-00001-of-00002.safetensors`` ...) shows as its first file, which loads them all."""
     if IN_COMFY:
-        return sorted(f for f in folder_paths.get_filename_list(kind) if f.lower().endswith(MODEL_EXTENSIONS))
-    out = []
-    for d in _dirs(kind):
-        if os.path.isdir(d):
-            for root, _, files in os.walk(d):
-                out += [os.path.relpath(os.path.join(root, f), d) for f in files if f.lower().endswith(MODEL_EXTENSIONS)]
-    return sorted(out)
+        names = [f for f in folder_paths.get_filename_list(kind) if f.lower().endswith(MODEL_EXTENSIONS)]
+    else:
+        names = []
+        for d in _dirs(kind):
+            if os.path.isdir(d):
+                for root, _, files in os.walk(d):
+                    names += [os.path.relpath(os.path.join(root, f), d) for f in files if f.lower().endswith(MODEL_EXTENSIONS)]
+    return sorted(f for f in names if not _later_shard(f))
+
+
+def _later_shard(name: str) -> bool:
+    """A shard other than the first of its set (the first stands for the set in the lists)."""
+    from vdit_core.checkpoint import SHARD
+
+    m = SHARD.match(os.path.basename(name))
+    return m is not None and int(m["index"]) > 1
 
 
 def list_model_folders() -> list[str]:

@@ -376,3 +376,28 @@ def test_small_messages(pipe, folders, tmp_path):
     save_file({k: v for k, v in sd.items() if k != "proj_out.weight"}, str(part))
     with pytest.raises(CheckpointError, match=r"part.safetensors: .*proj_out"):
         load_transformer(part)
+
+
+def test_a_set_of_shards_loads_from_its_first_file_and_a_missing_one_is_named(tmp_path):
+    """Shards saved without their index (as a download dialog fetches them) load as one file from
+    any of them; one absent is refused, naming it; the lists offer the first of a set only."""
+    from vdit_core.checkpoint import load_state_dict
+
+    a, b = {"x": torch.ones(2)}, {"y": torch.zeros(3)}
+    save_file(a, str(tmp_path / "m-00001-of-00002.safetensors"))
+    save_file(b, str(tmp_path / "m-00002-of-00002.safetensors"))
+    for name in ("m-00001-of-00002.safetensors", "m-00002-of-00002.safetensors"):
+        assert sorted(load_state_dict(tmp_path / name)) == ["x", "y"]
+    assert sorted(load_state_dict(tmp_path)) == ["x", "y"]  # a folder of them, no index
+    comfy = __import__(f"{load_pack().__name__}.nodes.comfy", fromlist=["x"])
+    if not comfy.IN_COMFY:
+        old = comfy._paths["models"]
+        comfy.set_paths(models=tmp_path.parent)
+        try:
+            assert comfy.list_files(tmp_path.name) == ["m-00001-of-00002.safetensors"]
+        finally:
+            comfy._paths["models"] = old
+    (tmp_path / "m-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"m-00001-of-00002.safetensors: shard 1 of 2; the others must be beside it, "
+                                              r"but m-00002-of-00002.safetensors is missing$"):
+        load_state_dict(tmp_path / "m-00001-of-00002.safetensors")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -344,21 +345,31 @@ def to_ldm_vae(sd: dict[str, torch.Tensor], n_up: int = 4) -> dict[str, torch.Te
     return out
 
 
-def test_comfyuis_single_file_checkpoint_loads_every_part(tmp_path):
+def comfy_checkpoint(root: Path, folder: Path, out: Path) -> Path:
+    """ComfyUI's single-file HunyuanDiT of a :func:`reference` folder made under ``root``: the
+    transformer (Tencent's names), the VAE (LDM names), both text encoders and mT5's tokenizer."""
     from safetensors.torch import load_file, save_file
 
-    from vdit_core import families
-    from vdit_core.text import load_dual
-
-    _, folder = reference(tmp_path, "v1.1", "ddim")
     sd = {f"model.{k}": v for k, v in to_original(hunyuan_dit.load_transformer(folder / "transformer").state_dict()).items()}
     sd.update({f"vae.{k}": v for k, v in to_ldm_vae(load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))).items()})
     sd.update({f"text_encoders.hydit_clip.transformer.bert.{k}": v for k, v in load_file(str(folder / "text_encoder" / "model.safetensors")).items()})
     sd.update({f"text_encoders.mt5xl.transformer.{k}": v for k, v in load_file(str(folder / "text_encoder_2" / "model.safetensors")).items()})
-    spiece = tiny.tokenizer_dir(str(tmp_path)) / "spiece.model"  # the sentencepiece model tokenizer_2 was made from
+    spiece = tiny.tokenizer_dir(str(root)) / "spiece.model"  # the sentencepiece model tokenizer_2 was made from
     sd["text_encoders.mt5xl.spiece_model"] = torch.tensor(list(spiece.read_bytes()), dtype=torch.uint8)
-    ckpt = tmp_path / "hunyuan_dit_1.1.safetensors"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out))
+    return out
+
+
+def test_comfyuis_single_file_checkpoint_loads_every_part(tmp_path):
+    from vdit_core import families
+    from vdit_core.text import load_dual
+
+    _, folder = reference(tmp_path, "v1.1", "ddim")
+    ckpt = comfy_checkpoint(tmp_path, folder, tmp_path / "hunyuan_dit_1.1.safetensors")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ckpt))
 
     family = families.for_file(ckpt, "vae")
     assert family.name == "hunyuandit" and families.describe(sd).startswith("a HunyuanDiT checkpoint")

@@ -6,9 +6,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_package import load_pack
 
@@ -16,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NODES = load_pack().NODE_CLASS_MAPPINGS
 _spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "workflows" / "build_workflows.py")
 _builder = importlib.util.module_from_spec(_spec)
+sys.modules["build_workflows"] = _builder  # (its dataclasses look their module up)
 _spec.loader.exec_module(_builder)
 CORE = _builder.CORE  # the ComfyUI core nodes the workflows use
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
@@ -159,15 +163,115 @@ def test_models_entries_name_what_the_loaders_read(path):
     entries = wf.get("models", [])
     for e in entries:
         assert set(e) == {"name", "url", "directory"}, e
-        assert e["url"].startswith("https://huggingface.co/") and "/resolve/main/" in e["url"], e
-        assert e["name"].endswith(".safetensors") and e["url"].endswith(e["name"].rsplit("/", 1)[-1]), e
-        assert any(e["directory"] == d and (e["name"] == name or e["name"].startswith(name + "/")) for d, name in reads), (path.name, e, reads)
+        assert e["url"].startswith("https://huggingface.co/") and "/resolve/main/" in e["url"] and e["url"].endswith(".safetensors"), e
+        assert e["name"].endswith(".safetensors") and "/" not in e["name"], e
+        shard = re.sub(r"-\d{5}-of-(\d{5})\.safetensors$", r"-00001-of-\1.safetensors", e["name"])  # a set's first shard is what loads
+        assert (e["directory"], shard) in reads, (path.name, e, reads)
     assert len({e["url"] for e in entries}) == len(entries)  # the frontend keeps one entry per url
+    # distinct names, and a name always means the same file (same folder, same source file name)
     for d, name in reads:
-        if d == "vdit":
-            assert any(e["name"].startswith(name + "/") for e in entries), f"{path.name}: nothing listed for models/vdit/{name}"
+        assert any(e["directory"] == d and e["name"] == name for e in entries), f"{path.name}: nothing listed for models/{d}/{name}"
     if not reads:
         assert not entries  # the demo needs no downloads
+
+
+def test_one_file_name_means_one_file_across_the_workflows():
+    """A file two workflows list has one name and one folder (one download serves both), and no
+    two different files share a name."""
+    seen = {}
+    for path in WORKFLOWS:
+        for e in json.loads(path.read_text()).get("models", []):
+            source = e["url"].split("/resolve/main/")[1]  # the same file of another release's repository
+            assert seen.setdefault((e["directory"], e["name"]), source) == source, (path.name, e)
+
+
+def _stand_ins(release: str, root: Path) -> dict[str, Path]:
+    """Tiny random files of the kinds a release's downloads are, by the file name they stand for:
+    the reference pipelines' weights (diffusers, or Open-Sora's released layout) and ComfyUI's
+    single-file HunyuanDiT."""
+    import tiny
+    from safetensors.torch import load_file, save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    if release.startswith("cogvideox"):
+        variant = {"cogvideox-2b": "2b", "cogvideox-5b": "5b", "cogvideox-5b-i2v": "5b-i2v"}[release]
+        # a single file has no config: the learned positions must cover the release's own grid
+        grid = dict(sample_height=60, sample_width=90, sample_frames=49) if variant == "5b-i2v" else None
+        _, folder = tiny.reference_pipeline(root, variant, transformer=grid)
+        transformer = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+        keys = sorted(transformer)
+        halves = [{k: transformer[k] for k in keys[: len(keys) // 2]}, {k: transformer[k] for k in keys[len(keys) // 2:]}]
+        out = {"transformer": folder / "transformer" / "diffusion_pytorch_model.safetensors",
+               "vae": folder / "vae" / "diffusion_pytorch_model.safetensors", "text_encoder": folder / "text_encoder" / "model.safetensors"}
+        for i, half in enumerate(halves, 1):
+            save_file(half, str(root / f"shard{i}.safetensors"))
+            out[f"shard{i}"] = root / f"shard{i}.safetensors"
+        return out
+    if release.startswith("hunyuandit"):
+        import test_hunyuandit
+
+        _, folder = test_hunyuandit.reference(root, "v1.2", "ddim")
+        return {"checkpoint": test_hunyuandit.comfy_checkpoint(root, folder, root / "hunyuan_dit.safetensors"),
+                "bert_tokenizer": folder / "tokenizer"}
+    fixture = ROOT / "tests" / "fixtures" / "opensora"
+    tiny.tiny_t5().save_pretrained(root / "t5", safe_serialization=True)
+    return {"transformer": fixture / "transformer" / "model.safetensors", "vae": fixture / "vae" / "model.safetensors",
+            "text_encoder": root / "t5" / "model.safetensors"}
+
+
+@pytest.mark.parametrize("release", sorted(_builder.RELEASE_FILES))
+def test_fetching_exactly_the_listed_files_makes_the_loaders_load(release, tmp_path, monkeypatch):
+    """What a workflow's missing-models dialog lists, put into the folders it names, is all its
+    loaders need: tiny random files of the right kinds stand in for the downloads, and only
+    ComfyUI's own tokenizer files (a folder here, ComfyUI's when run inside it) are added."""
+    import shutil
+
+    import tiny
+
+    pack = load_pack()
+    comfy = importlib.import_module(f"{pack.__name__}.nodes.comfy")
+    files = _builder.RELEASE_FILES[release]
+    stand_ins = _stand_ins(release, tmp_path / "build")
+    models = tmp_path / "models"
+    for d in files.downloads:
+        target = models / d.directory / d.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        m = re.search(r"-(\d{5})-of-\d{5}\.safetensors$", d.name)
+        kind = f"shard{int(m[1])}" if m else {"diffusion_models": "transformer", "text_encoders": "text_encoder", "checkpoints": "checkpoint"}.get(d.directory, d.directory)
+        shutil.copy(stand_ins[kind], target)
+    tokenizers = tmp_path / "comfy_tokenizers"  # ComfyUI's comfy/text_encoders holds these
+    shutil.copytree(tiny.tokenizer_dir(str(tmp_path / "build")), tokenizers / "t5_tokenizer")
+    if "bert_tokenizer" in stand_ins:
+        shutil.copytree(stand_ins["bert_tokenizer"], tokenizers / "hydit_clip_tokenizer")
+    monkeypatch.setattr(comfy, "tokenizer_root", lambda: tokenizers)
+    if comfy.IN_COMFY:  # ComfyUI's folder registry, for this test only
+        fp = comfy.folder_paths
+        for kind in ("diffusion_models", "text_encoders", "vae", "checkpoints", comfy.MODEL_FOLDERS):
+            monkeypatch.setitem(fp.folder_names_and_paths, kind, ([str(models / kind)], set(comfy.MODEL_EXTENSIONS)))
+        monkeypatch.setattr(fp, "filename_list_cache", {})
+    else:
+        monkeypatch.setitem(comfy._paths, "models", str(models))
+    listed = {json.dumps(d.entry(), sort_keys=True) for d in files.downloads}
+    paths = [p for p in WORKFLOWS if {json.dumps(e, sort_keys=True) for e in json.loads(p.read_text()).get("models", [])} == listed]
+    assert paths, f"no workflow lists {release}'s files"
+    # outside ComfyUI (CI), the kept loaders with the same widgets stand in for the native ones
+    kept = {} if comfy.IN_COMFY else {"VDITLoadModel": "VDITModelLoader", "VDITLoadVAE": "VDITVAELoader"}
+    for path in paths:
+        api = json.loads((path.parent / "api" / path.name).read_text())
+        loaded = {}
+        for node in (n for n in api.values() if n["class_type"] in _builder.LOADER_WIDGETS):
+            cls = NODES[kept.get(node["class_type"], node["class_type"])]
+            inputs = {**node["inputs"], ("dtype" if "dtype" in node["inputs"] else "weight_dtype"): "fp32"}
+            for widget in _builder.LOADER_WIDGETS[node["class_type"]]:
+                assert inputs[widget] in cls.INPUT_TYPES()["required"][widget][0], (path.name, inputs[widget])
+            loaded[node["class_type"]] = getattr(cls(), cls.FUNCTION)(**inputs)[0]
+        model, text_encoder = loaded["VDITLoadModel"], loaded["VDITTextEncoderLoader"]
+        family = model.model.vdit_family if comfy.IN_COMFY else model.family
+        assert text_encoder.family is family and family.name == release.split("-")[0], path.name
+        with torch.no_grad():
+            cond = text_encoder.family.encode_text(text_encoder.encoder, "a red circle moving right")
+        assert all(torch.isfinite(v.float()).all() for v in cond.values()), path.name
+        assert loaded["VDITLoadVAE"] is not None
 
 
 def test_bundled_workflows_are_what_the_builder_writes():

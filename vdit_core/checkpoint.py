@@ -1,6 +1,7 @@
 """Loading weight files safely and fast.
 
-* safetensors by default (one file, or shards with a ``*.safetensors.index.json``);
+* safetensors by default (one file, shards with a ``*.safetensors.index.json``, or a set of shards
+  named ``NAME-00001-of-0000N.safetensors``, as a download dialog saves them without their index);
   ``.pt``/``.pth``/``.bin``/``.ckpt`` only through ``torch.load(weights_only=True)``.
 * A wrong, truncated or mismatched file raises :class:`CheckpointError`, naming the file, what it
   looks like, and what was expected. Models are built on the meta device and the loaded tensors
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,6 +29,26 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 class CheckpointError(ValueError):
     """A weight file that cannot be used for what was asked."""
+
+
+# one file of a set of shards: NAME-00001-of-00003.safetensors (the numbering diffusers and
+# transformers write)
+SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
+
+
+def shard_set(path: Path) -> list[Path] | None:
+    """Every file of the set of shards ``path`` belongs to, in order (None: not a shard); a
+    one-line error naming those missing beside it."""
+    m = SHARD.match(path.name)
+    if m is None or int(m["count"]) < 1 or not 1 <= int(m["index"]) <= int(m["count"]):
+        return None
+    count = int(m["count"])
+    files = [path.parent / f"{m['stem']}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{path}: shard {int(m['index'])} of {count}; the others must be beside it, "
+                              f"but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+    return files
 
 
 def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -138,7 +160,8 @@ def read_pickle(path: Path, dtype: torch.dtype | None = None, device=None) -> di
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    """The weight file(s) behind a file, an index JSON, or a folder of diffusers weights."""
+    """The weight file(s) behind a file, a shard of a set (all of the set), an index JSON, or a
+    folder of diffusers weights."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -148,6 +171,8 @@ def weight_files(path: str | Path) -> list[Path]:
         if indexes:
             return weight_files(indexes[0])
         if len(singles) == 1:
+            return singles
+        if len(singles) > 1 and shard_set(singles[0]) == singles:  # shards without their index
             return singles
         if len(singles) > 1:
             preferred = [p for p in singles if p.name.startswith("diffusion_pytorch_model") or p.name.startswith("model")]
@@ -169,7 +194,7 @@ def weight_files(path: str | Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{path}: shard(s) listed in the index are missing: {missing}")
         return files
-    return [path]
+    return shard_set(path) or [path]
 
 
 def read_part(path: str | Path, prefixes: tuple[str, ...], dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor] | None:

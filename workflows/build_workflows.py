@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,38 +46,86 @@ CORE = {
 KSAMPLER = {"ddim": "ddim", "euler": "euler", "ddpm": "ddpm"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
-# The weight files of each model folder the workflows name, as the releases publish them: the
-# workflow's "models" list, so the frontend's missing-models dialog says which files are absent and
-# where they go (directory "vdit" = ComfyUI/models/vdit). The frontend offers only .safetensors
-# files from huggingface.co, so configs, tokenizers and .bin weights are left to the Notes; so are
-# files whose exact names could not be checked here (HunyuanDiT's mT5 shards, Open-Sora's T5).
-T5_SHARDS = ("text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors")
-VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
+# What each release's workflows load, as single files in ComfyUI's standard folders, and where each
+# file comes from: the workflow's "models" list, so the frontend's missing-models dialog names every
+# file a run needs, its folder and its download, and fetching exactly those makes the workflow run
+# (configs come from the family's presets, tokenizers from ComfyUI's own files). The frontend offers
+# only .safetensors files from huggingface.co. Names are distinct, so that no file of one release
+# overwrites another's: a browser saves each under its repository name (two are
+# diffusion_pytorch_model.safetensors), and the dialog and the Notes say what to rename it to.
+
+
+@dataclass(frozen=True)
+class Download:
+    """One file of a workflow's missing-models list: its folder and name in ComfyUI, and its source."""
+
+    directory: str  # ComfyUI's model directory: diffusion_models, text_encoders, vae, checkpoints
+    name: str  # the file name there, which the loader's widget names
+    repo: str  # the Hugging Face repository it comes from
+    file: str  # its path in the repository
+
+    def entry(self) -> dict:
+        return {"name": self.name, "url": f"https://huggingface.co/{self.repo}/resolve/main/{self.file}", "directory": self.directory}
+
+    @property
+    def choice(self) -> str:
+        """The loader widget's value for it (a whole-model checkpoint is offered with a prefix)."""
+        return ("checkpoints: " if self.directory == "checkpoints" else "") + self.name
+
+
+@dataclass(frozen=True)
+class Files:
+    """What one release's loaders read: the transformer (the first of its shards stands for the
+    set), the text encoder, the VAE."""
+
+    model: tuple[Download, ...]
+    text_encoder: Download
+    vae: Download
+
+    @property
+    def downloads(self) -> list[Download]:
+        return list(dict.fromkeys((*self.model, self.text_encoder, self.vae)))
+
+
+# the T5-XXL encoder (google/t5-v1_1-xxl) CogVideoX and Open-Sora use, as ComfyUI's Flux and SD3
+# workflows already have it in text_encoders/; its tokenizer is ComfyUI's own
+T5XXL = Download("text_encoders", "t5xxl_fp16.safetensors", "comfyanonymous/flux_text_encoders", "t5xxl_fp16.safetensors")
+
+
+def cogvideox_files(repo: str, stem: str, shards: int) -> Files:
+    """A CogVideoX release from its diffusers repository: the transformer (as its shards), the VAE
+    (one VAE serves every 1.0 release: their latent scaling is the transformer's), ComfyUI's T5."""
+    if shards == 1:
+        model = (Download("diffusion_models", f"{stem}.safetensors", repo, "transformer/diffusion_pytorch_model.safetensors"),)
+    else:
+        model = tuple(Download("diffusion_models", f"{stem}-{i:05d}-of-{shards:05d}.safetensors", repo,
+                               f"transformer/diffusion_pytorch_model-{i:05d}-of-{shards:05d}.safetensors") for i in range(1, shards + 1))
+    return Files(model, T5XXL, Download("vae", "cogvideox_vae.safetensors", repo, "vae/diffusion_pytorch_model.safetensors"))
+
+
+# ComfyUI's own single-file HunyuanDiT (Tencent's comfyui README puts it in checkpoints/): the
+# transformer, both text encoders (mT5's tokenizer inside) and the VAE; each loader takes its part
+HUNYUAN_CHECKPOINT = Download("checkpoints", "hunyuan_dit_1.2.safetensors", "comfyanonymous/hunyuan_dit_comfyui", "hunyuan_dit_1.2.safetensors")
 RELEASE_FILES = {
-    "CogVideoX-2b/": [("THUDM/CogVideoX-2b", f) for f in ("transformer/diffusion_pytorch_model.safetensors", *T5_SHARDS, VAE_FILE)],
-    **{folder: [("THUDM/" + folder.rstrip("/"), f) for f in (
-        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
-        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors", *T5_SHARDS, VAE_FILE)]
-       for folder in ("CogVideoX-5b/", "CogVideoX-5b-I2V/")},
-    "HunyuanDiT-v1.2-Diffusers/": [("Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers", f) for f in (
-        "transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", VAE_FILE)],
-    # the folder is assembled from two repositories: their model.safetensors go to transformer/ and vae/
-    "OpenSora-v1.2/": [("hpcai-tech/OpenSora-STDiT-v3", "model.safetensors", "transformer/model.safetensors"),
-                       ("hpcai-tech/OpenSora-VAE-v1.2", "model.safetensors", "vae/model.safetensors")],
+    "cogvideox-2b": cogvideox_files("THUDM/CogVideoX-2b", "cogvideox_2b", 1),
+    "cogvideox-5b": cogvideox_files("THUDM/CogVideoX-5b", "cogvideox_5b", 2),
+    "cogvideox-5b-i2v": cogvideox_files("THUDM/CogVideoX-5b-I2V", "cogvideox_5b_i2v", 2),
+    "hunyuandit-v1.2": Files((HUNYUAN_CHECKPOINT,), HUNYUAN_CHECKPOINT, HUNYUAN_CHECKPOINT),
+    "opensora-v1.2": Files((Download("diffusion_models", "opensora_v1.2_stdit3.safetensors", "hpcai-tech/OpenSora-STDiT-v3", "model.safetensors"),),
+                           T5XXL, Download("vae", "opensora_v1.2_vae.safetensors", "hpcai-tech/OpenSora-VAE-v1.2", "model.safetensors")),
 }
+
+
+def files_note(files: Files, folder: str) -> str:
+    """The Note's "Files:" part: each file, its folder and source, and the model-folder alternative."""
+    listed = "; ".join(f"models/{d.directory}/{d.name} ({d.repo}, {d.file})" for d in files.downloads)
+    renamed = any(d.name != d.file.rsplit("/", 1)[-1] for d in files.downloads)
+    return (f"Files (the missing-models dialog lists them{'; a browser saves some under their repository names: rename each to the name given here' if renamed else ''}): "
+            f"{listed}. Or put the model folder into ComfyUI/models/vdit/{folder} and pick it in all three loaders")
 
 
 # the widget of each loader that names a model folder or file
 LOADER_WIDGETS = {"VDITLoadModel": ("model",), "VDITTextEncoderLoader": ("text_encoder",), "VDITLoadVAE": ("vae",)}
-
-
-def model_entries(folder: str) -> list[dict]:
-    """The frontend's {name, url, directory} entries for a model folder's weight files."""
-    out = []
-    for repo, file, *local in RELEASE_FILES.get(folder, []):
-        out.append({"name": folder + (local[0] if local else file), "url": f"https://huggingface.co/{repo}/resolve/main/{file}",
-                    "directory": "vdit"})
-    return out
 
 
 def load_pack():
@@ -109,6 +158,7 @@ class Graph:
         self.defs = pack.NODE_CLASS_MAPPINGS
         self.titles = pack.NODE_DISPLAY_NAME_MAPPINGS
         self.items: list[dict] = []
+        self.downloads: list[Download] = []  # the files its loaders read (the "models" list)
 
     def add(self, node_type: str, title: str | None = None, **values) -> dict:
         node = {"id": len(self.items) + 1, "type": node_type, "title": title, "values": values}
@@ -212,8 +262,7 @@ class Graph:
         width, height = col_x[-1] + col_w[-1] + 40, max(columns.values())
         # (not below 0.62: under 0.6 the frontend stops drawing titles and widgets)
         scale = round(max(0.62, min(0.8, 1600 / width, 1000 / height)), 2)
-        folders = dict.fromkeys(n["values"][w] for n in self.items for w in LOADER_WIDGETS.get(n["type"], ()))
-        models = [e for folder in folders for e in model_entries(folder)]
+        models = [d.entry() for d in dict.fromkeys(self.downloads)]
         return {"last_node_id": len(self.items), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
                 "groups": [], "config": {}, "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4,
                 **({"models": models} if models else {})}
@@ -260,16 +309,21 @@ def folder_facts(folder: Path) -> dict:
     return families.release_facts(family, config, folder)
 
 
-def native_loaders(g: Graph, source: str, dtype: str, family: str = "auto") -> tuple[dict, dict, dict]:
-    """The three loaders of a model folder (or file) for ComfyUI's own nodes: MODEL, the text
-    encoder, VAE."""
-    m = g.add("VDITLoadModel", model=source, weight_dtype=dtype, attention="auto", compile=False)
-    te = g.add("VDITTextEncoderLoader", text_encoder=source, dtype=dtype, max_length=0, family=family)
-    vae = g.add("VDITLoadVAE", vae=source, dtype=dtype, variant="auto")
-    return m, te, vae
+def native_loaders(g: Graph, source: Files | str, dtype: str, family: str = "auto") -> tuple[dict, dict, dict]:
+    """The three loaders for ComfyUI's own nodes (MODEL, the text encoder, VAE) of a release's
+    files, which go into the workflow's "models" list, or of the bundled demo."""
+    if isinstance(source, Files):
+        g.downloads += source.downloads
+        model, text, vae = source.model[0].choice, source.text_encoder.choice, source.vae.choice
+    else:
+        model = text = vae = source
+    m = g.add("VDITLoadModel", model=model, weight_dtype=dtype, attention="auto", compile=False)
+    te = g.add("VDITTextEncoderLoader", text_encoder=text, dtype=dtype, max_length=0, family=family)
+    v = g.add("VDITLoadVAE", vae=vae, dtype=dtype, variant="auto")
+    return m, te, v
 
 
-def native(pack, model: str, note: str, facts: dict, prompt: str, dtype="default", negative="", prefix="vdit/t2v", steps: int | None = None,
+def native(pack, model: Files | str, note: str, facts: dict, prompt: str, dtype="default", negative="", prefix="vdit/t2v", steps: int | None = None,
            size: dict | None = None, family: str = "auto", image: bool = False, lora: str | None = None, sampler: str | None = None) -> Graph:
     """A text-to-video (``image``: text-to-image) graph on ComfyUI's own sampling and saving nodes:
     KSampler with the release's sampler, steps and CFG, VAE Decode, then Create Video + Save Video
@@ -310,21 +364,17 @@ def sample_and_save(g: Graph, m: dict, vae: dict, pos: tuple, neg: tuple, latent
         g.add("SaveVideo", video=(v, 0), filename_prefix=prefix, format="mp4", codec="h264")
 
 
-FOLDER_NOTE = (
-    "Files: put the diffusers-format model folder ({repo}) into ComfyUI/models/vdit/{name} "
-    "(model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/). "
-    "Or pick single files instead: the transformer from models/diffusion_models, the T5 encoder from "
-    "models/text_encoders, the VAE from models/vae."
-)
+def cogvideox_note(release: str, folder: str) -> str:
+    return files_note(RELEASE_FILES[release], folder) + " (the diffusers format: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)."
 
 
 def image_to_video(pack) -> Graph:
     r = release("cogvideox", "cogvideox-5b-i2v")
     g = Graph(pack)
-    g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b-I2V", name="CogVideoX-5b-I2V/") +
+    g.note(cogvideox_note("cogvideox-5b-i2v", "CogVideoX-5b-I2V") +
            f" Load the first frame: VDIT Image To Video resizes it to {r['width']}x{r['height']} (centre crop). The release's sampler: "
            "CogVideoX's DPM with dynamic CFG (SamplerCustomAdvanced).")
-    m, te, vae = native_loaders(g, "CogVideoX-5b-I2V/", "bf16")
+    m, te, vae = native_loaders(g, RELEASE_FILES["cogvideox-5b-i2v"], "bf16")
     img = g.add("LoadImage", image="first_frame.png")
     pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text="the scene slowly comes to life, gentle camera motion")
     neg = g.add("VDITPromptEncode", "Negative prompt", text_encoder=(te, 0), text="")
@@ -337,10 +387,10 @@ def image_to_video(pack) -> Graph:
 def video_to_video(pack) -> Graph:
     r = release("cogvideox", "cogvideox-5b")
     g = Graph(pack)
-    g.note(FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
+    g.note(cogvideox_note("cogvideox-5b", "CogVideoX-5b") +
            f" Load a video ({r['width']}x{r['height']} works best); its first {r['frames']} frames are re-generated following the prompt; "
            "lower denoise keeps more of the input.")
-    m, te, vae = native_loaders(g, "CogVideoX-5b/", "bf16")
+    m, te, vae = native_loaders(g, RELEASE_FILES["cogvideox-5b"], "bf16")
     vid = g.add("LoadVideo", file="input.mp4")
     comp = g.add("GetVideoComponents", video=(vid, 0))
     frames = g.add("ImageFromBatch", f"First {r['frames']} frames", image=(comp, 0), batch_index=0, length=r["frames"])
@@ -352,9 +402,9 @@ def video_to_video(pack) -> Graph:
 
 
 HUNYUAN_NOTE = (
-    "Files: put the diffusers-format HunyuanDiT folder (Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers, or v1.1) into "
-    "ComfyUI/models/vdit/HunyuanDiT-v1.2-Diffusers (model_index.json, transformer/, vae/, text_encoder/ + tokenizer/ "
-    "(the bilingual CLIP), text_encoder_2/ + tokenizer_2/ (mT5), scheduler/). A transformer file from Tencent's own "
+    "{files} (Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers, or v1.1: model_index.json, transformer/, vae/, text_encoder/ + tokenizer/ "
+    "(the bilingual CLIP), text_encoder_2/ + tokenizer_2/ (mT5), scheduler/). The one checkpoint holds the transformer, both text "
+    "encoders and the VAE; each loader takes its part. A transformer file from Tencent's own "
     "release (t2i/model/pytorch_model_ema.pt) also loads in VDIT Model Loader from models/diffusion_models. "
     "Trained sizes: {sizes}; frames = {frame_rule} (an image). Prompts in English or Chinese. {steps} steps here, "
     "for speed (diffusers' HunyuanDiT pipeline's default); the release's own inference uses {release_steps}."
@@ -368,13 +418,13 @@ def hunyuandit_note(r: dict, extra: str = "") -> str:
     from vdit_core import families
 
     sizes = ", ".join(f"{w}x{h}" for w, h in families.get("hunyuandit").resolutions)
-    return HUNYUAN_NOTE.format(sizes=sizes, frame_rule=r["frame_rule"], steps=HUNYUAN_WORKFLOW_STEPS, release_steps=r["steps"]) + extra
+    return HUNYUAN_NOTE.format(files=files_note(RELEASE_FILES["hunyuandit-v1.2"], "HunyuanDiT-v1.2-Diffusers"), sizes=sizes, frame_rule=r["frame_rule"], steps=HUNYUAN_WORKFLOW_STEPS, release_steps=r["steps"]) + extra
 
 
 def hunyuandit_text_to_image(pack) -> Graph:
     r = release("hunyuandit", "hunyuandit-v1.2")
     size = {"width": r["width"], "height": r["height"], "frames": r["frames"], "resolution": f"HunyuanDiT {r['width']}x{r['height']}", "duration": "custom"}
-    return native(pack, "HunyuanDiT-v1.2-Diffusers/", hunyuandit_note(r), r, "a cute cat sitting on a windowsill, watercolour",
+    return native(pack, RELEASE_FILES["hunyuandit-v1.2"], hunyuandit_note(r), r, "a cute cat sitting on a windowsill, watercolour",
                   negative="blurry, low quality, deformed", prefix="vdit/hunyuandit", steps=HUNYUAN_WORKFLOW_STEPS, size=size, image=True)
 
 
@@ -382,7 +432,7 @@ def hunyuandit_image_to_image(pack) -> Graph:
     r = release("hunyuandit", "hunyuandit-v1.2")
     g = Graph(pack)
     g.note(hunyuandit_note(r, " Load the image to vary (VAE Encode centre-crops it to multiples of 16); lower denoise keeps more of it."))
-    m, te, vae = native_loaders(g, "HunyuanDiT-v1.2-Diffusers/", "default")
+    m, te, vae = native_loaders(g, RELEASE_FILES["hunyuandit-v1.2"], "default")
     pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text="a cute cat sitting on a windowsill, watercolour")
     neg = g.add("VDITPromptEncode", "Negative prompt", text_encoder=(te, 0), text="blurry, low quality, deformed")
     img = g.add("LoadImage", image="input.png")
@@ -392,10 +442,9 @@ def hunyuandit_image_to_image(pack) -> Graph:
 
 
 OPENSORA_NOTE = (
-    "Files: put Open-Sora 1.2's files into ComfyUI/models/vdit/OpenSora-v1.2/ as released: transformer/ "
-    "(hpcai-tech/OpenSora-STDiT-v3: config.json, model.safetensors), vae/ (hpcai-tech/OpenSora-VAE-v1.2: config.json, "
-    "model.safetensors, which holds the spatial SDXL VAE too), text_encoder/ + tokenizer/ (DeepFloyd/t5-v1_1-xxl). "
-    "No model_index.json is needed. Sizes: the Empty Latent's Open-Sora presets; frames {frame_rule} (2s = {two_seconds}). "
+    "{files}, assembled from the releases: transformer/ (hpcai-tech/OpenSora-STDiT-v3: config.json, model.safetensors), "
+    "vae/ (hpcai-tech/OpenSora-VAE-v1.2: config.json, model.safetensors), text_encoder/ + tokenizer/ (DeepFloyd/t5-v1_1-xxl); "
+    "no model_index.json is needed. The VAE file holds the spatial SDXL VAE too; the text encoder loader's family is set to opensora. Sizes: the Empty Latent's Open-Sora presets; frames {frame_rule} (2s = {two_seconds}). "
     "{steps} steps, CFG {cfg:g}; ' aesthetic score: {aesthetic_score}.' is appended to the prompt (write your own score to change it); "
     "the empty negative is the model's learned null caption."
 )
@@ -406,7 +455,7 @@ def opensora_note(r: dict, extra: str = "") -> str:
     from vdit_core import families
 
     family = families.get("opensora")
-    return OPENSORA_NOTE.format(frame_rule=r["frame_rule"], two_seconds=family.durations["2s"], steps=r["steps"], cfg=r["cfg"],
+    return OPENSORA_NOTE.format(files=files_note(RELEASE_FILES["opensora-v1.2"], "OpenSora-v1.2"), frame_rule=r["frame_rule"], two_seconds=family.durations["2s"], steps=r["steps"], cfg=r["cfg"],
                                 aesthetic_score=families.opensora.AESTHETIC_SCORE) + extra
 
 
@@ -421,7 +470,7 @@ def opensora_text_to_video(pack) -> Graph:
     (width, height), frames = family.named_resolutions[OPENSORA_SIZE], family.durations[OPENSORA_DURATION]
     size = {"width": width, "height": height, "frames": frames, "resolution": f"{family.label} {OPENSORA_SIZE} {width}x{height}",
             "duration": f"{family.label} {OPENSORA_DURATION} ({frames} frames)"}
-    return native(pack, "OpenSora-v1.2/", opensora_note(r), {**r, "null_negative": True}, OPENSORA_PROMPT, dtype="bf16",
+    return native(pack, RELEASE_FILES["opensora-v1.2"], opensora_note(r), {**r, "null_negative": True}, OPENSORA_PROMPT, dtype="bf16",
                   prefix="vdit/opensora", size=size, family="opensora")
 
 
@@ -434,7 +483,7 @@ def opensora_image_to_video(pack) -> Graph:
     g = Graph(pack)
     g.note(opensora_note(r, " Image-to-video: load the first frame; VDIT Image To Video resizes it to the video's size (centre crop) "
                             "and holds it as the video's first frames."))
-    m, te, vae = native_loaders(g, "OpenSora-v1.2/", "bf16", family="opensora")
+    m, te, vae = native_loaders(g, RELEASE_FILES["opensora-v1.2"], "bf16", family="opensora")
     img = g.add("LoadImage", image="first_frame.png")
     pos = g.add("VDITPromptEncode", "Positive prompt", text_encoder=(te, 0), text=OPENSORA_PROMPT)
     neg = g.add("VDITPromptEncode", "Negative prompt (empty: the learned null)", text_encoder=(te, 0), text="")
@@ -456,17 +505,17 @@ def all_workflows(pack) -> dict[str, Graph]:
             "blue, yellow, white, purple), 4 directions (left, right, up, down).",
             demo, "a blue square moving up", prefix="vdit/demo"),
         "CogVideoX 2B - text to video": native(
-            pack, "CogVideoX-2b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-2b", name="CogVideoX-2b/") +
+            pack, RELEASE_FILES["cogvideox-2b"], cogvideox_note("cogvideox-2b", "CogVideoX-2b") +
             f" The 2B model runs in fp16 with {b2['sampler'].upper()}, {b2['steps']} steps, CFG {b2['cfg']:g}, {b2['frames']} frames at "
             f"{b2['width']}x{b2['height']}, {b2['fps']:g} fps.",
             b2, "a panda playing a guitar in a bamboo forest, soft morning light", dtype="fp16"),
         "CogVideoX 5B - text to video": native(
-            pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
+            pack, RELEASE_FILES["cogvideox-5b"], cogvideox_note("cogvideox-5b", "CogVideoX-5b") +
             f" The 5B model runs in bf16 with its release's sampler: CogVideoX's DPM with dynamic CFG, {b5['steps']} steps, CFG {b5['cfg']:g} "
             "(SamplerCustomAdvanced with VDIT Sampler Select and VDIT Dynamic CFG Guider).",
             b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", sampler="cogvideox_dpm"),
         "CogVideoX 5B - text to video with a LoRA": native(
-            pack, "CogVideoX-5b/", FOLDER_NOTE.format(repo="THUDM/CogVideoX-5b", name="CogVideoX-5b/") +
+            pack, RELEASE_FILES["cogvideox-5b"], cogvideox_note("cogvideox-5b", "CogVideoX-5b") +
             " The LoRA is your own: train one with python -m vdit_core.train --model models/vdit/CogVideoX-5b --data <clips> "
             "--output my_lora --lora-rank 64 (or use a diffusers/PEFT or kohya file), put its lora.safetensors into models/loras and pick it in Load LoRA; chain "
             "several to stack LoRAs.",
