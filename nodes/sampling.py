@@ -87,6 +87,13 @@ class VDITEmptyLatent:
         return ({"samples": samples, "vdit_frames": frames},)
 
 
+# the INT output that goes with a LATENT, in the style of ComfyUI's own video nodes (e.g. the Wan
+# VACE node's trim_latent): latent frames a family adds in front that are not part of the video
+TRIM_TOOLTIP = ("latent frames added in front of the video (CogVideoX 1.5 pads an odd latent count to its temporal patch, as its "
+                "release does; 0 for every other model): connect to ComfyUI's TrimVideoLatent after the sampler, so that VAE Decode "
+                "returns exactly the requested frames")
+
+
 class VDITEmptyLatentVideo:
     """Zero latents [B, C, T, h, w] shaped for a ComfyUI MODEL of a vdit family (KSampler's input)."""
 
@@ -96,7 +103,9 @@ class VDITEmptyLatentVideo:
         spec["required"]["model"] = ("MODEL", {"tooltip": "the model the latents are shaped for (VDIT Load Model: channels, frame rule, size step)"})
         return spec
 
-    RETURN_TYPES = ("LATENT",)
+    RETURN_TYPES = ("LATENT", "INT")
+    RETURN_NAMES = ("latent", "trim_latent")
+    OUTPUT_TOOLTIPS = ("empty latents for KSampler", TRIM_TOOLTIP)
     FUNCTION = "generate"
     DESCRIPTION = ("Empty latents for text-to-video or text-to-image with a video DiT, for KSampler: the size and frame count checked "
                    "against the model's family (frame rule, size step) before anything runs.")
@@ -115,9 +124,9 @@ class VDITEmptyLatentVideo:
         problem = family.size_problem(frames, height, width, config, scale, frames_label="frames")
         if problem:
             raise ValueError(f"{inner.vdit_name}: {problem}")
-        _, t = family.latent_frames(config, frames)
+        keep, t = family.latent_frames(config, frames)
         samples = torch.zeros(batch_size, family.latent_channels(config), t, height // scale, width // scale)
-        return ({"samples": samples, "vdit_frames": frames},)
+        return {"samples": samples, "vdit_frames": frames}, t - keep
 
 
 class VDITImageToVideo:
@@ -140,8 +149,9 @@ class VDITImageToVideo:
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "videos made at once"}),
         }}
 
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
-    RETURN_NAMES = ("positive", "negative", "latent")
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT", "INT")
+    RETURN_NAMES = ("positive", "negative", "latent", "trim_latent")
+    OUTPUT_TOOLTIPS = ("the prompt with the first frame", "the negative prompt with the first frame", "empty latents for KSampler", TRIM_TOOLTIP)
     FUNCTION = "encode"
     DESCRIPTION = ("Image to video for KSampler: encodes the first frame with the model's VAE into the conditioning (CogVideoX I2V "
                    "reads it beside the noise; Open-Sora holds it as the video's first frames) and makes the video's empty latents.")
@@ -163,10 +173,10 @@ class VDITImageToVideo:
         check_finite("start_image", start_image)
         image = native.resized(start_image[:1], width, height)  # [1, H, W, 3]
         z = native.encode_scaled(vae, frames_to_pixels(image), lambda info: family.image_latent_scale(info))  # [1, C, 1, h, w]
-        _, t = family.latent_frames(config, frames)
+        keep, t = family.latent_frames(config, frames)
         inputs = frames_conditioning(family, config, z.float().to(comfy.intermediate_device()), t)
         latent = torch.zeros(batch_size, family.latent_channels(config), t, height // scale, width // scale)
-        return native.with_inputs(positive, inputs), native.with_inputs(negative, inputs), {"samples": latent, "vdit_frames": frames}
+        return native.with_inputs(positive, inputs), native.with_inputs(negative, inputs), {"samples": latent, "vdit_frames": frames}, t - keep
 
 
 def _preview(denoised: torch.Tensor, scale: int, latent_rgb=None):

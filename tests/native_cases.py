@@ -20,7 +20,8 @@ from vdit_core.models.hunyuan_dit import HunyuanDiT, HunyuanDiTConfig
 from vdit_core.models.opensora import STDiT3, STDiT3Config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "native"
-NAMES = ("demo", "cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "hunyuandit-v1.2", "opensora", "opensora-null", "opensora-i2v")
+NAMES = ("demo", "cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox-1.5", "hunyuandit-v1.2", "opensora", "opensora-null",
+         "opensora-i2v")
 
 
 @dataclass
@@ -65,10 +66,12 @@ def case(name: str) -> Case:
                         latent_rgb=pipe.latent_rgb)
         return Case(pipe.family, pipe.transformer, defaults, cond, uncond, randn(1, 2, 5, 8, 8), 8, 5.0)
     if name.startswith("cogvideox"):
-        i2v = name.endswith("-i2v")
+        i2v, v15 = name.endswith("-i2v"), name.endswith("1.5")
+        # 1.5: frames in pairs (temporal patch 2), no patch bias, a larger RoPE crop region
         config = CogVideoXConfig(num_attention_heads=2, attention_head_dim=16, num_layers=2, in_channels=8 if i2v else 4, out_channels=4,
-                                 text_embed_dim=16, time_embed_dim=20, sample_height=4, sample_width=6, sample_frames=9, max_text_seq_length=8,
-                                 use_rotary_positional_embeddings=not name.endswith("2b"), use_learned_positional_embeddings=i2v)
+                                 text_embed_dim=16, time_embed_dim=20, sample_height=10 if v15 else 4, sample_width=10 if v15 else 6,
+                                 sample_frames=9, max_text_seq_length=8, use_rotary_positional_embeddings=not name.endswith("2b"),
+                                 use_learned_positional_embeddings=i2v, patch_size_t=2 if v15 else None, patch_bias=not v15)
         family = families.get("cogvideox")
         transformer = _randomised(CogVideoXTransformer(config), 1)
         defaults = family.sampling_defaults(None, config)
@@ -79,7 +82,8 @@ def case(name: str) -> Case:
 
             defaults["schedule"] = DiscreteSchedule.from_config(release_schedule(PRESETS["cogvideox-2b"]))
         cond, uncond = {"context": randn(1, 8, 16)}, {"context": randn(1, 8, 16)}
-        return Case(family, transformer, defaults, cond, uncond, randn(1, 4, 3, 4, 6), 6, 6.0, randn(1, 4, 1, 4, 6) if i2v else None)
+        noise = randn(1, 4, 4 if v15 else 3, 4, 6)  # 1.5: 9 frames' 3 latent frames padded to 4, as its Empty Latent makes them
+        return Case(family, transformer, defaults, cond, uncond, noise, 6, 6.0, randn(1, 4, 1, 4, 6) if i2v else None)
     if name.startswith("hunyuandit"):
         config = HunyuanDiTConfig(num_attention_heads=2, attention_head_dim=8, hidden_size=16, num_layers=4, cross_attention_dim=12,
                                   cross_attention_dim_t5=16, pooled_projection_dim=8, text_len=5, text_len_t5=6, sample_size=8, mlp_ratio=2.0)

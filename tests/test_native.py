@@ -299,8 +299,8 @@ def test_image_to_video_node_conditions_both_prompts_and_samples():
     text = lambda: native.conditioning(family, {"context": torch.randn(1, 8, 16, generator=g)})  # noqa: E731
     image = torch.rand(1, 80, 96, 3, generator=g)  # not the video's size: resized and centre-cropped
     node = PACK.NODE_CLASS_MAPPINGS["VDITImageToVideo"]()
-    pos, neg, latent = node.encode(model, text(), text(), vae, image, 64, 64, 9, 1)
-    assert latent["samples"].shape == (1, 2, 3, 8, 8)
+    pos, neg, latent, trim = node.encode(model, text(), text(), vae, image, 64, 64, 9, 1)
+    assert latent["samples"].shape == (1, 2, 3, 8, 8) and trim == 0
     concat = pos[0][1]["vdit_concat"]
     assert torch.equal(concat, neg[0][1]["vdit_concat"]) and concat.shape == (1, 2, 3, 8, 8)
     with torch.no_grad():
@@ -372,3 +372,28 @@ def test_a_cancel_during_native_decode_stops_after_the_chunk_in_hand(monkeypatch
     with pytest.raises(Cancelled):
         comfy_nodes.VAEDecode().decode(vae, latent)
     assert len(chunks) == 2 and progress and progress[-1] < 100  # stopped after the second chunk, before the end
+
+
+def test_cogvideox_15_pads_an_odd_latent_count_and_says_what_to_trim():
+    """CogVideoX 1.5 samples an odd latent count padded in front to its temporal patch of 2 (as its
+    release does): VDIT Empty Latent Video makes the padded latents and says how many frames
+    ComfyUI's TrimVideoLatent must cut after the sampler; what is left is the pipeline's video
+    latents, which decode to the requested frames."""
+    from comfy_extras.nodes_wan import TrimVideoLatent
+
+    case = native_cases.case("cogvideox-1.5")
+    patcher = native.native_model(case.transformer, case.family, None, "tiny-1.5", case.defaults)
+    empty = PACK.NODE_CLASS_MAPPINGS["VDITEmptyLatentVideo"]()
+    latent, trim = empty.generate(patcher, 48, 32, 9, 1)  # 3 latent frames: padded to 4
+    assert latent["samples"].shape == case.noise.shape == (1, 4, 4, 4, 6) and trim == 1
+    assert empty.generate(patcher, 48, 32, 13, 1)[1] == 0  # 4 latent frames: nothing to pad
+    five_b = native_cases.case("cogvideox-5b")
+    assert empty.generate(native.native_model(five_b.transformer, five_b.family, None, "tiny-5b", five_b.defaults), 48, 32, 9, 1)[1] == 0
+    with torch.no_grad():
+        raw = comfy_sample(patcher, case)
+    out = TrimVideoLatent.execute({**latent, "samples": raw}, trim)
+    trimmed = (out.result if hasattr(out, "result") else out)[0]["samples"]
+    keep, _ = case.family.latent_frames(case.transformer.config, 9)
+    assert trimmed.shape[2] == keep == 3 and (keep - 1) * 4 + 1 == 9
+    ours = vdit_sample(case, comfy_sigmas(patcher, case))[:, :, -keep:]  # the pipeline's crop of the padded run
+    assert (patcher.model.process_latent_in(trimmed) - ours).abs().max() < 1e-4 * max(1.0, ours.abs().max().item())
