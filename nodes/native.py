@@ -42,8 +42,9 @@ import comfy.samplers
 import comfy.sd
 import comfy.supported_models_base
 import comfy.utils
-from vdit_core.fp8 import compute_dtype, is_fp8
+from vdit_core.fp8 import FP8Linear, compute_dtype, is_fp8
 from vdit_core.layers import Linear as VDITLinear
+from vdit_core.layers import linear
 from vdit_core.lora import LoRANames, lora_modules_of
 from vdit_core.pipeline import check_request
 from vdit_core.sampling import FLOW, SAMPLERS, STOCHASTIC_SAMPLERS, VE, SeededNoise
@@ -307,15 +308,38 @@ class CastLinear(comfy.ops.disable_weight_init.Linear, VDITLinear):
     """vdit's Linear as ComfyUI's cast layer: streamed by ComfyUI's low-VRAM load, else vdit's."""
 
 
+class CastFP8Linear(FP8Linear, comfy.ops.CastWeightBiasOp):
+    """vdit's float8 Linear, streamable by ComfyUI's low-VRAM load: while ComfyUI marks it
+    (``comfy_cast_weights``), its float8 weight, scale and bias come to the input's device for each
+    call, and ComfyUI's patches of a streamed layer (``weight_function``: LoRA, applied to the
+    stored float8 weight by way of :meth:`FP8Linear.set_weight`) run before the scale. ComfyUI's
+    own cast layers cannot hold it: they would drop the scale."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out], in x's dtype
+        if not (self.comfy_cast_weights or self.weight_function or self.bias_function):
+            return super().forward(x)
+        weight = self.weight.to(x.device, non_blocking=True)  # float8, in stored units (weight / scale)
+        for f in self.weight_function:
+            weight = f(weight)
+        weight = (weight.float() * self.scale_weight.to(x.device).float()).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype, non_blocking=True)
+        for f in self.bias_function:
+            bias = f(bias)
+        return linear(x, weight, bias)
+
+
 def castable(module: torch.nn.Module) -> torch.nn.Module:
     """``module``'s plain torch layers turned into ComfyUI's cast layers (``comfy.ops``) in place,
     so ComfyUI's low-VRAM load can keep their weights in CPU memory and bring each in as it runs;
     without them, a partial load leaves whole layers on the CPU and the forward fails. Only exact
-    types change class (parameters, state dict and numerics stay); vdit's float8 and float32 norm
-    layers stay as they are (what they use follows the input's device)."""
+    types change class (parameters, state dict and numerics stay); vdit's float8 layers become
+    :class:`CastFP8Linear`; its float32 norm layers stay as they are (what they use follows the
+    input's device)."""
     ops = comfy.ops.disable_weight_init
     table = {torch.nn.Linear: ops.Linear, VDITLinear: CastLinear, torch.nn.Conv2d: ops.Conv2d, torch.nn.Conv3d: ops.Conv3d,
-             torch.nn.LayerNorm: ops.LayerNorm, torch.nn.GroupNorm: ops.GroupNorm, torch.nn.Embedding: ops.Embedding}
+             torch.nn.LayerNorm: ops.LayerNorm, torch.nn.GroupNorm: ops.GroupNorm, torch.nn.Embedding: ops.Embedding,
+             FP8Linear: CastFP8Linear}
     for m in module.modules():
         cast = table.get(type(m))
         if cast is not None:

@@ -179,14 +179,44 @@ def test_lora_on_castable_layers_under_a_low_vram_load(name, tmp_path):
     lora.load(cpu, lowvram_model_memory=1)
     streamed = [m for m in case.transformer.modules() if getattr(m, "comfy_cast_weights", False) and m.weight_function]
     assert len(streamed) == len(targets(case.transformer))  # every LoRA-patched layer got its patch as a function
-    model = lora.model
+    assert (loaded_denoised(lora, case) - full).abs().max().item() < 1e-5
+    lora.detach()
+
+
+def loaded_denoised(patcher, case) -> torch.Tensor:
+    """:func:`denoised` on the patcher as it is loaded now (no new load)."""
+    model = patcher.model
     (main, extra), = native.conditioning(case.family, case.cond)
     conds = model.extra_conds(cross_attn=main, noise=case.noise, **extra)
-    sigma = lora.get_model_object("model_sampling").percent_to_sigma(0.4)
+    sigma = patcher.get_model_object("model_sampling").percent_to_sigma(0.4)
     with torch.no_grad():
-        low = model.apply_model(case.noise * 0.7, torch.tensor([sigma]), **{k: c.cond for k, c in conds.items()})
-    assert (low - full).abs().max().item() < 1e-5
-    lora.detach()
+        return model.apply_model(case.noise * 0.7, torch.tensor([sigma]), **{k: c.cond for k, c in conds.items()})
+
+
+def test_float8_layers_stream_under_a_low_vram_load_with_a_lora_or_not(tmp_path):
+    """vdit's float8 layers become castable too (as on a GPU): a low-VRAM load of 1 byte streams
+    them with their scales and gives the full load's output exactly; with a LoRA, each streamed
+    float8 layer gets its patch as a function, rounded into float8 with the full load's seeds, so
+    the output is the full load's again."""
+    from vdit_core.fp8 import FP8Linear, quantize
+
+    case = native_cases.case("cogvideox-5b")
+    n8 = quantize(case.transformer, case.transformer.transformer_blocks)
+    native.castable(case.transformer)
+    assert n8 > 0 and sum(isinstance(m, native.CastFP8Linear) for m in case.transformer.modules()) == n8
+    patcher = native.native_model(case.transformer, case.family, None, "x", case.defaults)
+    cpu = torch.device("cpu")
+    for model in (patcher, comfy_lora(patcher, write_lora("peft", case.transformer, tmp_path / "peft.safetensors"), 1.0)):
+        full = denoised(model, case)
+        comfy.model_management.unload_all_models()
+        model.load(cpu, lowvram_model_memory=1)
+        fp8 = [m for m in case.transformer.modules() if isinstance(m, FP8Linear)]
+        assert all(m.comfy_cast_weights for m in fp8)  # streamed, not left behind
+        if model is not patcher:
+            patched = [m for m in fp8 if m.weight_function]
+            assert 0 < len(patched) <= len(targets(case.transformer))
+        assert torch.equal(loaded_denoised(model, case), full)
+        model.detach()
 
 
 def test_tencent_fused_names_equal_ours_split():
