@@ -311,15 +311,16 @@ class CastLinear(comfy.ops.disable_weight_init.Linear, VDITLinear):
 class CastFP8Linear(FP8Linear, comfy.ops.CastWeightBiasOp):
     """vdit's float8 Linear, streamable by ComfyUI's low-VRAM load: while ComfyUI marks it
     (``comfy_cast_weights``), its float8 weight, scale and bias come to the input's device for each
-    call, and ComfyUI's patches of a streamed layer (``weight_function``: LoRA, applied to the
-    stored float8 weight by way of :meth:`FP8Linear.set_weight`) run before the scale. ComfyUI's
-    own cast layers cannot hold it: they would drop the scale."""
+    call, and ComfyUI's patches of a streamed layer (``weight_function``: LoRA, in stored units)
+    run on the stored weight in float32, before the scale. (ComfyUI 0.3.64 rounds the patched
+    weight into float8 through :meth:`FP8Linear.set_weight`, as a full load does; newer versions
+    keep it in float32.) ComfyUI's own cast layers cannot hold it: they would drop the scale."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out], in x's dtype
         if not (self.comfy_cast_weights or self.weight_function or self.bias_function):
             return super().forward(x)
-        weight = self.weight.to(x.device, non_blocking=True)  # float8, in stored units (weight / scale)
+        weight = self.weight.to(x.device, non_blocking=True).float()  # stored units (weight / scale)
         for f in self.weight_function:
             weight = f(weight)
         weight = (weight.float() * self.scale_weight.to(x.device).float()).to(x.dtype)
