@@ -135,7 +135,8 @@ def tokenizer_root() -> Path | None:
         return None
     import comfy.text_encoders
 
-    return Path(comfy.text_encoders.__file__).parent
+    # (a namespace package in some versions, 0.3.64 among them: no __file__, but a __path__)
+    return Path(next(iter(comfy.text_encoders.__path__)))
 
 
 # ----------------------------------------------------------------------------------------------

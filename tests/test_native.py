@@ -397,3 +397,10 @@ def test_cogvideox_15_pads_an_odd_latent_count_and_says_what_to_trim():
     assert trimmed.shape[2] == keep == 3 and (keep - 1) * 4 + 1 == 9
     ours = vdit_sample(case, comfy_sigmas(patcher, case))[:, :, -keep:]  # the pipeline's crop of the padded run
     assert (patcher.model.process_latent_in(trimmed) - ours).abs().max() < 1e-4 * max(1.0, ours.abs().max().item())
+
+
+def test_single_text_encoder_files_find_comfyuis_tokenizers():
+    """A T5 file from text_encoders/ and HunyuanDiT's single file take ComfyUI's own tokenizer
+    files: the folder is found in this ComfyUI (where comfy.text_encoders has no __file__)."""
+    root = __import__(f"{PACK.__name__}.nodes.comfy", fromlist=["x"]).tokenizer_root()
+    assert (root / "t5_tokenizer").is_dir() and (root / "hydit_clip_tokenizer").is_dir()
