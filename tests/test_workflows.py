@@ -193,6 +193,8 @@ def _stand_ins(release: str, root: Path) -> dict[str, Path]:
     from safetensors.torch import load_file, save_file
 
     root.mkdir(parents=True, exist_ok=True)
+    if not release.startswith("opensora"):
+        pytest.importorskip("diffusers")  # the reference pipelines that write them
     if release.startswith("cogvideox"):
         variant = {"cogvideox-2b": "2b", "cogvideox-5b": "5b", "cogvideox-5b-i2v": "5b-i2v"}[release]
         # a single file has no config: the learned positions must cover the release's own grid
