@@ -60,7 +60,7 @@ class CogVideoX(Family):
     lora_targets = LORA_TARGETS
     presets = model.PRESETS
     text_length = TEXT_LENGTH
-    resolutions = ((720, 480), (480, 720), (1360, 768), (768, 1360))  # 1.0 (and the demo's 64x64 is its own); 1.5
+    resolutions = ((720, 480), (480, 720), (1360, 768), (768, 1360))  # (width, height): 1.0 (the demo's 64x64 is its own); 1.5
     text_state = "context"
     folder_parts = {"transformer": ("model_index.json", "transformer/config.json"), "vae": ("model_index.json", "vae/config.json"),
                     "text_encoder": ("model_index.json", "text_encoder/config.json", "tokenizer/")}
@@ -143,6 +143,9 @@ class CogVideoX(Family):
         return config.out_channels
 
     def default_size(self, config, spatial_scale):
+        if config.is_v15:  # its sample size is the RoPE crop region (300x300 latents), not its trained size
+            width, height = self.resolutions[2]
+            return config.sample_frames, height, width
         return config.sample_frames, config.sample_height * spatial_scale, config.sample_width * spatial_scale
 
     def frame_rule(self, config=None) -> str:
