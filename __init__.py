@@ -16,4 +16,8 @@ if _PACK_DIR not in sys.path:
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# served by ComfyUI at /extensions/<this folder>/: the nodes' help pages (docs/<NodeName>.md, shown
+# in the node library's help panel) and the pack's icon
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -404,3 +404,33 @@ def test_single_text_encoder_files_find_comfyuis_tokenizers():
     files: the folder is found in this ComfyUI (where comfy.text_encoders has no __file__)."""
     root = __import__(f"{PACK.__name__}.nodes.comfy", fromlist=["x"]).tokenizer_root()
     assert (root / "t5_tokenizer").is_dir() and (root / "hydit_clip_tokenizer").is_dir()
+
+
+def test_comfyui_serves_every_template_and_its_thumbnail():
+    """ComfyUI's own routes (app/custom_node_manager.py) list each bundled workflow as a template
+    of the pack and serve its JSON and its thumbnail."""
+    import asyncio
+    import urllib.parse
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from app.custom_node_manager import CustomNodeManager
+
+    root = Path(__file__).resolve().parents[1]
+    names = sorted(p.stem for p in (root / "workflows").glob("*.json"))
+
+    async def fetch():
+        app, routes = web.Application(), web.RouteTableDef()
+        CustomNodeManager().add_routes(routes, app, [("vdit", str(root))])
+        app.add_routes(routes)
+        async with TestClient(TestServer(app)) as client:
+            got = {}
+            for name in names:
+                for suffix in (".json", ".jpg"):
+                    r = await client.get("/api/workflow_templates/vdit/" + urllib.parse.quote(name + suffix))
+                    got[name + suffix] = (r.status, r.content_type, len(await r.read()))
+            return got
+
+    for key, (status, kind, size) in asyncio.run(fetch()).items():
+        assert status == 200 and size > 0, key
+        assert kind == ("image/jpeg" if key.endswith(".jpg") else "application/json"), (key, kind)

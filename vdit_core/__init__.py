@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "for your CUDA version from https://pytorch.org/get-started/locally/"
     ) from e
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public API, imported on first use so that importing the package (e.g. by ComfyUI at start-up)
 # does not pull in transformers

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -551,6 +552,53 @@ def demo_thumbnail(graph: Graph, out: Path) -> None:
     img.resize((img.width * 2, img.height * 2), Image.NEAREST).save(out, quality=90)
 
 
+# a node's colour in a template's picture, by what it does (the first word its type holds)
+ROLE_COLOURS = (("LoadImage", (60, 140, 150)), ("LoadVideo", (60, 140, 150)), ("GetVideo", (60, 140, 150)), ("FromBatch", (60, 140, 150)),
+                ("Load", (120, 86, 170)), ("Lora", (120, 86, 170)), ("Prompt", (180, 150, 60)), ("EmptyLatent", (170, 90, 140)),
+                ("ImageToVideo", (170, 90, 140)), ("VAEEncode", (170, 90, 140)), ("Sampler", (70, 150, 90)), ("Guider", (70, 150, 90)),
+                ("Scheduler", (70, 150, 90)), ("Noise", (70, 150, 90)), ("VAEDecode", (170, 80, 80)), ("Save", (60, 110, 170)),
+                ("CreateVideo", (60, 110, 170)), ("Note", (110, 90, 60)))
+
+
+def graph_thumbnail(name: str, ui: dict, titles: dict, out: Path, size: tuple[int, int] = (512, 384)) -> None:
+    """The Templates menu's picture of a workflow whose model is not bundled (so no frame of it can
+    be rendered here): the family and task in words, over the workflow's own graph as the UI draws
+    it (its nodes, coloured by role and named, and its links), and the files it downloads."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", size, (24, 26, 32))
+    d = ImageDraw.Draw(img)
+    family, _, task = name.partition(" - ")
+    d.text((16, 12), family, fill=(240, 240, 240), font=ImageFont.load_default(size=30))
+    d.text((16, 50), task, fill=(190, 200, 215), font=ImageFont.load_default(size=22))
+    files = dict.fromkeys(re.sub(r"-\d{5}-of-\d{5}$", "", m["name"].removesuffix(".safetensors")) for m in ui.get("models", []))
+    d.text((16, size[1] - 24), "downloads: " + ", ".join(files), fill=(140, 150, 165), font=ImageFont.load_default(size=12))
+    nodes = ui["nodes"]
+    x0, y0 = min(n["pos"][0] for n in nodes), min(n["pos"][1] for n in nodes)
+    x1, y1 = max(n["pos"][0] + n["size"][0] for n in nodes), max(n["pos"][1] + n["size"][1] for n in nodes)
+    box = (16, 88, size[0] - 16, size[1] - 32)  # where the graph goes
+    k = min((box[2] - box[0]) / (x1 - x0), (box[3] - box[1]) / (y1 - y0))
+
+    def at(x, y):
+        return box[0] + (x - x0) * k, box[1] + (y - y0) * k
+
+    by_id = {n["id"]: n for n in nodes}
+    for _, src, slot, dst, dslot, _ in ui["links"]:
+        a, b = by_id[src], by_id[dst]
+        d.line([at(a["pos"][0] + a["size"][0], a["pos"][1] + 30 + 22 * slot), at(b["pos"][0], b["pos"][1] + 30 + 22 * dslot)],
+               fill=(150, 160, 175), width=2)
+    small = ImageFont.load_default(size=9)
+    for n in nodes:
+        colour = next((c for word, c in ROLE_COLOURS if word.lower() in n["type"].lower()), (90, 95, 105))
+        (ax, ay), (bx, by) = at(*n["pos"]), at(n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+        d.rounded_rectangle([ax, ay, bx, by], radius=4, fill=colour, outline=(230, 230, 230))
+        label = (n.get("title") or titles.get(n["type"], n["type"])).removeprefix("VDIT ")
+        while label and d.textlength(label, font=small) > bx - ax - 6:
+            label = label[:-1]
+        d.text((ax + 3, ay + 2), label, fill=(250, 250, 250), font=small)
+    img.save(out, quality=90)
+
+
 def main() -> None:
     pack = load_pack()
     (HERE / "api").mkdir(exist_ok=True)
@@ -561,7 +609,15 @@ def main() -> None:
         print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
     demo = next(name for name in graphs if name.startswith("vdit demo"))
     demo_thumbnail(graphs[demo], HERE / f"{demo}.jpg")
-    print(f"wrote workflows/{demo}.jpg (the other models' weights are not here to render theirs)")
+    print(f"wrote workflows/{demo}.jpg: the demo's own frames")
+    from PIL import Image
+
+    Image.open(HERE / f"{demo}.jpg").convert("RGB").resize((400, 400), Image.NEAREST).save(ROOT / "web" / "icon.png")
+    print("wrote web/icon.png (the registry's icon): the same frames")
+    for name, graph in graphs.items():
+        if name != demo:  # the other models' weights are not here to render frames of
+            graph_thumbnail(name, graph.ui(), graph.titles, HERE / f"{name}.jpg")
+            print(f"wrote workflows/{name}.jpg: its graph")
 
 
 if __name__ == "__main__":

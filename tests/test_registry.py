@@ -1,0 +1,100 @@
+"""What ComfyUI's registry, ComfyUI-Manager and the node library read of the pack: its metadata,
+its dependencies (never torch), the nodes' help pages and the templates' thumbnails."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from test_package import load_pack
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+TORCH = {"torch", "torchvision", "torchaudio"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_installing_the_pack_never_touches_torch():
+    """ComfyUI-Manager installs requirements.txt, pip the project's dependencies: neither names
+    torch, torchvision or torchaudio (a requirement pip may satisfy by replacing the user's CUDA
+    build)."""
+    lines = [x for x in (ROOT / "requirements.txt").read_text().splitlines() if x.strip() and not x.lstrip().startswith("#")]
+    declared = {_name(x) for x in PYPROJECT["project"]["dependencies"]}
+    assert lines and declared
+    assert not TORCH & {_name(x) for x in lines}
+    assert not TORCH & declared
+    assert {_name(x) for x in lines} == declared  # one list of dependencies, written twice for the two installers
+
+
+def test_registry_metadata_is_present_and_true():
+    comfy = PYPROJECT["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert comfy["Icon"].startswith("https://raw.githubusercontent.com/") and PYPROJECT["project"]["urls"]["Repository"].split("github.com/")[1] in comfy["Icon"]
+    icon = ROOT / comfy["Icon"].split("/main/", 1)[1]  # the file the URL serves from the repository
+    with Image.open(icon) as img:
+        assert img.size[0] == img.size[1] >= 64
+    # the range starts at the version the pack is tested on (tests/test_native*.py, ComfyUI 0.3.64)
+    assert comfy["requires-comfyui"] == ">=0.3.64"
+    version = PYPROJECT["project"]["version"]
+    import vdit_core
+
+    assert vdit_core.__version__ == version and re.fullmatch(r"\d+\.\d+\.\d+", version)
+    assert f"## {version} " in (ROOT / "CHANGELOG.md").read_text()
+    ignored = (ROOT / ".comfyignore").read_text().split()
+    assert {"tests/", "bench/"} <= set(ignored)
+    assert not {"vdit_core/", "nodes/", "workflows/", "web/"} & set(ignored)
+
+
+def _help_builder():
+    spec = importlib.util.spec_from_file_location("build_help", ROOT / "web" / "build_help.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_help"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_node_has_the_help_page_the_builder_writes():
+    """ComfyUI's node library shows ``<WEB_DIRECTORY>/docs/<NodeName>.md`` in its help panel; each
+    page is the builder's output (rerun ``python web/build_help.py`` after changing a node)."""
+    pack = load_pack()
+    assert pack.WEB_DIRECTORY == "./web"
+    pages = _help_builder().pages(pack)
+    docs = ROOT / "web" / "docs"
+    assert set(pages) == {f"{n}.md" for n in pack.NODE_CLASS_MAPPINGS} == {p.name for p in docs.glob("*.md")}
+    for name, text in pages.items():
+        assert (docs / name).read_text() == text, f"web/docs/{name} is stale: run python web/build_help.py"
+        assert "## Outputs" in text and "## Example" in text, name
+        node = pack.NODE_CLASS_MAPPINGS[name.removesuffix(".md")]
+        for section in ("required", "optional"):
+            for inp in node.INPUT_TYPES().get(section, {}):
+                assert f"| `{inp}`" in text, (name, inp)
+
+
+def test_the_pages_state_the_families_facts():
+    from vdit_core import families
+
+    text = (ROOT / "web" / "docs" / "VDITLoadModel.md").read_text()
+    for family in families.FAMILIES.values():
+        for preset, config in family.presets.items():
+            r = families.release_facts(family, config)
+            assert f"| {family.label} | {preset} | {r['frame_rule']} (trained {r['frames']}) | {r['width']}x{r['height']} " in text
+
+
+def test_every_template_has_a_thumbnail():
+    """The Templates menu shows ``<name>.jpg`` beside each workflow: at least 64 px, not one colour."""
+    workflows = sorted((ROOT / "workflows").glob("*.json"))
+    assert workflows
+    for path in workflows:
+        with Image.open(path.with_suffix(".jpg")) as img:
+            assert min(img.size) >= 64, path.name
+            pixels = np.asarray(img.convert("L"), dtype=np.float32)
+        assert pixels.std() > 10, path.name
