@@ -6,13 +6,15 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from test_package import load_pack
+tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+
+from test_package import load_pack  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
