@@ -494,6 +494,10 @@ def opensora_image_to_video(pack) -> Graph:
     return g
 
 
+# the LoRA workflow's placeholder: the user's own LoRA, which the missing value itself says
+OWN_LORA = "your_own_lora_trained_with_vdit_core.train.safetensors"
+
+
 def all_workflows(pack) -> dict[str, Graph]:
     from vdit_core.demo import demo_model_path
 
@@ -517,10 +521,11 @@ def all_workflows(pack) -> dict[str, Graph]:
             b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", sampler="cogvideox_dpm"),
         "CogVideoX 5B - text to video with a LoRA": native(
             pack, RELEASE_FILES["cogvideox-5b"], cogvideox_note("cogvideox-5b", "CogVideoX-5b") +
-            " The LoRA is your own: train one with python -m vdit_core.train --model models/vdit/CogVideoX-5b --data <clips> "
-            "--output my_lora --lora-rank 64 (or use a diffusers/PEFT or kohya file), put its lora.safetensors into models/loras and pick it in Load LoRA; chain "
-            "several to stack LoRAs.",
-            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", lora="my_cogvideox_lora.safetensors", sampler="cogvideox_dpm",
+            f" The LoRA is YOUR OWN, so no dialog offers it ({OWN_LORA} stands for it): train one with python -m vdit_core.train "
+            "--model models/vdit/CogVideoX-5b --data <clips> --output my_lora --lora-rank 64 (the trainer reads the diffusers folder), "
+            "or take a diffusers/PEFT or kohya CogVideoX-5B LoRA; put the .safetensors file into models/loras and pick it in Load LoRA; "
+            "chain several to stack LoRAs.",
+            b5, "a golden retriever running through shallow waves at sunset", dtype="bf16", lora=OWN_LORA, sampler="cogvideox_dpm",
             prefix="vdit/lora"),
         "CogVideoX 5B - image to video": image_to_video(pack),
         "CogVideoX 5B - video to video": video_to_video(pack),
