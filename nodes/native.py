@@ -59,6 +59,17 @@ FAMILY_KEY = "vdit_family"  # the conditioning dict's record of the family a pro
 # latents and sampling
 
 
+def channel_rgb(channels: int) -> tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]:
+    """Preview factors for latents no factors were fitted to (Open-Sora's VAE, a model of another
+    size): the first three channels as red, green and blue (the last repeated when there are fewer),
+    at half strength for latents of about unit scale. A rough look at the layout and motion, not
+    the colours; ComfyUI shows no preview without factors."""
+    rows = [[0.0, 0.0, 0.0] for _ in range(channels)]
+    for colour in range(3):
+        rows[min(colour, channels - 1)][colour] = 0.5
+    return tuple(tuple(r) for r in rows), (0.0, 0.0, 0.0)
+
+
 class VDITLatentFormat(comfy.latent_formats.LatentFormat):
     """A family's latents: ``process_in`` takes the VAE's raw latents to the model's,
     ``(raw - shift) * scale`` per channel; the preview factors work on the model's."""
@@ -70,9 +81,10 @@ class VDITLatentFormat(comfy.latent_formats.LatentFormat):
         self.spacial_downscale_ratio = spatial_scale  # (newer ComfyUI reads it to fit empty latents to the model)
         self.shift, self.scale = torch.tensor(shift, dtype=torch.float32), torch.tensor(scale, dtype=torch.float32)
         self.scale_factor = float(scale[0])  # (what ComfyUI's own code reads of a uniform scale)
-        if latent_rgb is not None and len(latent_rgb[0]) == len(scale):  # (a family's factors fit its release VAE only)
-            self.latent_rgb_factors = [list(row) for row in latent_rgb[0]]
-            self.latent_rgb_factors_bias = list(latent_rgb[1])
+        if latent_rgb is None or len(latent_rgb[0]) != len(scale):  # (a family's factors fit its release VAE only)
+            latent_rgb = channel_rgb(len(scale))
+        self.latent_rgb_factors = [list(row) for row in latent_rgb[0]]
+        self.latent_rgb_factors_bias = list(latent_rgb[1])
 
     def _per_channel(self, v: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         return v.to(device=latent.device, dtype=latent.dtype).view(1, -1, *([1] * (latent.ndim - 2)))

@@ -229,12 +229,18 @@ def test_castable_layers_stream_under_a_low_vram_load(name):
     assert out.shape == plain.shape
 
 
-def test_latent_format_round_trips_and_previews():
+def test_latent_format_round_trips_and_previews(monkeypatch):
     case = native_cases.case("opensora")
     fmt = native.native_model(case.transformer, case.family, None, "x", case.defaults).model.latent_format
     z = torch.randn(1, 4, 2, 3, 5)
     assert torch.allclose(fmt.process_out(fmt.process_in(z)), z, atol=1e-6)
     assert fmt.latent_dimensions == 3 and fmt.latent_channels == 4
+    # no factors were fitted to Open-Sora's VAE: its first three channels as RGB, so ComfyUI previews it
+    assert fmt.latent_rgb_factors == [[0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5], [0, 0, 0]] and fmt.latent_rgb_factors_bias == [0, 0, 0]
+    import latent_preview
+
+    monkeypatch.setattr(latent_preview.args, "preview_method", latent_preview.LatentPreviewMethod.Auto)  # --preview-method auto
+    assert isinstance(latent_preview.get_previewer("cpu", fmt), latent_preview.Latent2RGBPreviewer)  # what KSampler's callback uses
     demo = native_cases.case("demo")
     fmt = native.native_model(demo.transformer, demo.family, native_cases.demo_folder(), "demo", demo.defaults).model.latent_format
     assert len(fmt.latent_rgb_factors) == 2 and fmt.scale_factor == pytest.approx(1.8808143820303318)
