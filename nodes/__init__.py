@@ -34,6 +34,23 @@ NODE_CLASS_MAPPINGS = {
     "VDITSaveVideo": VDITSaveVideo,
 }
 
+# vdit's own node set, superseded by ComfyUI's nodes on vdit's native models: marked deprecated
+# (ComfyUI hides them from search and badges them), kept so that saved workflows load and run as
+# before. What replaces each:
+REPLACED_BY = {
+    "VDITModelLoader": "VDIT Load Model (a ComfyUI MODEL; ComfyUI's low-VRAM loading replaces block swap)",
+    "VDITVAELoader": "VDIT Load VAE",
+    "VDITTextEncode": "VDIT Prompt Encode",
+    "VDITEmptyLatent": "VDIT Empty Latent Video",
+    "VDITSampler": "KSampler, or SamplerCustomAdvanced with VDIT Sampler Select / VDIT Dynamic CFG Guider",
+    "VDITVAEEncode": "VAE Encode with VDIT Load VAE (image to video: VDIT Image To Video)",
+    "VDITVAEDecode": "VAE Decode with VDIT Load VAE",
+    "VDITLoraApply": "LoraLoaderModelOnly on VDIT Load Model",
+    "VDITSaveVideo": "Create Video + Save Video",
+}
+for _name in REPLACED_BY:
+    NODE_CLASS_MAPPINGS[_name].DEPRECATED = True
+
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VDITLoadModel": "VDIT Load Model (CogVideoX, Open-Sora, HunyuanDiT)",
     "VDITLoadVAE": "VDIT Load VAE",

@@ -100,3 +100,16 @@ def test_every_template_has_a_thumbnail():
             assert min(img.size) >= 64, path.name
             pixels = np.asarray(img.convert("L"), dtype=np.float32)
         assert pixels.std() > 10, path.name
+
+
+def test_the_superseded_nodes_are_deprecated_and_no_workflow_uses_them():
+    """vdit's own node set stays for saved workflows, marked deprecated (hidden from ComfyUI's
+    search); the bundled workflows use none of it."""
+    import json
+
+    pack = load_pack()
+    old = {n for n, c in pack.NODE_CLASS_MAPPINGS.items() if getattr(c, "DEPRECATED", False)}
+    assert old == set(importlib.import_module(f"{pack.__name__}.nodes").REPLACED_BY)
+    assert "VDITSampler" in old and "VDITLoadModel" not in old and "VDITTextEncoderLoader" not in old
+    for path in (ROOT / "workflows").glob("*.json"):
+        assert not old & {n["type"] for n in json.loads(path.read_text())["nodes"]}, path.name

@@ -8,6 +8,7 @@ families' facts from vdit_core.families. Only the examples are written here.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -117,6 +118,9 @@ def page(node_type: str, pack) -> str:
     cls = pack.NODE_CLASS_MAPPINGS[node_type]
     title = pack.NODE_DISPLAY_NAME_MAPPINGS.get(node_type, node_type)
     out = [f"# {title}", "", cls.DESCRIPTION, ""]
+    replaced = importlib.import_module(f"{pack.__name__}.nodes").REPLACED_BY.get(node_type)
+    if replaced:
+        out += [f"**Deprecated**: kept so that saved workflows load and run as before; new workflows use {replaced}.", ""]
     spec = cls.INPUT_TYPES()
     rows = []
     for section in ("required", "optional"):
