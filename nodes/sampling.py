@@ -38,6 +38,27 @@ def check_size(width: int, height: int, frames: int) -> str | None:
     return "no model family takes this size: " + " | ".join(f"{label}: {p}" for label, p in problems.items())
 
 
+def preset_conflict(width: int, height: int, frames: int, resolution: str, duration: str) -> str | None:
+    """A preset and typed numbers that disagree (the node's page keeps them in step as they are
+    edited; an API prompt or an edited file may not): which one is meant is not known, so the
+    node refuses rather than ignore either."""
+    w, h, f = apply_presets(width, height, frames, resolution, duration)
+    if (w, h) != (width, height):
+        return (f"resolution {resolution!r} is {w}x{h}, but width x height say {width}x{height}: set resolution to custom "
+                f"to use your numbers, or them to {w}x{h}")
+    if f != frames:
+        return f"duration {duration!r} is {f} frames, but frames says {frames}: set duration to custom to use your number, or it to {f}"
+    return None
+
+
+def check_presets(resolution: str, duration: str) -> str | None:
+    """A preset that is not among the node's (a workflow from another version)."""
+    for name, value, choices in (("resolution", resolution, families.resolution_choices()), ("duration", duration, families.duration_choices())):
+        if value != "custom" and value not in choices:
+            return f"{name} {value!r}: not one of this node's presets (pick one from the list, or custom)"
+    return None
+
+
 def apply_presets(width: int, height: int, frames: int, resolution: str, duration: str) -> tuple[int, int, int]:
     """The size after the node's presets ("Open-Sora 360p 16:9 640x360", "Open-Sora 2s (51 frames)")."""
     if resolution != "custom":
@@ -74,10 +95,7 @@ class VDITEmptyLatent:
     @classmethod
     def VALIDATE_INPUTS(cls, width, height, frames, resolution="custom", duration="custom"):
         # (declaring the presets here skips ComfyUI's own check of their values: done here)
-        for name, value, choices in (("resolution", resolution, families.resolution_choices()), ("duration", duration, families.duration_choices())):
-            if value != "custom" and value not in choices:
-                return f"{name} {value!r}: not one of this node's presets (pick one from the list, or custom)"
-        return check_size(*apply_presets(width, height, frames, resolution, duration)) or True
+        return check_presets(resolution, duration) or check_size(*apply_presets(width, height, frames, resolution, duration)) or True
 
     def generate(self, model, width, height, frames, batch_size, resolution="custom", duration="custom"):
         width, height, frames = apply_presets(width, height, frames, resolution, duration)
@@ -112,14 +130,20 @@ class VDITEmptyLatentVideo:
     CATEGORY = "vdit"
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, frames, resolution="custom", duration="custom"):
-        return VDITEmptyLatent.VALIDATE_INPUTS(width, height, frames, resolution, duration)
+    def VALIDATE_INPUTS(cls, resolution="custom", duration="custom"):
+        # Only the presets: ComfyUI repeats a message once per input this declares, and the size
+        # rules are the connected model's, which the node states (once) when it runs.
+        # (declaring the presets here skips ComfyUI's own check of their values: done here)
+        return check_presets(resolution, duration) or True
 
     def generate(self, model, width, height, frames, batch_size, resolution="custom", duration="custom"):
         from . import native
 
-        width, height, frames = apply_presets(width, height, frames, resolution, duration)
         inner = native.vdit_model(model)
+        conflict = preset_conflict(width, height, frames, resolution, duration)
+        if conflict:
+            raise ValueError(conflict)
+        width, height, frames = apply_presets(width, height, frames, resolution, duration)
         family, config, scale = inner.vdit_family, inner.vdit_config, inner.vdit_spatial_scale
         problem = family.size_problem(frames, height, width, config, scale, frames_label="frames")
         if problem:

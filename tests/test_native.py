@@ -440,3 +440,27 @@ def test_comfyui_serves_every_template_and_its_thumbnail():
     for key, (status, kind, size) in asyncio.run(fetch()).items():
         assert status == 200 and size > 0, key
         assert kind == ("image/jpeg" if key.endswith(".jpg") else "application/json"), (key, kind)
+
+
+def test_empty_latent_video_states_the_connected_familys_rule_once_and_ignores_no_number():
+    """A size the connected model does not take is refused when the node runs, in one line with
+    that family's rule and nearest values (ComfyUI repeats a validation message per declared input,
+    and does not know the model then); a preset that disagrees with typed numbers is refused, not
+    silently preferred."""
+    case = native_cases.case("opensora")
+    patcher = native.native_model(case.transformer, case.family, None, "tiny-opensora", case.defaults)
+    node = PACK.NODE_CLASS_MAPPINGS["VDITEmptyLatentVideo"]
+    assert node.VALIDATE_INPUTS() is True and node.VALIDATE_INPUTS("Open-Sora 360p 16:9 640x360") is True
+    assert node.VALIDATE_INPUTS("bogus") == "resolution 'bogus': not one of this node's presets (pick one from the list, or custom)"
+    with pytest.raises(ValueError) as e:
+        node().generate(patcher, 64, 64, 20, 1)
+    assert str(e.value).startswith("tiny-opensora: frames=20: Open-Sora's VAE codes 17-frame chunks") and "nearest valid: 18 or 22" in str(e.value)
+    assert "CogVideoX" not in str(e.value) and "HunyuanDiT" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^resolution 'Open-Sora 360p 16:9 640x360' is 640x360, but width x height say 320x192: "
+                                         r"set resolution to custom to use your numbers, or them to 640x360$"):
+        node().generate(patcher, 320, 192, 17, 1, "Open-Sora 360p 16:9 640x360")
+    with pytest.raises(ValueError, match=r"^duration 'Open-Sora 2s \(51 frames\)' is 51 frames, but frames says 17"):
+        node().generate(patcher, 64, 64, 17, 1, "custom", "Open-Sora 2s (51 frames)")
+    latent, trim = node().generate(patcher, 640, 360, 51, 1, "Open-Sora 360p 16:9 640x360", "Open-Sora 2s (51 frames)")
+    assert latent["samples"].shape[-2:] == (45, 80) and trim == 0
+    assert node().generate(patcher, 320, 192, 17, 1)[0]["samples"].shape[-2:] == (24, 40)  # custom: the typed numbers
