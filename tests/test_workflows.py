@@ -22,7 +22,7 @@ _builder = importlib.util.module_from_spec(_spec)
 sys.modules["build_workflows"] = _builder  # (its dataclasses look their module up)
 _spec.loader.exec_module(_builder)
 CORE = _builder.CORE  # the ComfyUI core nodes the workflows use
-FRONTEND_ONLY = {"Note", "MarkdownNote"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute"}
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
 
@@ -96,7 +96,8 @@ def test_ui_workflow_is_consistent(path):
         s, d = nodes[src], nodes[dst]
         s_out = s["outputs"][src_slot]["type"] if s["type"] not in CORE else CORE[s["type"]]["outputs"][src_slot]
         d_in = d["inputs"][dst_slot]
-        assert s_out == kind == d_in["type"], f"{path.name}: link {link_id} joins {s_out} to {d_in['type']}"
+        d_type = kind if d["type"] == "Reroute" and d_in["type"] == "*" else d_in["type"]  # (a reroute takes any type)
+        assert s_out == kind == d_type, f"{path.name}: link {link_id} joins {s_out} to {d_in['type']}"
         assert d_in["link"] == link_id and link_id in s["outputs"][src_slot]["links"]
     for n in nodes.values():  # every socket input of our nodes is connected (optional ones may not be)
         if n["type"] in NODES:
@@ -111,10 +112,23 @@ def test_layout_flows_left_to_right_without_overlaps(path):
     nodes = {n["id"]: n for n in wf["nodes"]}
     for _, src, _, dst, _, _ in wf["links"]:  # data flows left to right
         assert nodes[src]["pos"][0] + nodes[src]["size"][0] <= nodes[dst]["pos"][0], (path.name, nodes[src]["type"], nodes[dst]["type"])
-    boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in nodes.values()]
-    for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
-            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (path.name, a, b)
+    # boxes with the title bar the frontend draws above each node's position (30 px; a reroute has none)
+    title = {i: 0 if n["type"] == "Reroute" else 30 for i, n in nodes.items()}
+    boxes = {i: (n["pos"][0], n["pos"][1] - title[i], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for i, n in nodes.items()}
+    ids = list(boxes)
+    for k, i in enumerate(ids):
+        for j in ids[k + 1:]:
+            a, b = boxes[i], boxes[j]
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (path.name, nodes[i]["type"], nodes[j]["type"])
+    # no link behind a node: each link's course (straight from output to input, about the
+    # frontend's curve) stays out of every other node's box
+    for _, src, s_slot, dst, d_slot, _ in wf["links"]:
+        x0, y0 = boxes[src][2], nodes[src]["pos"][1] + 14 + 20 * s_slot
+        x1, y1 = boxes[dst][0], nodes[dst]["pos"][1] + 14 + 20 * d_slot
+        for i, (left, top, right, bottom) in boxes.items():
+            if i not in (src, dst):
+                points = ((x0 + (x1 - x0) * t / 100, y0 + (y1 - y0) * t / 100) for t in range(101))
+                assert not any(left < x < right and top < y < bottom for x, y in points), (path.name, nodes[src]["type"], nodes[dst]["type"], nodes[i]["type"])
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -122,6 +136,7 @@ def test_api_copy_matches_ui(path):
     ui = json.loads(path.read_text())
     api = json.loads((path.parent / "api" / path.name).read_text())
     ui_nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
+    nodes = {n["id"]: n for n in ui["nodes"]}
     assert set(api) == set(ui_nodes)
     links = {lk[0]: lk for lk in ui["links"]}
     for nid, n in ui_nodes.items():
@@ -130,6 +145,8 @@ def test_api_copy_matches_ui(path):
         for inp in n.get("inputs", []):
             if inp["link"] is not None:
                 lk = links[inp["link"]]
+                while nodes[lk[1]]["type"] == "Reroute":  # the page's reroutes: the API joins the nodes directly
+                    lk = links[nodes[lk[1]]["inputs"][0]["link"]]
                 assert a["inputs"][inp["name"]] == [str(lk[1]), lk[2]]
         if n["type"] in NODES:
             values = [v for (name, _, _), v in zip(_expected_widget_values(_ours(n["type"])[1]), n["widgets_values"])

@@ -222,6 +222,8 @@ class Graph:
         n_cols = 1 + max(col_of.values())
         col_w = [max(sizes[i][0] for i, c in col_of.items() if c == k) if k in col_of.values() else 0 for k in range(n_cols)]
         col_x = [40 + sum(col_w[:k]) + 60 * k for k in range(n_cols)]
+        # a column's nodes share its width, so links leave them at one edge (none behind a wider neighbour)
+        sizes = {i: (col_w[col_of[i]], h) for i, (_, h) in sizes.items()}
         pos = {}
         for node in self.items:
             col = col_of[node["id"]]
@@ -259,14 +261,63 @@ class Graph:
                     widgets.append("fixed")
             ui["widgets_values"] = widgets + sig["ui_extra"]
             ui_nodes.append(ui)
+        lanes = self._reroute_long_links(ui_nodes, links, col_of, col_x, col_w, max(columns.values()))
         # zoomed so that the whole graph fits a 1600x1000 view
-        width, height = col_x[-1] + col_w[-1] + 40, max(columns.values())
+        width, height = col_x[-1] + col_w[-1] + 40, max(columns.values()) + 40 * lanes
         # (not below 0.62: under 0.6 the frontend stops drawing titles and widgets)
         scale = round(max(0.62, min(0.8, 1600 / width, 1000 / height)), 2)
         models = [d.entry() for d in dict.fromkeys(self.downloads)]
-        return {"last_node_id": len(self.items), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+        return {"last_node_id": max(n["id"] for n in ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
                 "groups": [], "config": {}, "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4,
                 **({"models": models} if models else {})}
+
+    @staticmethod
+    def _reroute_long_links(ui_nodes: list, links: list, col_of: dict, col_x: list, col_w: list, bottom: int) -> int:
+        """Links that skip a column run through the frontend's Reroute nodes along a lane below the
+        graph (one lane per output), so that no link passes behind a node: from the output down to
+        a reroute at the left of the next column, along the lane, and up to each input from a
+        reroute at the right of the column before it. Returns the number of lanes. (Reroutes are
+        the page's alone: the API format joins the nodes directly.)"""
+        by_id = {n["id"]: n for n in ui_nodes}
+        far: dict[tuple, list] = {}
+        for link in links:
+            if col_of[link[3]] - col_of[link[1]] >= 2:
+                far.setdefault((link[1], link[2]), []).append(link)
+        next_id = max(by_id) + 1
+
+        def reroute(x: float, y: float, kind: str) -> dict:
+            nonlocal next_id
+            node = {"id": next_id, "type": "Reroute", "pos": [x, y], "size": [75, 26], "flags": {}, "order": len(ui_nodes), "mode": 0,
+                    "inputs": [{"name": "", "type": "*", "link": None}], "outputs": [{"name": "", "type": kind, "links": [], "slot_index": 0}],
+                    "properties": {"showOutputText": False, "horizontal": False}}
+            next_id += 1
+            ui_nodes.append(node)
+            by_id[node["id"]] = node
+            return node
+
+        def join(src: dict, src_slot: int, dst: dict, link: list | None, kind: str) -> None:
+            if link is None:
+                link = [len(links) + 1, 0, 0, dst["id"], 0, kind]
+                links.append(link)
+            else:  # an existing link now leaves from a reroute
+                by_id[link[1]]["outputs"][link[2]]["links"].remove(link[0])
+            link[1], link[2] = src["id"], src_slot
+            src["outputs"][src_slot]["links"].append(link[0])
+            if dst["type"] == "Reroute":
+                dst["inputs"][0]["link"] = link[0]
+
+        for lane, ((src, slot), group) in enumerate(far.items()):
+            y, kind, start = bottom + 40 * lane, group[0][5], col_of[src]
+            entry = reroute(col_x[start + 1], y, kind)
+            join(by_id[src], slot, entry, None, kind)
+            last = entry
+            for c in sorted({col_of[link[3]] for link in group}):  # a reroute at the right of the column before each target
+                exit_ = reroute(col_x[c - 1] + col_w[c - 1] - 75, y, kind)
+                join(last, 0, exit_, None, kind)
+                for link in (lk for lk in group if col_of[lk[3]] == c):
+                    join(exit_, 0, by_id[link[3]], link, kind)
+                last = exit_
+        return len(far)
 
     # -- API format ----------------------------------------------------------------------------
     def api(self) -> dict:
