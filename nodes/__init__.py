@@ -52,7 +52,7 @@ for _name in REPLACED_BY:
     NODE_CLASS_MAPPINGS[_name].DEPRECATED = True
 
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "VDITLoadModel": "VDIT Load Model (CogVideoX, Open-Sora, HunyuanDiT)",
+    "VDITLoadModel": "VDIT Load Model (Open-Sora, CogVideoX, HunyuanDiT)",  # (the frontend's search finds words in the first ~30 characters)
     "VDITLoadVAE": "VDIT Load VAE",
     "VDITPromptEncode": "VDIT Prompt Encode (conditioning)",
     "VDITEmptyLatentVideo": "VDIT Empty Latent Video",

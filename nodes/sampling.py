@@ -119,6 +119,10 @@ class VDITEmptyLatentVideo:
     def INPUT_TYPES(cls):
         spec = VDITEmptyLatent.INPUT_TYPES()
         spec["required"]["model"] = ("MODEL", {"tooltip": "the model the latents are shaped for (VDIT Load Model: channels, frame rule, size step)"})
+        for name, numbers in (("resolution", "width and height"), ("duration", "frames")):
+            kind, opts = spec["optional"][name]
+            spec["optional"][name] = (kind, {**opts, "tooltip": f"{opts['tooltip'].split(' (')[0]}: picking one writes its {numbers} above; typing "
+                                                                f"another number there sets it back to custom (the two never disagree)"})
         return spec
 
     RETURN_TYPES = ("LATENT", "INT")

@@ -78,7 +78,7 @@ def test_every_node_has_the_help_page_the_builder_writes():
         node = pack.NODE_CLASS_MAPPINGS[name.removesuffix(".md")]
         for section in ("required", "optional"):
             for inp in node.INPUT_TYPES().get(section, {}):
-                assert f"| `{inp}`" in text, (name, inp)
+                assert f"- **`{inp}`** (" in text, (name, inp)
 
 
 def test_the_pages_state_the_families_facts():

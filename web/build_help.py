@@ -96,7 +96,7 @@ def _kind(kind, opts: dict) -> tuple[str, str]:
         return kind.lower(), ", ".join(parts)
     if kind in ("STRING", "BOOLEAN"):
         return kind.lower(), f"default `{opts['default']}`" if "default" in opts else ""
-    return f"`{kind}` (connect a node)", ""
+    return f"`{kind}`, a connection", ""
 
 
 def families_section(node_type: str) -> str:
@@ -122,19 +122,21 @@ def page(node_type: str, pack) -> str:
     if replaced:
         out += [f"**Deprecated**: kept so that saved workflows load and run as before; new workflows use {replaced}.", ""]
     spec = cls.INPUT_TYPES()
+    # (lists, not tables: the help panel is narrow)
     rows = []
     for section in ("required", "optional"):
         for name, value in spec.get(section, {}).items():
             kind, opts = value[0], (value[1] if len(value) > 1 else {})
             what, values = _kind(kind, opts)
-            rows.append(f"| `{name}`{'' if section == 'required' else ' (optional)'} | {_cell(what)} | {_cell(values)} | {_cell(opts.get('tooltip', ''))} |")
+            about = "; ".join(x for x in (what + (", optional" if section == "optional" else ""), values) if x)
+            rows.append(f"- **`{name}`** ({about}): {_cell(opts.get('tooltip', ''))}")
     if rows:
-        out += ["## Inputs", "", "| input | type | default and range | what it does |", "|---|---|---|---|", *rows, ""]
+        out += ["## Inputs", "", *rows, ""]
     names = getattr(cls, "RETURN_NAMES", None) or [t.lower() for t in cls.RETURN_TYPES]
     tips = getattr(cls, "OUTPUT_TOOLTIPS", None) or [OUTPUT_WORDS.get(t, "") for t in cls.RETURN_TYPES]
     if cls.RETURN_TYPES:
-        out += ["## Outputs", "", "| output | type | what it is |", "|---|---|---|"]
-        out += [f"| `{n}` | `{t}` | {_cell(tip)} |" for n, t, tip in zip(names, cls.RETURN_TYPES, tips)] + [""]
+        out += ["## Outputs", ""]
+        out += [f"- **`{n}`** (`{t}`): {_cell(tip)}" for n, t, tip in zip(names, cls.RETURN_TYPES, tips)] + [""]
     else:
         out += ["## Outputs", "", "None: it saves its result (an output node).", ""]
     facts = families_section(node_type)
