@@ -1,6 +1,6 @@
 """ComfyUI nodes: thin adapters over vdit_core's public API (no model maths here)."""
 
-from . import comfy
+from . import comfy, routes
 from .loaders import VDITLoadModel, VDITLoadVAE, VDITModelLoader, VDITTextEncoderLoader, VDITVAELoader
 from .lora import VDITLoraApply
 from .native_sampling import VDITDynamicCFGGuider, VDITSamplerSelect, VDITStepCache
@@ -10,6 +10,7 @@ from .vae import VDITVAEDecode, VDITVAEEncode
 from .video import VDITSaveVideo
 
 comfy.register_folders()
+routes.register()
 
 NODE_CLASS_MAPPINGS = {
     # ComfyUI-native: MODEL, VAE, CONDITIONING and LATENT for KSampler, VAE Decode and the rest of ComfyUI

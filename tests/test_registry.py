@@ -113,3 +113,24 @@ def test_the_superseded_nodes_are_deprecated_and_no_workflow_uses_them():
     assert "VDITSampler" in old and "VDITLoadModel" not in old and "VDITTextEncoderLoader" not in old
     for path in (ROOT / "workflows").glob("*.json"):
         assert not old & {n["type"] for n in json.loads(path.read_text())["nodes"]}, path.name
+
+
+def test_the_page_gets_the_size_presets_of_the_loaded_models_family(tmp_path, monkeypatch):
+    """The route behind the Empty Latent Video's narrowed preset lists: a loader choice's family
+    presets, and a refusal (no path opened) for a name the loader does not offer."""
+    pack = load_pack()
+    routes = importlib.import_module(f"{pack.__name__}.nodes.routes")
+    demo = routes.family_presets("vdit-demo (bundled)")
+    assert demo["family"] == "CogVideoX" and demo["resolutions"] == ["CogVideoX 720x480", "CogVideoX 480x720", "CogVideoX 1360x768", "CogVideoX 768x1360"]
+    assert demo["durations"] == []
+    assert routes.family_presets("../../etc/passwd") == {"error": "'../../etc/passwd' is not one of VDIT Load Model's choices"}
+    import shutil
+
+    comfy = importlib.import_module(f"{pack.__name__}.nodes.comfy")
+    (tmp_path / "diffusion_models").mkdir()
+    shutil.copy(ROOT / "tests" / "fixtures" / "opensora" / "transformer" / "model.safetensors", tmp_path / "diffusion_models" / "os.safetensors")
+    if not comfy.IN_COMFY:
+        monkeypatch.setitem(comfy._paths, "models", str(tmp_path))
+        got = routes.family_presets("os.safetensors")
+        assert got["family"] == "Open-Sora" and len(got["resolutions"]) == 20 and got["durations"][1] == "Open-Sora 2s (51 frames)"
+        assert all(r.startswith("Open-Sora ") for r in got["resolutions"] + got["durations"])

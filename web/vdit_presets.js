@@ -2,7 +2,10 @@
 // Picking a `resolution` (or `duration`) preset writes its numbers into width and height (frames);
 // typing a number that differs sets the preset back to "custom"; a saved workflow whose numbers
 // disagree with its preset shows the preset's numbers when it loads (the ones it always ran with).
+// The Empty Latent Video lists only the presets of the family its model (VDIT Load Model, through
+// any model patches) holds, as the server says (/vdit/family_presets).
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const NODES = ["VDITEmptyLatentVideo", "VDITEmptyLatent"];
 const PRESETS = {
@@ -42,10 +45,68 @@ function chain(w, after) {
   };
 }
 
+// the VDIT Load Model a node's model comes from, through model patches and reroutes
+function modelLoader(node, seen = new Set()) {
+  for (let i = 0; i < (node.inputs?.length ?? 0); i++) {
+    if (!["MODEL", "*"].includes(node.inputs[i].type)) continue;
+    const up = node.getInputNode?.(i);
+    if (!up || seen.has(up.id)) continue;
+    seen.add(up.id);
+    if (up.comfyClass === "VDITLoadModel") return up;
+    const found = modelLoader(up, seen);
+    if (found) return found;
+  }
+  return null;
+}
+
+function setChoices(w, list) {
+  if (!w) return;
+  const values = ["custom", ...list];
+  if (!values.includes(w.value)) values.push(w.value); // a saved workflow's preset of another family stays
+  w.options.values = values;
+}
+
+async function narrowPresets(node) {
+  const choice = widget(modelLoader(node) ?? {}, "model")?.value;
+  if (!choice) return;
+  try {
+    const r = await api.fetchApi(`/vdit/family_presets?model=${encodeURIComponent(choice)}`);
+    if (!r.ok) return; // unknown weights: every family's presets stay listed
+    const presets = await r.json();
+    setChoices(widget(node, "resolution"), presets.resolutions);
+    setChoices(widget(node, "duration"), presets.durations);
+    node.setDirtyCanvas?.(true, true);
+  } catch (e) {
+    console.warn("vdit: could not narrow the size presets", e);
+  }
+}
+
+function narrowAll() {
+  for (const node of app.graph?._nodes ?? []) {
+    if (node.comfyClass === "VDITEmptyLatentVideo") narrowPresets(node);
+  }
+}
+
 app.registerExtension({
   name: "vdit.sizePresets",
+  afterConfigureGraph() {
+    narrowAll();
+  },
   nodeCreated(node) {
+    if (node.comfyClass === "VDITLoadModel") {
+      const w = widget(node, "model");
+      if (w) chain(w, narrowAll);
+      return;
+    }
     if (!NODES.includes(node.comfyClass)) return;
+    if (node.comfyClass === "VDITEmptyLatentVideo") {
+      const changed = node.onConnectionsChange;
+      node.onConnectionsChange = function (...args) {
+        const result = changed?.apply(this, args);
+        narrowPresets(node);
+        return result;
+      };
+    }
     for (const [preset, { targets }] of Object.entries(PRESETS)) {
       const p = widget(node, preset);
       if (!p) continue;
