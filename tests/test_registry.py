@@ -88,7 +88,7 @@ def test_the_pages_state_the_families_facts():
     for family in families.FAMILIES.values():
         for preset, config in family.presets.items():
             r = families.release_facts(family, config)
-            assert f"| {family.label} | {preset} | {r['frame_rule']} (trained {r['frames']}) | {r['width']}x{r['height']} " in text
+            assert f"- **{family.label}** `{preset}`: {r['frame_rule']} frames (trained {r['frames']}), {r['width']}x{r['height']} " in text
 
 
 def test_every_template_has_a_thumbnail():

@@ -120,15 +120,18 @@ def test_layout_flows_left_to_right_without_overlaps(path):
         for j in ids[k + 1:]:
             a, b = boxes[i], boxes[j]
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (path.name, nodes[i]["type"], nodes[j]["type"])
-    # no link behind a node: each link's course (straight from output to input, about the
-    # frontend's curve) stays out of every other node's box
+    # no link behind a node: each link's curve as the frontend draws it (a cubic from the output,
+    # leaving and entering sideways by a quarter of the link's length) stays out of every other node
     for _, src, s_slot, dst, d_slot, _ in wf["links"]:
         x0, y0 = boxes[src][2], nodes[src]["pos"][1] + 14 + 20 * s_slot
         x1, y1 = boxes[dst][0], nodes[dst]["pos"][1] + 14 + 20 * d_slot
+        d = ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5 * 0.25
+        xs, ys = (x0, x0 + d, x1 - d, x1), (y0, y0, y1, y1)
+        curve = [tuple((1 - t) ** 3 * v[0] + 3 * (1 - t) ** 2 * t * v[1] + 3 * (1 - t) * t ** 2 * v[2] + t ** 3 * v[3] for v in (xs, ys))
+                 for t in (k / 200 for k in range(201))]
         for i, (left, top, right, bottom) in boxes.items():
             if i not in (src, dst):
-                points = ((x0 + (x1 - x0) * t / 100, y0 + (y1 - y0) * t / 100) for t in range(101))
-                assert not any(left < x < right and top < y < bottom for x, y in points), (path.name, nodes[src]["type"], nodes[dst]["type"], nodes[i]["type"])
+                assert not any(left < x < right and top < y < bottom for x, y in curve), (path.name, nodes[src]["type"], nodes[dst]["type"], nodes[i]["type"])
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

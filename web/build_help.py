@@ -105,12 +105,14 @@ def families_section(node_type: str) -> str:
 
     if node_type not in ("VDITLoadModel", "VDITModelLoader", "VDITEmptyLatentVideo", "VDITEmptyLatent", "VDITImageToVideo", "VDITSampler"):
         return ""
-    rows = ["| family | release | frames | trained size | fps | steps | CFG | sampler |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for family in families.FAMILIES.values():
         for name, config in family.presets.items():
             r = families.release_facts(family, config)
-            rows.append(f"| {family.label} | {name} | {r['frame_rule']} (trained {r['frames']}) | {r['width']}x{r['height']} "
-                        f"(multiples of {r['size_multiple']}) | {r['fps'] if r['fps'] else 'image'} | {r['steps']} | {r['cfg']:g} | {r['sampler']} |")
+            fps = f"{r['fps']:g} fps" if r["fps"] else "an image"
+            rows.append(f"- **{family.label}** `{name}`: {r['frame_rule']} frames (trained {r['frames']}), {r['width']}x{r['height']} "
+                        f"(multiples of {r['size_multiple']}), {fps}; "
+                        f"{r['steps']} steps, CFG {r['cfg']:g}, {r['sampler']}")
     return "## The model families\n\nWhat each release was trained and is sampled with (from vdit's model families):\n\n" + "\n".join(rows) + "\n"
 
 

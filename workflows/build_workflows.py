@@ -262,6 +262,7 @@ class Graph:
             ui["widgets_values"] = widgets + sig["ui_extra"]
             ui_nodes.append(ui)
         lanes = self._reroute_long_links(ui_nodes, links, col_of, col_x, col_w, max(columns.values()))
+        col_x = self._widen_gaps(ui_nodes, links, col_of, col_x, col_w)
         # zoomed so that the whole graph fits a 1600x1000 view
         width, height = col_x[-1] + col_w[-1] + 40, max(columns.values()) + 40 * lanes
         # (not below 0.62: under 0.6 the frontend stops drawing titles and widgets)
@@ -285,8 +286,9 @@ class Graph:
                 far.setdefault((link[1], link[2]), []).append(link)
         next_id = max(by_id) + 1
 
-        def reroute(x: float, y: float, kind: str) -> dict:
+        def reroute(x: float, y: float, kind: str, col: int) -> dict:
             nonlocal next_id
+            col_of[next_id] = col
             node = {"id": next_id, "type": "Reroute", "pos": [x, y], "size": [75, 26], "flags": {}, "order": len(ui_nodes), "mode": 0,
                     "inputs": [{"name": "", "type": "*", "link": None}], "outputs": [{"name": "", "type": kind, "links": [], "slot_index": 0}],
                     "properties": {"showOutputText": False, "horizontal": False}}
@@ -308,16 +310,34 @@ class Graph:
 
         for lane, ((src, slot), group) in enumerate(far.items()):
             y, kind, start = bottom + 40 * lane, group[0][5], col_of[src]
-            entry = reroute(col_x[start + 1], y, kind)
+            entry = reroute(col_x[start + 1], y, kind, start + 1)
             join(by_id[src], slot, entry, None, kind)
             last = entry
             for c in sorted({col_of[link[3]] for link in group}):  # a reroute at the right of the column before each target
-                exit_ = reroute(col_x[c - 1] + col_w[c - 1] - 75, y, kind)
+                exit_ = reroute(col_x[c - 1] + col_w[c - 1] - 75, y, kind, c - 1)
                 join(last, 0, exit_, None, kind)
                 for link in (lk for lk in group if col_of[lk[3]] == c):
                     join(exit_, 0, by_id[link[3]], link, kind)
                 last = exit_
         return len(far)
+
+    @staticmethod
+    def _widen_gaps(ui_nodes: list, links: list, col_of: dict, col_x: list, col_w: list) -> list:
+        """Each gap between columns as wide as the links across it bulge: the frontend draws a link
+        as a curve that leaves an output, and enters an input, sideways by a quarter of its length,
+        so a tall one would pass behind the next column's nodes in a 60 px gap. Moves the nodes to
+        the new columns; returns their x."""
+        by_id = {n["id"]: n for n in ui_nodes}
+        gaps = [60.0] * len(col_x)
+        for _, src, s_slot, dst, d_slot, _ in links:
+            a, b = by_id[src], by_id[dst]
+            if col_of[src] != col_of[dst]:
+                length = abs((b["pos"][1] + 20 * d_slot) - (a["pos"][1] + 20 * s_slot)) + 60
+                gaps[col_of[src]] = max(gaps[col_of[src]], 0.09 * length + 30)  # (the curve's overshoot: 0.075 of its length)
+        new_x = [40 + sum(col_w[:k]) + sum(gaps[:k]) for k in range(len(col_x))]
+        for n in ui_nodes:
+            n["pos"][0] = n["pos"][0] - col_x[col_of[n["id"]]] + new_x[col_of[n["id"]]]
+        return new_x
 
     # -- API format ----------------------------------------------------------------------------
     def api(self) -> dict:
