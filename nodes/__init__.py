@@ -52,6 +52,22 @@ REPLACED_BY = {
 for _name in REPLACED_BY:
     NODE_CLASS_MAPPINGS[_name].DEPRECATED = True
 
+# words ComfyUI's node search also matches (newer ComfyUI publishes a node's SEARCH_ALIASES to the
+# page; 0.3.64's frontend searches names and titles only)
+SEARCH_ALIASES = {
+    "VDITLoadModel": ["cogvideo", "cogvideox", "hunyuan", "hunyuandit", "open-sora", "opensora", "video model", "dit loader"],
+    "VDITLoadVAE": ["vae", "video vae", "cogvideo vae", "hunyuan vae", "opensora vae"],
+    "VDITPromptEncode": ["prompt", "text encode", "conditioning", "cogvideo prompt", "hunyuan prompt", "opensora prompt"],
+    "VDITTextEncoderLoader": ["t5", "mt5", "text encoder", "clip loader", "hunyuan text encoder", "opensora text encoder"],
+    "VDITEmptyLatentVideo": ["video", "empty video", "video latent", "video size", "cogvideo latent", "hunyuan latent", "opensora latent"],
+    "VDITImageToVideo": ["image to video", "i2v", "video", "first frame", "cogvideo i2v", "opensora i2v"],
+    "VDITSamplerSelect": ["sampler", "cogvideox dpm", "unipc"],
+    "VDITDynamicCFGGuider": ["cfg", "guider", "dynamic cfg"],
+    "VDITStepCache": ["cache", "step cache", "teacache", "speed up"],
+}
+for _name, _aliases in SEARCH_ALIASES.items():
+    NODE_CLASS_MAPPINGS[_name].SEARCH_ALIASES = _aliases
+
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VDITLoadModel": "VDIT Load Model (Open-Sora, CogVideoX, HunyuanDiT)",  # (the frontend's search finds words in the first ~30 characters)
     "VDITLoadVAE": "VDIT Load VAE",

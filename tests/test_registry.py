@@ -134,3 +134,15 @@ def test_the_page_gets_the_size_presets_of_the_loaded_models_family(tmp_path, mo
         got = routes.family_presets("os.safetensors")
         assert got["family"] == "Open-Sora" and len(got["resolutions"]) == 20 and got["durations"][1] == "Open-Sora 2s (51 frames)"
         assert all(r.startswith("Open-Sora ") for r in got["resolutions"] + got["durations"])
+
+
+def test_search_aliases_name_each_current_node_by_what_users_type():
+    """ComfyUI publishes SEARCH_ALIASES to its node search (newer versions): the terms users try
+    lead to the node that does it; every current node has some, no deprecated one has any."""
+    pack = load_pack()
+    nodes = pack.NODE_CLASS_MAPPINGS
+    for term in ("cogvideo", "hunyuan", "open-sora", "opensora"):
+        assert term in nodes["VDITLoadModel"].SEARCH_ALIASES
+    assert "video" in nodes["VDITEmptyLatentVideo"].SEARCH_ALIASES and "sampler" in nodes["VDITSamplerSelect"].SEARCH_ALIASES
+    for name, cls in nodes.items():
+        assert bool(getattr(cls, "SEARCH_ALIASES", None)) != bool(getattr(cls, "DEPRECATED", False)), name
