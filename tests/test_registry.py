@@ -88,7 +88,8 @@ def test_the_pages_state_the_families_facts():
     for family in families.FAMILIES.values():
         for preset, config in family.presets.items():
             r = families.release_facts(family, config)
-            assert f"- **{family.label}** `{preset}`: {r['frame_rule']} frames (trained {r['frames']}), {r['width']}x{r['height']} " in text
+            frames = "1 frame (an image)" if r["frame_rule"] == "1" else f"{r['frame_rule']} frames (trained {r['frames']})"
+            assert f"- **{family.label}** `{preset}`: {frames}, {r['width']}x{r['height']} " in text
 
 
 def test_every_template_has_a_thumbnail():

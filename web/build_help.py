@@ -109,8 +109,9 @@ def families_section(node_type: str) -> str:
     for family in families.FAMILIES.values():
         for name, config in family.presets.items():
             r = families.release_facts(family, config)
-            fps = f"{r['fps']:g} fps" if r["fps"] else "an image"
-            rows.append(f"- **{family.label}** `{name}`: {r['frame_rule']} frames (trained {r['frames']}), {r['width']}x{r['height']} "
+            fps = f"{r['fps']:g} fps" if r["fps"] else "no fps"
+            frames = "1 frame (an image)" if r["frame_rule"] == "1" else f"{r['frame_rule']} frames (trained {r['frames']})"
+            rows.append(f"- **{family.label}** `{name}`: {frames}, {r['width']}x{r['height']} "
                         f"(multiples of {r['size_multiple']}), {fps}; "
                         f"{r['steps']} steps, CFG {r['cfg']:g}, {r['sampler']}")
     return "## The model families\n\nWhat each release was trained and is sampled with (from vdit's model families):\n\n" + "\n".join(rows) + "\n"

@@ -68,10 +68,11 @@ function setChoices(w, list) {
 
 async function narrowPresets(node) {
   const choice = widget(modelLoader(node) ?? {}, "model")?.value;
-  if (!choice) return;
+  if (!choice || node.vditPresetsFor === choice) return; // (asked already: a load changes many links)
+  node.vditPresetsFor = choice;
   try {
     const r = await api.fetchApi(`/vdit/family_presets?model=${encodeURIComponent(choice)}`);
-    if (!r.ok) return; // unknown weights: every family's presets stay listed
+    if (!r.ok || node.vditPresetsFor !== choice) return; // unknown weights: every family's presets stay listed
     const presets = await r.json();
     setChoices(widget(node, "resolution"), presets.resolutions);
     setChoices(widget(node, "duration"), presets.durations);
