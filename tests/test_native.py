@@ -412,14 +412,25 @@ def test_single_text_encoder_files_find_comfyuis_tokenizers():
     assert (root / "t5_tokenizer").is_dir() and (root / "hydit_clip_tokenizer").is_dir()
 
 
-def test_comfyui_serves_every_template_and_its_thumbnail():
+def test_comfyui_serves_every_template_and_its_thumbnail(monkeypatch):
     """ComfyUI's own routes (app/custom_node_manager.py) list each bundled workflow as a template
     of the pack and serve its JSON and its thumbnail."""
     import asyncio
+    import importlib.util
     import urllib.parse
 
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
+
+    # ComfyUI's `utils` package, as main.py has it before nodes.py puts comfy/ (and its utils.py)
+    # first on the path
+    package = Path(COMFY) / "utils"
+    spec = importlib.util.spec_from_file_location("utils", package / "__init__.py", submodule_search_locations=[str(package)])
+    utils = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "utils", utils)
+    spec.loader.exec_module(utils)
+    monkeypatch.delitem(sys.modules, "utils.json_util", raising=False)
+    monkeypatch.delitem(sys.modules, "app.custom_node_manager", raising=False)
     from app.custom_node_manager import CustomNodeManager
 
     root = Path(__file__).resolve().parents[1]
