@@ -63,7 +63,7 @@ function setChoices(w, list) {
   if (!w) return;
   const values = ["custom", ...list];
   if (!values.includes(w.value)) values.push(w.value); // a saved workflow's preset of another family stays
-  w.options.values = values;
+  w.options = { ...w.options, values }; // (a new object: newer frontends' node views update on assignment)
 }
 
 async function narrowPresets(node) {
