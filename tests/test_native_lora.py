@@ -52,12 +52,17 @@ def denoised(patcher, case) -> torch.Tensor:
     model, the denoised x0) with the case's conditioning, after ComfyUI loads the patcher (which
     applies its weight patches)."""
     comfy.model_management.load_models_gpu([patcher])
+    return loaded_denoised(patcher, case).clone()
+
+
+def loaded_denoised(patcher, case) -> torch.Tensor:
+    """:func:`denoised` on the patcher as it is loaded now (no new load)."""
     model = patcher.model
     (main, extra), = native.conditioning(case.family, case.cond)
     conds = model.extra_conds(cross_attn=main, noise=case.noise, **extra)
     sigma = patcher.get_model_object("model_sampling").percent_to_sigma(0.4)
     with torch.no_grad():
-        return model.apply_model(case.noise * 0.7, torch.tensor([sigma]), **{k: c.cond for k, c in conds.items()}).clone()
+        return model.apply_model(case.noise * 0.7, torch.tensor([sigma]), **{k: c.cond for k, c in conds.items()})
 
 
 def targets(transformer) -> list[str]:
@@ -181,16 +186,6 @@ def test_lora_on_castable_layers_under_a_low_vram_load(name, tmp_path):
     assert len(streamed) == len(targets(case.transformer))  # every LoRA-patched layer got its patch as a function
     assert (loaded_denoised(lora, case) - full).abs().max().item() < 1e-5
     lora.detach()
-
-
-def loaded_denoised(patcher, case) -> torch.Tensor:
-    """:func:`denoised` on the patcher as it is loaded now (no new load)."""
-    model = patcher.model
-    (main, extra), = native.conditioning(case.family, case.cond)
-    conds = model.extra_conds(cross_attn=main, noise=case.noise, **extra)
-    sigma = patcher.get_model_object("model_sampling").percent_to_sigma(0.4)
-    with torch.no_grad():
-        return model.apply_model(case.noise * 0.7, torch.tensor([sigma]), **{k: c.cond for k, c in conds.items()})
 
 
 def test_float8_layers_stream_under_a_low_vram_load_with_a_lora_or_not(tmp_path):

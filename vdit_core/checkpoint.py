@@ -40,7 +40,7 @@ def shard_set(path: Path) -> list[Path] | None:
     """Every file of the set of shards ``path`` belongs to, in order (None: not a shard); a
     one-line error naming those missing beside it."""
     m = SHARD.match(path.name)
-    if m is None or int(m["count"]) < 1 or not 1 <= int(m["index"]) <= int(m["count"]):
+    if m is None or not 1 <= int(m["index"]) <= int(m["count"]):
         return None
     count = int(m["count"])
     files = [path.parent / f"{m['stem']}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]

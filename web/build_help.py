@@ -9,7 +9,6 @@ families' facts from vdit_core.families. Only the examples are written here.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -64,15 +63,6 @@ EXAMPLES = {
     "VDITSaveVideo": "VDIT VAE Decode -> VDIT Save Video (mp4 in ComfyUI's output folder). ComfyUI's Create Video + Save Video "
                      "do the same for any frames.",
 }
-
-
-def load_pack():
-    sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location("vdit_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("vdit_pack", module)
-    spec.loader.exec_module(sys.modules["vdit_pack"])
-    return sys.modules["vdit_pack"]
 
 
 def _cell(text) -> str:
@@ -155,6 +145,9 @@ def pages(pack) -> dict[str, str]:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT / "workflows"))
+    from build_workflows import load_pack  # (the scripts' one way to import the pack)
+
     pack = load_pack()
     DOCS.mkdir(exist_ok=True)
     for name, text in pages(pack).items():
